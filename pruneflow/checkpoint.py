@@ -1,0 +1,56 @@
+"""Model files: weights plus what rebuilds the architecture (the model spec and Torch-Pruning's history).
+
+A pruned net is stored as the baseline's spec + the pruning history + the pruned state dict, so it is
+rebuilt from code and plain tensors (no pickled classes) and can be retrained or pruned again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruneflow.methods.base import rebuild_pruned
+from pruneflow.models import build_model
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    in_channels: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    mean: list[float] = field(default_factory=list)  # the input normalisation a deployment must apply
+    std: list[float] = field(default_factory=list)
+
+    def build(self) -> nn.Module:
+        return build_model(self.name, self.in_channels, self.num_classes, self.kwargs)
+
+    def example_inputs(self, batch: int = 2) -> torch.Tensor:
+        return torch.zeros(batch, *self.input_shape)
+
+
+def save_model(path: Path, model: nn.Module, spec: ModelSpec, history: list | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    torch.save({"spec": asdict(spec), "history": [list(step) for step in history or []],
+                "state_dict": model.state_dict()}, tmp)
+    tmp.replace(path)  # a reader never sees half a checkpoint
+    return path
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelSpec, list]:
+    """Rebuild the model a checkpoint holds; returns it in eval mode with its spec and pruning history."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    spec_fields = checkpoint["spec"]
+    spec = ModelSpec(**{**spec_fields, "input_shape": tuple(spec_fields["input_shape"])})
+    model = spec.build()
+    history = checkpoint["history"]
+    if history:
+        rebuild_pruned(model, spec.example_inputs(), history)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), spec, history

@@ -1,0 +1,221 @@
+"""The one config schema: params.yaml, the CLI's ``-S`` overrides, the DVC stages and the flow all read it.
+
+Every section forbids unknown keys, so a typo fails loudly instead of silently using a default.
+Paths in the file are relative to the directory that holds it (the *project directory*).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the user: it names the key or file at fault."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectConfig(Section):
+    experiment: str = "pruneflow"
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the project dir"
+    )
+    artifacts_dir: str = "mlartifacts"
+    runs_dir: str = "runs"
+    data_dir: str = "data"
+    seed: int = 0
+    max_parallel_methods: int = Field(2, ge=1, description="method chains searched/retrained at once")
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    path: str | None = Field(None, description="dataset root (imagefolder: a folder with train/ and test/)")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of train held out for the search objective")
+    subset: int | None = Field(None, gt=0, description="use only the first N training images (quick runs)")
+    batch_size: int = Field(64, ge=1)
+    augment: Literal["none", "crop_flip"] = "none"
+
+
+class ModelConfig(Section):
+    name: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(12, ge=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class SearchConfig(Section):
+    n_trials: int = Field(6, ge=1, description="completed trials the study holds when the search ends")
+    ratio_low: float = Field(0.1, ge=0, lt=1)
+    ratio_high: float = Field(0.8, ge=0, lt=1)
+    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored")
+    target_macs_reduction: float = Field(0.4, ge=0, lt=1, description="fraction of MACs a chosen trial must remove")
+    pruner: Literal["none", "median"] = "median"
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "SearchConfig":
+        if self.ratio_low > self.ratio_high:
+            raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
+        return self
+
+
+class PruneConfig(Section):
+    ratio: float | None = Field(None, ge=0, lt=1, description="fixed pruning ratio; set it to skip the search")
+    round_to: int | None = Field(8, ge=1, description="round kept channels to a multiple (CPU runtimes need it)")
+    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this share of one layer")
+
+
+class EvaluateConfig(Section):
+    latency_warmup: int = Field(10, ge=0)
+    latency_repeats: int = Field(50, ge=1)
+    latency_batch: int = Field(1, ge=1)
+    threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads for latency")
+
+
+class ExportConfig(Section):
+    opset: int = Field(18, ge=13)
+    atol: float = Field(1e-4, ge=0, description="max |onnx - torch| allowed on real inputs")
+    parity_batches: int = Field(2, ge=1)
+
+
+class PipelineConfig(Section):
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"l1": {}, "slimming": {}, "random": {}},
+        description="pruning methods to run, each with its own params",
+    )
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    retrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=0.01))
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _methods_as_dict(cls, value: Any) -> Any:
+        """Accept a plain list of names (``[l1, random]``) as shorthand for names with default params."""
+        if isinstance(value, list):
+            return {name: {} for name in value}
+        if isinstance(value, dict):
+            return {name: (params or {}) for name, params in value.items()}
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from pruneflow.methods import METHODS
+
+        if not value:
+            raise ValueError("at least one pruning method is required")
+        for name, params in value.items():
+            method = METHODS.get(name)  # raises with the list of known names
+            try:
+                method.Params.model_validate(params)
+            except ValidationError as err:
+                raise ValueError(f"{name}: {_describe(err)}") from None
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, value: ModelConfig) -> ModelConfig:
+        from pruneflow.models import MODELS
+
+        MODELS.get(value.name)
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _dataset_known(cls, value: DataConfig) -> DataConfig:
+        from pruneflow.data import DATASETS
+
+        DATASETS.get(value.dataset).check_config(value)
+        return value
+
+    def fingerprint(self, *sections: str) -> str:
+        """A short stable hash of some sections, for cache keys and study names."""
+        payload = {name: _dump(getattr(self, name)) for name in sections} if sections else self.model_dump()
+        return hashlib.md5(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value (like ``dvc exp run -S``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"malformed override {text!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})") from None
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: depth + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return tree
+
+
+def validate(tree: dict[str, Any], source: str = "params") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe(err)}") from None
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per problem, each naming the dotted key: the form users can paste into ``-S``."""
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def load_config(params_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[PipelineConfig, Path]:
+    """Read, override and validate params; return the config and the project directory."""
+    path = Path(params_path).resolve()
+    tree = read_params(path)
+    for text in overrides:
+        apply_override(tree, *parse_override(text))
+    data = tree.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str):
+        data["path"] = str((path.parent / Path(data["path"]).expanduser()).resolve())
+    return validate(tree, source=path.name), path.parent

@@ -1,0 +1,54 @@
+"""Where a project keeps things. Every stage derives its paths here, so the flow, the CLI and dvc.yaml agree.
+
+    <project>/data/<dataset>/            prepared data, versioned by DVC (data/<dataset>.dvc)
+    <project>/runs/baselines/<key>/      trained baselines, keyed by data md5 + model + training params
+    <project>/runs/<run>/<method>/       one pipeline run's artifacts per method
+    <project>/runs/optuna.db             the Optuna studies (resumed by name)
+    <project>/runs/dvc/                  what `dvc repro` writes (fixed paths, as DVC needs)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pruneflow.config import PipelineConfig
+
+BASELINE_FILES = ("model.pt", "model.onnx", "metrics.json")
+
+
+@dataclass(frozen=True)
+class ProjectLayout:
+    root: Path
+    cfg: PipelineConfig
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / self.cfg.project.data_dir
+
+    @property
+    def dataset_dir(self) -> Path:
+        return self.data_dir / self.cfg.data.dataset
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / self.cfg.project.runs_dir
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / self.cfg.project.artifacts_dir
+
+    @property
+    def dvc_run_dir(self) -> Path:
+        return self.runs_dir / "dvc"
+
+    @property
+    def study_storage(self) -> str:
+        return f"sqlite:///{self.runs_dir / 'optuna.db'}"
+
+    def baseline_dir(self, key: str) -> Path:
+        return self.runs_dir / "baselines" / key
+
+    @staticmethod
+    def method_dir(run_dir: Path, method: str) -> Path:
+        return run_dir / method

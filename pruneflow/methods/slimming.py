@@ -1,0 +1,40 @@
+"""``slimming``: network slimming (Liu et al. 2017).
+
+Training adds λ·Σ|γ| over every BatchNorm scale so unimportant channels' γ shrink toward zero; the
+channels with the smallest |γ| are then removed under one global threshold across layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from pruneflow.methods import register_method
+from pruneflow.methods.base import PruningMethod, Regularizer
+
+
+class SlimmingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float = Field(1e-4, ge=0, description="λ of the L1 penalty on BN γ during baseline training")
+
+
+@register_method
+class Slimming(PruningMethod):
+    name = "slimming"
+    description = "BN scale |γ| after L1 sparsity training, one global threshold (Liu et al. 2017)"
+    Params = SlimmingParams
+    global_pruning = True
+
+    def regularizer(self) -> Regularizer:
+        strength = self.params.sparsity
+
+        def bn_l1(model: nn.Module) -> torch.Tensor:
+            gammas = [m.weight.abs().sum() for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine]
+            return strength * torch.stack(gammas).sum() if gammas else torch.zeros(())
+
+        return bn_l1
+
+    def importance(self) -> tp.importance.Importance:
+        return tp.importance.BNScaleImportance()

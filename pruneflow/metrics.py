@@ -1,0 +1,73 @@
+"""Model size and cost: MACs, parameters, per-layer channels, size on disk."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class LayerChange:
+    name: str
+    channels_before: int
+    channels_after: int
+    macs_before: int
+    macs_after: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """MACs and parameters, both counted by Torch-Pruning so every row of a table uses one tool."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+def layer_stats(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Output channels and MACs of every conv/linear layer, for the per-layer pruning report."""
+    stats: dict[str, tuple[int, int]] = {}
+    hooks = []
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+            per_sample = output.numel() // output.shape[0]
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                stats[name] = (module.out_channels, per_sample * fan_in)
+            else:
+                stats[name] = (module.out_features, per_sample * module.in_features)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE):
+            hooks.append(module.register_forward_hook(record(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        for handle in hooks:
+            handle.remove()
+        model.train(was_training)
+    return stats
+
+
+def layer_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[LayerChange]:
+    return [LayerChange(name, c0, after.get(name, (0, 0))[0], m0, after.get(name, (0, 0))[1])
+            for name, (c0, m0) in before.items()]
+
+
+def file_size_mb(path: Path) -> float:
+    return path.stat().st_size / 2**20

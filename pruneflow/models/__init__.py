@@ -1,0 +1,19 @@
+"""The model registry: ``model.name`` in params picks a factory ``(in_channels, num_classes, **kwargs) -> nn.Module``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from torch import nn
+
+from pruneflow.registry import Registry
+
+ModelFactory = Callable[..., nn.Module]
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+def build_model(name: str, in_channels: int, num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    return MODELS.get(name)(in_channels=in_channels, num_classes=num_classes, **(kwargs or {}))
+
+
+from pruneflow.models import small_cnn  # noqa: E402,F401  (registers its factory)
