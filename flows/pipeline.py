@@ -57,12 +57,12 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
             chosen = search_ratio.submit(str(root), cfg, method, data, baseline, str(run_dir), run_id)
             pruned = prune_model.submit(str(root), cfg, method, data, baseline, chosen, str(run_dir), run_id)
             retrained = retrain_model.submit(str(root), cfg, method, data, pruned, str(run_dir), run_id)
-            chains[method] = (run_id, retrained)
+            chains[method] = (run_id, [chosen, pruned, retrained])
 
         results, failures = {}, {}
-        for method, (run_id, retrained) in chains.items():
+        for method, (run_id, chain) in chains.items():
             try:
-                retrained_info = retrained.result()
+                retrained_info = [future.result() for future in chain][-1]  # the first failure raises itself
                 metrics = evaluate_model(str(root), cfg, method, data, baseline, retrained_info, str(run_dir), run_id)
                 export = export_model(str(root), cfg, method, data, retrained_info, str(run_dir), run_id)
                 results[method] = {**metrics, **export}

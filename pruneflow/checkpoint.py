@@ -34,23 +34,31 @@ class ModelSpec:
         return torch.zeros(batch, *self.input_shape)
 
 
-def save_model(path: Path, model: nn.Module, spec: ModelSpec, history: list | None = None) -> Path:
+def save_model(path: Path, model: nn.Module, spec: ModelSpec, history: list | None = None,
+               removed_blocks: list[str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     torch.save({"spec": asdict(spec), "history": [list(step) for step in history or []],
-                "state_dict": model.state_dict()}, tmp)
+                "removed_blocks": list(removed_blocks or []), "state_dict": model.state_dict()}, tmp)
     tmp.replace(path)  # a reader never sees half a checkpoint
     return path
 
 
-def load_model(path: Path) -> tuple[nn.Module, ModelSpec, list]:
-    """Rebuild the model a checkpoint holds; returns it in eval mode with its spec and pruning history."""
+@dataclass
+class Surgery:
+    """How a pruned checkpoint differs from its baseline architecture."""
+
+    history: list = field(default_factory=list)
+    removed_blocks: list[str] = field(default_factory=list)
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
+    """Rebuild the model a checkpoint holds; returns it in eval mode with its spec and surgery."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     spec_fields = checkpoint["spec"]
     spec = ModelSpec(**{**spec_fields, "input_shape": tuple(spec_fields["input_shape"])})
     model = spec.build()
-    history = checkpoint["history"]
-    if history:
-        rebuild_pruned(model, spec.example_inputs(), history)
+    surgery = Surgery(checkpoint["history"], checkpoint.get("removed_blocks", []))
+    rebuild_pruned(model, spec.example_inputs(), surgery.history, surgery.removed_blocks)
     model.load_state_dict(checkpoint["state_dict"])
-    return model.eval(), spec, history
+    return model.eval(), spec, surgery

@@ -7,6 +7,7 @@ running the pipeline again resumes it: only the missing trials run.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -21,6 +22,9 @@ TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 class SearchError(RuntimeError):
     pass
+
+
+_STORAGE_LOCK = threading.Lock()  # concurrent first use of one sqlite file would race on CREATE TABLE
 
 
 @dataclass
@@ -40,10 +44,11 @@ class SearchOutcome:
 
 def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) -> optuna.Study:
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
-    storage = optuna.storages.RDBStorage(
-        storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    with _STORAGE_LOCK:
+        storage = optuna.storages.RDBStorage(
+            storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if cfg.pruner == "median" else optuna.pruners.NopPruner()
     return optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner, load_if_exists=True)

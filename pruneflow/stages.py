@@ -19,7 +19,7 @@ from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import PipelineConfig
 from pruneflow.data import DataSplits, load_splits
 from pruneflow.export import check_parity, export_onnx, measure_latency
-from pruneflow.methods import PruneResult, PruneTarget, create_method
+from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
 from pruneflow.metrics import count_macs_params, file_size_mb
 from pruneflow.search import TrialCallback, open_study, search_ratio
 from pruneflow.training import EpochResult, evaluate, train
@@ -63,12 +63,18 @@ def epoch_logger(prefix: str, total: int, log: Log) -> Callable[[EpochResult], N
 
 def regularizers(cfg: PipelineConfig) -> dict[str, Any]:
     """Sparsity terms the configured methods need during baseline training (e.g. slimming's L1 on γ)."""
-    found = {}
-    for name, params in cfg.methods.items():
-        term = create_method(name, params).regularizer()
-        if term is not None:
-            found[name] = term
-    return found
+    terms = {name: create_method(name, params).regularizer() for name, params in cfg.methods.items()}
+    return {name: term for name, term in terms.items() if term is not None}
+
+
+def recorders(cfg: PipelineConfig) -> dict[str, Any]:
+    """Per-epoch recorders the configured methods need during baseline training (e.g. filter statistics)."""
+    found = {name: create_method(name, params).recorder() for name, params in cfg.methods.items()}
+    return {name: recorder for name, recorder in found.items() if recorder is not None}
+
+
+def training_hooked_methods(cfg: PipelineConfig) -> dict[str, Any]:
+    return {name: cfg.methods[name] for name in sorted({*regularizers(cfg), *recorders(cfg)})}
 
 
 def baseline_key(cfg: PipelineConfig, data_md5: str) -> str:
@@ -79,7 +85,7 @@ def baseline_key(cfg: PipelineConfig, data_md5: str) -> str:
         "model": cfg.model.model_dump(),
         "train": cfg.train.model_dump(),
         "seed": cfg.project.seed,
-        "regularizers": {name: cfg.methods[name] for name in regularizers(cfg)},
+        "training_hooks": training_hooked_methods(cfg),
     }
     return hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -91,14 +97,23 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
     spec = ModelSpec(cfg.model.name, splits.in_channels, splits.num_classes, splits.input_shape,
                      cfg.model.kwargs, splits.mean, splits.std)
     model = spec.build()
-    terms = regularizers(cfg)
-    if terms:
-        log(f"baseline: training with sparsity regularisers of {', '.join(terms)}")
+    terms, records = regularizers(cfg), recorders(cfg)
+    if terms or records:
+        log(f"baseline: training with the hooks of {', '.join(training_hooked_methods(cfg))}")
+    progress = epoch_logger("baseline", cfg.train.epochs, log)
+
+    def on_epoch_end(result: EpochResult) -> None:
+        progress(result)
+        for recorder in records.values():
+            recorder.on_epoch_end(model, result.epoch)
+
     start = time.perf_counter()
     train(model, splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed),
-          cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(),
-          on_epoch_end=epoch_logger("baseline", cfg.train.epochs, log))
+          cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
+    for name, recorder in records.items():
+        (out_dir / "records").mkdir(parents=True, exist_ok=True)
+        torch.save(recorder.state(), out_dir / "records" / f"{name}.pt")
     model_path = save_model(out_dir / "model.pt", model, spec)
     onnx_path = export_onnx(model, spec.example_inputs(), out_dir / "model.onnx", cfg.export.opset)
     diff = check_parity(onnx_path, model, splits.loader("test", 64, max_batches=cfg.export.parity_batches),
@@ -118,9 +133,20 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
     return metrics
 
 
-def prune_with(cfg: PipelineConfig, method: str, model: torch.nn.Module, spec: ModelSpec, ratio: float,
-               splits: DataSplits) -> PruneResult:
+def method_for(cfg: PipelineConfig, method: str, baseline_dir: Path) -> PruningMethod:
+    """The configured method, given what it recorded during baseline training, if anything."""
     pruner = create_method(method, cfg.methods[method])
+    records = baseline_dir / "records" / f"{method}.pt"
+    if pruner.recorder() is not None:
+        if not records.is_file():
+            raise FileNotFoundError(f"{records}: method {method} needs statistics recorded by the baseline stage")
+        pruner.use_records(torch.load(records, weights_only=True))
+    return pruner
+
+
+def prune_with(cfg: PipelineConfig, method: str, baseline_dir: Path, model: torch.nn.Module, spec: ModelSpec,
+               ratio: float, splits: DataSplits) -> PruneResult:
+    pruner = method_for(cfg, method, baseline_dir)
     calib = splits.loader("train", cfg.data.batch_size, max_batches=CALIBRATION_BATCHES) if pruner.needs_calibration else None
     target = PruneTarget(ratio=ratio, round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio)
     return pruner.prune(model, spec.example_inputs(), target, calib)
@@ -150,7 +176,7 @@ def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path
 
     def score(ratio: float, report: Callable[[int, float], None]) -> tuple[float, float]:
         model, spec, _ = load_model(baseline_dir / "model.pt")
-        prune_with(cfg, method, model, spec, ratio, splits)
+        prune_with(cfg, method, baseline_dir, model, spec, ratio, splits)
         macs_reduction = 1.0 - count_macs_params(model, spec.example_inputs(1))[0] / baseline_macs
         if macs_reduction < cfg.search.target_macs_reduction or finetune.epochs == 0:
             return evaluate(model, val), macs_reduction  # infeasible trials skip the fine-tune
@@ -179,10 +205,11 @@ def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, ratio: float, da
     splits = load_data(cfg, data_path)
     model, spec, _ = load_model(baseline_dir / "model.pt")
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
-    result = prune_with(cfg, method, model, spec, ratio, splits)
+    result = prune_with(cfg, method, baseline_dir, model, spec, ratio, splits)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
-    save_model(out_dir / "pruned.pt", model, spec, result.history)
-    write_json(out_dir / "history.json", [list(step) for step in result.history])
+    save_model(out_dir / "pruned.pt", model, spec, result.history, result.removed_blocks)
+    write_json(out_dir / "history.json", {"removed_blocks": result.removed_blocks,
+                                          "torch_pruning_history": [list(step) for step in result.history]})
     summary = {"ratio": ratio, "macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
                "params_after": params_after, "layers": [layer.as_dict() for layer in result.layers], "notes": result.notes}
     write_json(out_dir / "layers.json", summary)
@@ -192,16 +219,18 @@ def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, ratio: float, da
 
 def retrain(cfg: PipelineConfig, method: str, pruned_path: Path, data_path: Path, out_dir: Path,
             log: Log = say) -> dict[str, Any]:
-    """Fine-tune the pruned model with the ``retrain`` schedule."""
+    """Fine-tune the pruned model: the method's own recipe if it has one, else the ``retrain`` schedule."""
     splits = load_data(cfg, data_path)
-    model, spec, history = load_model(pruned_path)
+    model, spec, surgery = load_model(pruned_path)
     torch.manual_seed(cfg.project.seed)
     start = time.perf_counter()
-    epochs = train(model, splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment,
-                                        seed=cfg.project.seed),
-                   cfg.retrain, val_batches=splits.loader("val", 256),
-                   on_epoch_end=epoch_logger(f"{method} retrain", cfg.retrain.epochs, log))
-    save_model(out_dir / "retrained.pt", model, spec, history)
+    batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
+    val, progress = splits.loader("val", 256), epoch_logger(f"{method} retrain", cfg.retrain.epochs, log)
+    recipe = create_method(method, cfg.methods[method])
+    epochs = recipe.retrain(model, batches, val, cfg.retrain, progress)
+    if epochs is None:
+        epochs = train(model, batches, cfg.retrain, val_batches=val, on_epoch_end=progress)
+    save_model(out_dir / "retrained.pt", model, spec, surgery.history, surgery.removed_blocks)
     return {"val_accuracy": epochs[-1].val_accuracy if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
 
 from pruneflow.methods.base import PruneResult, PruneTarget, PruningMethod
 from pruneflow.registry import Registry
@@ -18,6 +19,13 @@ def create_method(name: str, params: dict | None = None) -> PruningMethod:
     return METHODS.get(name)(params)
 
 
-from pruneflow.methods import l1, random, slimming  # noqa: E402,F401  (each registers itself)
+def _import_all() -> None:
+    """Import every module of this package: adding a method is adding one file."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
 
 __all__ = ["METHODS", "PruneResult", "PruneTarget", "PruningMethod", "create_method", "register_method"]

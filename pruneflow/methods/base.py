@@ -27,10 +27,15 @@ class NoParams(BaseModel):
 
 @dataclass
 class PruneTarget:
-    """What to remove: a global channel ratio, optionally overridden per layer (module name -> ratio)."""
+    """What to remove: a global channel ratio, optionally overridden per layer (module name -> ratio).
+
+    ``macs_reduction`` is for methods that allocate per-layer ratios themselves (e.g. by bisection):
+    when set they aim at that share of MACs instead of reading ``ratio`` literally.
+    """
 
     ratio: float = 0.5
     layer_ratios: dict[str, float] = field(default_factory=dict)
+    macs_reduction: float | None = None
     round_to: int | None = 8
     max_layer_ratio: float = 0.9
 
@@ -40,6 +45,7 @@ class PruneResult:
     model: nn.Module
     history: list  # Torch-Pruning's pruning history: replaying it on the baseline rebuilds the pruned net
     layers: list[LayerChange]
+    removed_blocks: list[str] = field(default_factory=list)  # submodules replaced by identity, before the history
     notes: str = ""
 
 
@@ -57,6 +63,18 @@ class PruningMethod:
 
     def regularizer(self) -> Regularizer | None:
         """A sparsity term added to the baseline's training loss, for methods whose scores need one."""
+        return None
+
+    def recorder(self) -> "TrainingRecorder | None":
+        """Something to run after every baseline epoch, for methods that score filters by training history."""
+        return None
+
+    def use_records(self, records: dict) -> None:
+        """Receive what ``recorder()`` recorded during baseline training (the baseline stage saved it)."""
+
+    def retrain(self, model: nn.Module, train_batches: Batches, val_batches: Batches, cfg,
+                on_epoch_end: Callable | None = None) -> list | None:
+        """A method-specific retraining recipe; ``None`` means the standard loop (pruneflow.training.train)."""
         return None
 
     def importance(self) -> tp.importance.Importance:
@@ -93,6 +111,16 @@ class PruningMethod:
         return PruneResult(model, pruner.pruning_history(), layer_changes(before, layer_stats(model, example_inputs)))
 
 
+class TrainingRecorder:
+    """Collects per-epoch statistics during baseline training; ``state()`` must be tensors/plain types."""
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        raise NotImplementedError
+
+
 def ignored_layers(model: nn.Module) -> list[nn.Module]:
     """The stem conv and the output layer keep their channels (METHODS.md's rule for every method).
 
@@ -105,8 +133,21 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
     return [layers[0], layers[-1]] if len(layers) > 1 else layers
 
 
-def rebuild_pruned(baseline: nn.Module, example_inputs: torch.Tensor, history: list) -> nn.Module:
-    """Replay a pruning history on a freshly built baseline so a pruned state dict fits it."""
+def remove_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Replace the named submodules by identity (a residual block then passes its input through)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Identity())
+    return model
+
+
+def rebuild_pruned(baseline: nn.Module, example_inputs: torch.Tensor, history: list,
+                   removed_blocks: Iterable[str] = ()) -> nn.Module:
+    """Redo block removal and replay the pruning history on a fresh baseline, so a pruned state dict fits."""
+    remove_blocks(baseline, removed_blocks)
+    if not history:
+        return baseline
     graph = tp.DependencyGraph().build_dependency(baseline, example_inputs=example_inputs)
     graph.load_pruning_history([tuple(step) for step in history])
     return baseline

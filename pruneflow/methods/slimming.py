@@ -37,4 +37,5 @@ class Slimming(PruningMethod):
         return bn_l1
 
     def importance(self) -> tp.importance.Importance:
-        return tp.importance.BNScaleImportance()
+        # Raw |γ| (no per-layer normalisation): slimming's one threshold compares channels across layers.
+        return tp.importance.BNScaleImportance(normalizer=None)

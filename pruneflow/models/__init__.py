@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any, Callable
 
 from torch import nn
@@ -16,4 +18,10 @@ def build_model(name: str, in_channels: int, num_classes: int, kwargs: dict[str,
     return MODELS.get(name)(in_channels=in_channels, num_classes=num_classes, **(kwargs or {}))
 
 
-from pruneflow.models import small_cnn  # noqa: E402,F401  (registers its factory)
+def _import_all() -> None:
+    """Import every module of this package: adding a model is adding one file."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
