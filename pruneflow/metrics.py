@@ -69,5 +69,12 @@ def layer_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int
             for name, (c0, m0) in before.items()]
 
 
+def zero_weight_share(model: nn.Module) -> float:
+    """Share of conv/linear weights that are exactly zero (what mask-based pruning removes)."""
+    weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / max(total, 1)
+
+
 def file_size_mb(path: Path) -> float:
     return path.stat().st_size / 2**20

@@ -20,7 +20,7 @@ from pruneflow.config import PipelineConfig
 from pruneflow.data import DataSplits, load_splits
 from pruneflow.export import check_parity, export_onnx, measure_latency
 from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
-from pruneflow.metrics import count_macs_params, file_size_mb
+from pruneflow.metrics import count_macs_params, file_size_mb, zero_weight_share
 from pruneflow.search import TrialCallback, open_study, search_ratio
 from pruneflow.training import EpochResult, evaluate, train
 
@@ -144,9 +144,8 @@ def method_for(cfg: PipelineConfig, method: str, baseline_dir: Path) -> PruningM
     return pruner
 
 
-def prune_with(cfg: PipelineConfig, method: str, baseline_dir: Path, model: torch.nn.Module, spec: ModelSpec,
+def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, spec: ModelSpec,
                ratio: float, splits: DataSplits) -> PruneResult:
-    pruner = method_for(cfg, method, baseline_dir)
     calib = splits.loader("train", cfg.data.batch_size, max_batches=CALIBRATION_BATCHES) if pruner.needs_calibration else None
     target = PruneTarget(ratio=ratio, round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio)
     return pruner.prune(model, spec.example_inputs(), target, calib)
@@ -173,11 +172,15 @@ def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path
     baseline_macs = read_json(baseline_dir / "metrics.json")["macs"]
     val = splits.loader("val", 256)
     finetune = cfg.retrain.model_copy(update={"epochs": cfg.search.finetune_epochs})
+    pruner = method_for(cfg, method, baseline_dir)
 
     def score(ratio: float, report: Callable[[int, float], None]) -> tuple[float, float]:
         model, spec, _ = load_model(baseline_dir / "model.pt")
-        prune_with(cfg, method, baseline_dir, model, spec, ratio, splits)
-        macs_reduction = 1.0 - count_macs_params(model, spec.example_inputs(1))[0] / baseline_macs
+        prune_with(cfg, pruner, model, spec, ratio, splits)
+        if pruner.structured:
+            macs_reduction = 1.0 - count_macs_params(model, spec.example_inputs(1))[0] / baseline_macs
+        else:
+            macs_reduction = zero_weight_share(model)  # dense MACs cannot drop; the target reads as sparsity
         if macs_reduction < cfg.search.target_macs_reduction or finetune.epochs == 0:
             return evaluate(model, val), macs_reduction  # infeasible trials skip the fine-tune
         torch.manual_seed(cfg.project.seed)
@@ -205,7 +208,7 @@ def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, ratio: float, da
     splits = load_data(cfg, data_path)
     model, spec, _ = load_model(baseline_dir / "model.pt")
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
-    result = prune_with(cfg, method, baseline_dir, model, spec, ratio, splits)
+    result = prune_with(cfg, method_for(cfg, method, baseline_dir), model, spec, ratio, splits)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
     save_model(out_dir / "pruned.pt", model, spec, result.history, result.removed_blocks)
     write_json(out_dir / "history.json", {"removed_blocks": result.removed_blocks,
@@ -255,6 +258,7 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
         "params_reduction": 1.0 - params / base["params"],
         "macs_reduction": 1.0 - macs / base["macs"],
         "size_mb": file_size_mb(model_path),
+        "weight_sparsity": zero_weight_share(model),
         "latency_ms": latency["pruned"].median_ms,
         "latency_ms_p90": latency["pruned"].p90_ms,
         "baseline_latency_ms": latency["baseline"].median_ms,

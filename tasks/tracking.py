@@ -23,7 +23,8 @@ from pruneflow.layout import ProjectLayout
 
 # The metric names later issues and users' dashboards rely on.
 METHOD_METRICS = ("accuracy", "accuracy_drop", "params", "macs", "params_reduction", "macs_reduction", "size_mb",
-                  "latency_ms", "latency_ms_p90", "baseline_latency_ms", "speedup", "onnx_max_abs_diff")
+                  "weight_sparsity", "latency_ms", "latency_ms_p90", "baseline_latency_ms", "speedup",
+                  "onnx_max_abs_diff")
 
 
 def tracking_uri(layout: ProjectLayout) -> str:

@@ -57,6 +57,9 @@ class PruningMethod:
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_calibration: ClassVar[bool] = False
     global_pruning: ClassVar[bool] = False
+    # False for mask-based methods: they zero weights but keep every channel, so dense MACs do not drop and
+    # the search measures their reduction as the share of zeroed conv/linear weights instead.
+    structured: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
