@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install demo test ui constraints clean
+.PHONY: install demo test ui repro constraints clean
 
 install: $(STAMP)
 
@@ -36,3 +36,9 @@ constraints: $(STAMP)
 
 clean:
 	rm -rf runs mlartifacts mlflow.db .pytest_cache
+
+# The pipeline through DVC instead of Prefect: version the data, then `dvc repro` (pruneflow on PATH).
+repro: $(STAMP)
+	$(BIN)/pruneflow stage data
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc metrics show

@@ -8,6 +8,7 @@ running the pipeline again resumes it: only the missing trials run.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -44,7 +45,8 @@ class SearchOutcome:
 
 def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) -> optuna.Study:
     engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
-    with _STORAGE_LOCK:
+    with _STORAGE_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are what we want
         storage = optuna.storages.RDBStorage(
             storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
@@ -62,7 +64,9 @@ def finished(study: optuna.Study) -> tuple[int, int]:
 def search_ratio(study: optuna.Study, cfg: SearchConfig, score: TrialScorer,
                  callbacks: list[TrialCallback] = ()) -> SearchOutcome:
     """Top the study up to ``cfg.n_trials`` finished trials, then return its best feasible trial."""
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # trials of a crashed run go FAILED and are retried
     done_before = sum(finished(study))
 
     def objective(trial: optuna.Trial) -> float:

@@ -59,7 +59,7 @@ def ensure_repo(project: Path) -> None:
 def add(project: Path, data_path: Path) -> str:
     """``dvc add`` the folder and return its md5 (the ``.dir`` hash DVC records in ``<folder>.dvc``)."""
     ensure_repo(project)
-    _run([*DVC, "add", "--quiet", str(data_path.relative_to(project))], project)
+    _run([*DVC, "add", str(data_path.relative_to(project))], project)
     return read_md5(data_path)
 
 

@@ -43,7 +43,10 @@ class Tracker:
     @classmethod
     def open(cls, layout: ProjectLayout) -> "Tracker":
         uri = tracking_uri(layout)
-        mlflow.set_tracking_uri(uri)
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model); it also exports the env variable,
+        if previous is None:          # which would then outrank the next project's default store: undo that
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
         client = MlflowClient(uri)
         name = layout.cfg.project.experiment
         experiment = client.get_experiment_by_name(name)

@@ -1,0 +1,69 @@
+"""Shared test set-up: quiet, offline Prefect/MLflow/DVC settings, one Prefect server per session, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+_HOME = tempfile.mkdtemp(prefix="pruneflow-tests-")
+os.environ.update({
+    "PREFECT_HOME": os.path.join(_HOME, "prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+# A config that exercises every stage in seconds: few epochs, two trials, few latency repeats.
+TINY_PARAMS = {
+    "train": {"epochs": 3},
+    "methods": {"l1": {}, "slimming": {"sparsity": 1e-4}, "random": {}},
+    "search": {"n_trials": 2, "ratio_low": 0.4, "ratio_high": 0.6, "finetune_epochs": 1,
+               "target_macs_reduction": 0.3},
+    "retrain": {"epochs": 1, "lr": 0.01},
+    "evaluate": {"latency_repeats": 5, "latency_warmup": 2},
+}
+
+
+def write_params(folder: Path, params: dict, full: bool = False) -> Path:
+    """Write a params.yaml; ``full`` expands it to every key (DVC's templating needs them all)."""
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    if full:
+        from pruneflow.config import load_config
+
+        cfg, _ = load_config(path)
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole session (starting one costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The built-in digits data, prepared once for the session."""
+    from pruneflow.config import DataConfig
+    from pruneflow.data import prepare_dataset
+
+    return prepare_dataset(DataConfig(), tmp_path_factory.mktemp("data"), log=lambda _: None)
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    """An empty project folder with the tiny params."""
+    write_params(tmp_path, TINY_PARAMS)
+    return tmp_path
