@@ -3,6 +3,7 @@
     pruneflow run    [--params params.yaml] [-S key.path=value ...]   run the Prefect flow prune_pipeline
     pruneflow stage  NAME [--method M] [--params ...] [-S ...]        run one stage (dvc.yaml calls this)
     pruneflow methods                                                 list the pruning methods
+    pruneflow prune  --model M --method NAME [--ratio R] [--json] ...   prune once, print MACs/params and layers
     pruneflow ui     [--port 5000]                                    MLflow UI on 127.0.0.1
 """
 
@@ -123,6 +124,61 @@ def methods() -> None:
 
     for name, cls in METHODS.items():
         typer.echo(f"{name:<24}{cls.description}")
+
+
+@app.command()
+def prune(
+    model: Optional[str] = typer.Option(None, help="model name: registered, torchvision:<name> or package.module:function"),
+    method: str = typer.Option(..., help="pruning method (see: pruneflow methods)"),
+    ratio: float = typer.Option(0.5, help="share of channels to remove, in [0, 1)"),
+    dataset: str = typer.Option("digits", help="sets a fresh model's channels/classes/input size; feeds calibration"),
+    data_path: Optional[Path] = typer.Option(None, help="the dataset's data.path (imagefolder root, torchvision files)"),
+    data_dir: Path = typer.Option(Path("data"), help="where prepared datasets live (project.data_dir)"),
+    checkpoint: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                              help="prune this model file (save_model's) instead of a fresh model"),
+    calib_batches: int = typer.Option(4, min=1, help="training batches given to data-driven methods"),
+    round_to: int = typer.Option(8, min=1, help="round kept channels to a multiple (1: no rounding)"),
+    input_size: Optional[int] = typer.Option(None, min=1, help="side of the square input; default: the data's or checkpoint's"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
+) -> None:
+    """Prune a fresh (or --checkpoint) model once and print MACs/params before and after, layer by layer.
+
+    No project, training or tracking: a quick look at what a method does to a model. Data-driven methods
+    calibrate on --dataset, fitted to the model's input (grey repeated to RGB, images resized).
+    """
+    import json
+
+    from pruneflow.config import DataConfig
+    from pruneflow.data import DATASETS
+    from pruneflow.inspection import format_report, prune_once
+    from pruneflow.methods import PruneTarget, create_method
+    from pruneflow.models import resolve_model
+
+    def fail(message: object, code: int) -> None:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(code)
+
+    try:
+        if model is None and checkpoint is None:
+            raise ValueError("give --model or --checkpoint")
+        if not 0 <= ratio < 1:
+            raise ValueError(f"--ratio must be in [0, 1), got {ratio}")
+        pruner = create_method(method, {})
+        if pruner.recorder() is not None:
+            raise ValueError(f"method {method} scores filters by statistics recorded while training the baseline; "
+                             "run it through the pipeline")
+        if model is not None:
+            resolve_model(model)
+        DATASETS.get(dataset)
+    except ValueError as err:
+        fail(err, 2)
+    try:
+        report = prune_once(pruner, PruneTarget(ratio=ratio, round_to=round_to), model, checkpoint,
+                            DataConfig(dataset=dataset, path=str(data_path) if data_path else None), data_dir,
+                            calib_batches, input_size, log=lambda line: typer.echo(line, err=True))  # stdout: report only
+    except (OSError, ValueError, RuntimeError) as err:
+        fail(err, 1)
+    typer.echo(json.dumps(report) if as_json else format_report(report))
 
 
 @app.command()

@@ -133,9 +133,9 @@ class PipelineConfig(Section):
     @field_validator("model")
     @classmethod
     def _model_known(cls, value: ModelConfig) -> ModelConfig:
-        from pruneflow.models import MODELS
+        from pruneflow.models import resolve_model
 
-        MODELS.get(value.name)
+        resolve_model(value.name)
         return value
 
     @field_validator("data")

@@ -165,7 +165,6 @@ def compare_methods(root: str, cfg: PipelineConfig, baseline: Info, results: dic
     path.write_text(table)
     tracker.log_artifact(parent_run_id, path)
     create_markdown_artifact(key="compare", markdown=table, description="pruneflow: methods vs baseline")
-    get_run_logger().info("comparison:\n" + table)
     return str(path)
 
 

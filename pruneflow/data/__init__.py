@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from pruneflow.data.loading import DataSplits, TensorLoader, load_splits
 from pruneflow.data.sources import DATASETS, DatasetSource, prepare_dataset
+from pruneflow.data import torchvision_sources  # noqa: F401  (registers cifar10, cifar100, svhn)
 
 __all__ = ["DATASETS", "DataSplits", "DatasetSource", "TensorLoader", "load_splits", "prepare_dataset"]

@@ -1,21 +1,38 @@
-"""The model registry: ``model.name`` in params picks a factory ``(in_channels, num_classes, **kwargs) -> nn.Module``."""
+"""The model registry: ``model.name`` in params picks a factory ``(in_channels, num_classes, **kwargs) -> nn.Module``.
+
+Besides registered names, ``torchvision:<name>`` and ``package.module:function`` name models from outside
+(see ``external.py``); ``resolve_model`` is the one place that reads a name, for building and validation alike.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from pruneflow.registry import Registry
+from pruneflow.models.external import ModelFactory, import_factory, torchvision_factory
+from pruneflow.registry import Registry, UnknownNameError
 
-ModelFactory = Callable[..., nn.Module]
 MODELS: Registry[ModelFactory] = Registry("model")
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def resolve_model(name: str) -> ModelFactory:
+    """The factory a model name stands for; raises ValueError (listing what exists) for unknown names."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return torchvision_factory(name.removeprefix(TORCHVISION_PREFIX))
+    if ":" in name:
+        return import_factory(name)
+    try:
+        return MODELS.get(name)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"{err}; or torchvision:<name>, or package.module:function") from None
 
 
 def build_model(name: str, in_channels: int, num_classes: int, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    return MODELS.get(name)(in_channels=in_channels, num_classes=num_classes, **(kwargs or {}))
+    return resolve_model(name)(in_channels=in_channels, num_classes=num_classes, **(kwargs or {}))
 
 
 def _import_all() -> None:
