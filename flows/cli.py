@@ -3,7 +3,7 @@
     pruneflow run    [--params params.yaml] [-S key.path=value ...]   run the Prefect flow prune_pipeline
     pruneflow stage  NAME [--method M] [--params ...] [-S ...]        run one stage (dvc.yaml calls this)
     pruneflow methods                                                 list the pruning methods
-    pruneflow prune  --model M --method NAME [--ratio R] [--json] ...   prune once, print MACs/params and layers
+    pruneflow prune  --model M --method NAME [--ratio R] [--json]     prune once: MACs/params before/after, layers
     pruneflow ui     [--port 5000]                                    MLflow UI on 127.0.0.1
 """
 

@@ -1,0 +1,80 @@
+"""``pruneflow prune``: one pruning, reported as a table or one JSON object; bad names exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pruneflow.checkpoint import ModelSpec, save_model
+from pruneflow.config import DataConfig
+from pruneflow.inspection import fit_inputs, format_report, prune_once
+from pruneflow.methods import PruneTarget
+from pruneflow.methods.l1 import L1
+
+REPORT_KEYS = {"macs_before", "macs_after", "params_before", "params_after", "layers"}
+
+
+@pytest.fixture
+def data_dir(digits_dir):
+    """The folder holding conftest's prepared digits: ``prepare_dataset`` finds them current, writes nothing."""
+    return digits_dir.parent
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["prune", *args])
+
+
+def test_json_report(data_dir) -> None:
+    result = invoke("--model", "resnet20", "--method", "l1", "--ratio", "0.5", "--data-dir", str(data_dir), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)  # stdout holds the JSON object alone; progress goes to stderr
+    assert REPORT_KEYS <= report.keys()
+    assert report["input_shape"] == [1, 8, 8]  # a fresh model takes the dataset's shape: digits
+    assert report["macs_after"] < 0.7 * report["macs_before"]
+    assert report["params_after"] < report["params_before"]
+    assert {"name", "channels_before", "channels_after"} <= report["layers"][0].keys()
+    table = format_report(report)
+    assert "MACs" in table and "layer3.2.conv1" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet57", "--method", "l1"], "unknown model 'resnet57'"),
+    (["--model", "resnet20", "--method", "l0"], "unknown pruning method 'l0'"),
+    (["--model", "resnet20", "--method", "l1", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+    (["--model", "resnet20", "--method", "l1", "--ratio", "1"], "--ratio must be in [0, 1)"),
+    (["--method", "l1"], "give --model or --checkpoint"),
+])
+def test_bad_names_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+class CalibratedL1(L1):
+    """L1 posing as a data-driven method, recording the batches it is given (unregistered: tests only)."""
+
+    needs_calibration = True
+
+    def calibrate(self, model, batches) -> None:
+        self.shapes = [tuple(images.shape) for images, _ in batches]
+
+
+def test_three_channel_checkpoint_calibrates_on_fitted_digits(data_dir, tmp_path) -> None:
+    spec = ModelSpec("resnet20", 3, 10, (3, 16, 16))
+    save_model(tmp_path / "model.pt", spec.build(), spec)
+    pruner = CalibratedL1()
+    report = prune_once(pruner, PruneTarget(ratio=0.5), checkpoint=tmp_path / "model.pt", data=DataConfig(),
+                        data_dir=data_dir, calib_batches=2, log=lambda _: None)
+    assert pruner.shapes == [(64, 3, 16, 16)] * 2  # 1x8x8 digits, grey repeated to RGB and resized
+    assert report["model"] == "resnet20" and report["input_shape"] == [3, 16, 16]
+
+
+def test_fit_inputs_converts_channels_and_size() -> None:
+    assert fit_inputs(torch.ones(2, 3, 8, 8), (1, 4, 4)).shape == (2, 1, 4, 4)
+    with pytest.raises(ValueError, match="2 channels and the model takes 3"):
+        fit_inputs(torch.ones(2, 2, 8, 8), (3, 8, 8))
