@@ -7,7 +7,6 @@ method at a time, because latency measured while other methods train would be no
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner

@@ -75,6 +75,7 @@ class PruneConfig(Section):
     ratio: float | None = Field(None, ge=0, lt=1, description="fixed pruning ratio; set it to skip the search")
     round_to: int | None = Field(8, ge=1, description="round kept channels to a multiple (CPU runtimes need it)")
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this share of one layer")
+    calib_batches: int = Field(10, ge=1, description="training batches data-driven methods score channels on")
 
 
 class EvaluateConfig(Section):

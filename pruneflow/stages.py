@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
-from pruneflow.config import PipelineConfig
+from pruneflow.config import PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_splits
 from pruneflow.export import check_parity, export_onnx, measure_latency
 from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
@@ -25,7 +25,6 @@ from pruneflow.search import TrialCallback, open_study, search_ratio
 from pruneflow.training import EpochResult, evaluate, train
 
 Log = Callable[[str], None]
-CALIBRATION_BATCHES = 4
 
 
 def say(message: str) -> None:
@@ -144,9 +143,19 @@ def method_for(cfg: PipelineConfig, method: str, baseline_dir: Path) -> PruningM
     return pruner
 
 
+def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batches, cfg: TrainConfig,
+              on_epoch_end: Callable[[EpochResult], None]) -> list[EpochResult]:
+    """The method's own retraining recipe if it has one (grafting, masks kept at zero), else the standard loop."""
+    epochs = pruner.retrain(model, batches, val_batches, cfg, on_epoch_end)
+    if epochs is None:
+        epochs = train(model, batches, cfg, val_batches=val_batches, on_epoch_end=on_epoch_end)
+    return epochs
+
+
 def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, spec: ModelSpec,
                ratio: float, splits: DataSplits) -> PruneResult:
-    calib = splits.loader("train", cfg.data.batch_size, max_batches=CALIBRATION_BATCHES) if pruner.needs_calibration else None
+    calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
+             if pruner.needs_calibration else None)
     target = PruneTarget(ratio=ratio, round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio)
     return pruner.prune(model, spec.example_inputs(), target, calib)
 
@@ -184,8 +193,9 @@ def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path
         if macs_reduction < cfg.search.target_macs_reduction or finetune.epochs == 0:
             return evaluate(model, val), macs_reduction  # infeasible trials skip the fine-tune
         torch.manual_seed(cfg.project.seed)
-        history = train(model, splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment),
-                        finetune, val_batches=val, on_epoch_end=lambda r: report(r.epoch, r.val_accuracy))
+        history = fine_tune(pruner, model, splits.loader("train", cfg.data.batch_size, shuffle=True,
+                                                         augment=cfg.data.augment),
+                            val, finetune, lambda r: report(r.epoch, r.val_accuracy))
         return history[-1].val_accuracy, macs_reduction
 
     def progress(study, trial) -> None:
@@ -229,10 +239,7 @@ def retrain(cfg: PipelineConfig, method: str, pruned_path: Path, data_path: Path
     start = time.perf_counter()
     batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
     val, progress = splits.loader("val", 256), epoch_logger(f"{method} retrain", cfg.retrain.epochs, log)
-    recipe = create_method(method, cfg.methods[method])
-    epochs = recipe.retrain(model, batches, val, cfg.retrain, progress)
-    if epochs is None:
-        epochs = train(model, batches, cfg.retrain, val_batches=val, on_epoch_end=progress)
+    epochs = fine_tune(create_method(method, cfg.methods[method]), model, batches, val, cfg.retrain, progress)
     save_model(out_dir / "retrained.pt", model, spec, surgery.history, surgery.removed_blocks)
     return {"val_accuracy": epochs[-1].val_accuracy if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}

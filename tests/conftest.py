@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 _HOME = tempfile.mkdtemp(prefix="pruneflow-tests-")
@@ -20,6 +21,8 @@ os.environ.update({
     "DVC_NO_ANALYTICS": "1",
 })
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Test tensors are tiny: one intra-op thread avoids oversubscribing a 2-core CI box (up to 100x less CPU).
+torch.set_num_threads(1)
 
 # A config that exercises every stage in seconds: few epochs, two trials, few latency repeats.
 TINY_PARAMS = {

@@ -20,16 +20,6 @@ CIFAR_MODELS = ["resnet20", "resnet56", "resnet110", "vgg16_bn", "mobilenet_v2"]
 SHAPE = (3, 8, 8)  # CIFAR's channels at digits' size: global pooling makes every CIFAR net fit 8x8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core box OpenMP's thread sync made this module
-    ~3x slower in wall time (100x in CPU time). A candidate for a shared conftest."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def settle_batch_norm(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
     """Give BN running stats from one real pass: with fresh stats (mean 0, var 1) some nets' eval outputs
     shrink to ~1e-10 (MobileNetV2's linear bottlenecks), and a parity check on such outputs proves nothing."""
