@@ -57,9 +57,14 @@ def record_apoz(model: nn.Module, batches: Batches) -> dict[nn.Module, torch.Ten
     return {module: zeros[module].double() / counts[module] for module in zeros}
 
 
+# Torch-Pruning names element-wise ops by their autograd function; ReLU6 (MobileNetV2) traces as Hardtanh.
+# Our models use Hardtanh only as ReLU6, which zeroes exactly what ReLU zeroes.
+RELU_GRAD_FNS = ("ReluBackward", "HardtanhBackward")
+
+
 def is_relu(node) -> bool:
-    """Whether a dependency-graph node is a ReLU (Torch-Pruning names such ops by their autograd function)."""
-    return isinstance(node.module, tp.ops._ElementWiseOp) and node.module._grad_fn.startswith("ReluBackward")
+    """Whether a dependency-graph node is a ReLU or ReLU6."""
+    return isinstance(node.module, tp.ops._ElementWiseOp) and node.module._grad_fn.startswith(RELU_GRAD_FNS)
 
 
 class APoZImportance(tp.importance.Importance):
