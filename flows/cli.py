@@ -4,6 +4,7 @@
     pruneflow stage  NAME [--method M] [--params ...] [-S ...]        run one stage (dvc.yaml calls this)
     pruneflow methods                                                 list the pruning methods
     pruneflow prune  --model M --method NAME [--ratio R] [--json]     prune once: MACs/params before/after, layers
+    pruneflow export --run-id ID [--target T] [--params ...] [-S ...]  re-export a logged method run for a target
     pruneflow ui     [--port 5000]                                    MLflow UI on 127.0.0.1
 """
 
@@ -58,6 +59,8 @@ def run(params: Path = PARAMS, overrides: Optional[list[str]] = SET) -> None:
         raise typer.Exit(1) from None
     typer.echo("\n" + (Path(result["run_dir"]) / "compare.md").read_text())
     typer.echo(f"Artifacts:    {result['run_dir']}")
+    champion = result["champion"]
+    typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} ({champion['method']})")
     typer.echo(f"MLflow run:   {result['parent_run_id']} in experiment '{cfg.project.experiment}' ({result['tracking_uri']})")
     typer.echo(f"Open the UI:  pruneflow ui --params {params}   (or: make ui), then browse http://127.0.0.1:5000")
 
@@ -99,8 +102,7 @@ def stage(name: Stage = typer.Argument(..., help="which stage to run"), params: 
             study = stages.study_name(cfg, method, versioning.read_md5(data_path))
             stages.search(cfg, method, base_dir, data_path, out_dir, layout.study_storage, study)
         elif name is Stage.prune:
-            ratio = stages.read_json(out_dir / "search.json")["ratio"]
-            stages.prune(cfg, method, base_dir, ratio, data_path, out_dir)
+            stages.prune(cfg, method, base_dir, stages.read_json(out_dir / "search.json"), data_path, out_dir)
         elif name is Stage.retrain:
             stages.retrain(cfg, method, out_dir / "pruned.pt", data_path, out_dir)
         elif name is Stage.evaluate:
@@ -109,7 +111,7 @@ def stage(name: Stage = typer.Argument(..., help="which stage to run"), params: 
             stages.export(cfg, out_dir / "retrained.pt", data_path, out_dir)
         else:
             results = {m: stages.read_json(layout.method_dir(layout.dvc_run_dir, m) / "metrics.json") for m in cfg.methods}
-            table = stages.compare(stages.read_json(base_dir / "metrics.json"), results)
+            table = stages.compare(stages.read_json(base_dir / "metrics.json"), results, cfg.evaluate.latency_batch_large)
             (layout.dvc_run_dir / "compare.md").write_text(table)
             typer.echo(table)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
@@ -179,6 +181,29 @@ def prune(
     except (OSError, ValueError, RuntimeError) as err:
         fail(err, 1)
     typer.echo(json.dumps(report) if as_json else format_report(report))
+
+
+@app.command("export")
+def export_run(
+    run_id: str = typer.Option(..., "--run-id", help="an MLflow method run of a pipeline (its child run per method)"),
+    target: Optional[str] = typer.Option(None, help="cpu | jetson | generic-gpu; default: params' export.target"),
+    params: Path = PARAMS, overrides: Optional[list[str]] = SET,
+) -> None:
+    """Re-export a logged method run's model for a target without rerunning the pipeline; logs the files to that run.
+
+    The model is rebuilt from the run's retrained.pt; export/evaluate settings and the data come from --params.
+    """
+    cfg, root = _config(params, [*(overrides or []), *([f"export.target={target}"] if target else [])])
+    from tasks.deploy import reexport
+
+    try:
+        result = reexport(root, cfg, run_id, log=lambda line: typer.echo(line, err=True))
+    except (LookupError, ValueError, RuntimeError, OSError) as err:
+        typer.echo(f"error: export: {err}", err=True)
+        raise typer.Exit(1) from None
+    folder = Path(result["files"]["onnx"]).parent
+    typer.echo((folder / "report.md").read_text())
+    typer.echo(f"Files:        {folder}  (logged to run {run_id} as export/{cfg.export.target}/)")
 
 
 @app.command()

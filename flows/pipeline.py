@@ -1,4 +1,5 @@
-"""The ``prune_pipeline`` flow: data → baseline → per method (search → prune → retrain → evaluate → export) → compare.
+"""The ``prune_pipeline`` flow: data → baseline → per method (search → prune → retrain → evaluate → export)
+→ compare → register the best pruned model (only when every method succeeded: a failing run promotes nothing).
 
 Method chains run concurrently up to ``project.max_parallel_methods``; evaluation and export then run one
 method at a time, because latency measured while other methods train would be noise.
@@ -9,11 +10,13 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
+from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pruneflow.config import load_config
+from pruneflow.config import PipelineConfig, load_config
 from pruneflow.layout import ProjectLayout
 from pruneflow.versioning import git_commit
+from tasks.deploy import register_champion
 from tasks.stages import (compare_methods, evaluate_model, export_model, log_config, prune_model, retrain_model,
                           search_ratio, train_baseline, version_data)
 from tasks.tracking import Tracker, params_md5
@@ -23,7 +26,16 @@ class MethodsFailed(RuntimeError):
     pass
 
 
-@flow(name="prune_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def chain_batch_size(cfg: PipelineConfig) -> int:
+    """How many method chains run at once: ``project.max_parallel_methods``, or one when search trials
+    export ONNX (latency targets), since an export in one thread breaks training in the others."""
+    search = cfg.search
+    exports = cfg.prune.ratio is None and (search.measure_latency or "latency_ms" in (search.target.metric,
+                                                                                       *search.objectives))
+    return 1 if exports else cfg.project.max_parallel_methods
+
+
+@flow(name="prune_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
 def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = None, trigger: str = "manual") -> dict:
     """Run the whole pruning pipeline for the project whose params file is ``params``.
 
@@ -49,15 +61,23 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
         tracker.set_tags(parent, {"pruneflow.data_md5": data["md5"]})
         baseline = train_baseline(str(root), cfg, data, parent)
 
-        chains = {}
-        for method in cfg.methods:
-            run_id = tracker.start_run(method, parent, {"pruneflow.method": method})
-            tracker.log_params(run_id, {"method": method, **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
-            chosen = search_ratio.submit(str(root), cfg, method, data, baseline, str(run_dir), run_id)
-            pruned = prune_model.submit(str(root), cfg, method, data, baseline, chosen, str(run_dir), run_id)
-            retrained = retrain_model.submit(str(root), cfg, method, data, pruned, str(run_dir), run_id)
-            chains[method] = (run_id, [chosen, pruned, retrained])
-
+        chains, methods = {}, list(cfg.methods)
+        batch = chain_batch_size(cfg)
+        if batch < cfg.project.max_parallel_methods:
+            logger.info("search trials export ONNX to time latency: method chains run one at a time")
+        for start in range(0, len(methods), batch):
+            for method in methods[start:start + batch]:
+                run_id = tracker.start_run(method, parent, {"pruneflow.method": method})
+                tracker.log_params(run_id, {"method": method,
+                                            **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
+                chosen = search_ratio.submit(str(root), cfg, method, data, baseline, str(run_dir), run_id)
+                pruned = prune_model.submit(str(root), cfg, method, data, baseline, chosen, str(run_dir), run_id)
+                retrained = retrain_model.submit(str(root), cfg, method, data, pruned, str(run_dir), run_id)
+                chains[method] = (run_id, [chosen, pruned, retrained])
+            # Every chain of a batch ends before the next batch, and all before the first evaluation: latency
+            # timed beside training is noise, and torch's ONNX exporter flags the whole process as exporting,
+            # which breaks optimizers stepping in other threads.
+            wait([future for method in methods[start:start + batch] for future in chains[method][1]])
         results, failures = {}, {}
         for method, (run_id, chain) in chains.items():
             try:
@@ -72,5 +92,8 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
             compare_methods(str(root), cfg, baseline, results, str(run_dir), parent)
         if failures:
             raise MethodsFailed("; ".join(f"{m}: {e}" for m, e in failures.items()))
+        champion = register_champion(str(root), cfg, data, baseline, results,
+                                     {method: chains[method][0] for method in results}, parent)
     tracker.finish(parent)
-    return {"parent_run_id": parent, "run_dir": str(run_dir), "tracking_uri": tracker.uri, "results": results}
+    return {"parent_run_id": parent, "run_dir": str(run_dir), "tracking_uri": tracker.uri, "results": results,
+            "champion": champion}

@@ -56,19 +56,50 @@ class TrainConfig(Section):
     weight_decay: float = Field(5e-4, ge=0)
 
 
+class TargetConfig(Section):
+    """What a chosen configuration must reach: a share of MACs or params removed, or a latency ceiling."""
+
+    metric: Literal["macs_reduction", "params_reduction", "latency_ms"] = "macs_reduction"
+    value: float = Field(0.5, gt=0, description="reductions: fraction to remove (≥); latency_ms: ceiling (≤)")
+
+    @model_validator(mode="after")
+    def _reduction_below_one(self) -> "TargetConfig":
+        if self.metric != "latency_ms" and self.value >= 1:
+            raise ValueError(f"value: a {self.metric} target is a fraction below 1, got {self.value}")
+        return self
+
+
 class SearchConfig(Section):
-    n_trials: int = Field(6, ge=1, description="completed trials the study holds when the search ends")
+    space: Literal["global", "per_stage", "per_layer"] = Field(
+        "global", description="one ratio; one per stage (layers at one resolution); one per prunable layer group")
+    n_trials: int = Field(6, ge=1, description="trials each run adds to the study (a rerun resumes and extends it)")
+    n_workers: int = Field(1, ge=1, description="trials run at once, each in its own process")
     ratio_low: float = Field(0.1, ge=0, lt=1)
     ratio_high: float = Field(0.8, ge=0, lt=1)
     finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored")
-    target_macs_reduction: float = Field(0.4, ge=0, lt=1, description="fraction of MACs a chosen trial must remove")
-    pruner: Literal["none", "median"] = "median"
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    objectives: list[Literal["accuracy", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
+        default_factory=lambda: ["accuracy"], description="[accuracy], or accuracy plus one cost for a Pareto search")
+    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field("auto", description="auto: tpe, or nsga2 if multi-objective")
+    pruner: Literal["auto", "none", "median", "hyperband"] = Field("auto", description="auto: median, none if multi-objective")
+    selection: Literal["best_under_target", "max_reduction_within_drop", "pareto_knee"] = "best_under_target"
+    tolerance: float = Field(1.0, ge=0, description="accuracy points max_reduction_within_drop may lose vs the baseline")
+    storage: str | None = Field(None, description="SQLAlchemy URL; default $PRUNEFLOW_SEARCH_STORAGE, else runs/optuna.db")
+    measure_latency: bool = Field(False, description="measure every trial's ONNX latency (always done for latency targets)")
 
     @model_validator(mode="after")
-    def _bounds_ordered(self) -> "SearchConfig":
+    def _consistent(self) -> "SearchConfig":
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
+        if self.objectives[:1] != ["accuracy"] or len(self.objectives) > 2 or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives must be [accuracy] or [accuracy, <cost>], got {self.objectives}")
+        if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
+            raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
         return self
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
 
 
 class PruneConfig(Section):
@@ -81,14 +112,37 @@ class PruneConfig(Section):
 class EvaluateConfig(Section):
     latency_warmup: int = Field(10, ge=0)
     latency_repeats: int = Field(50, ge=1)
-    latency_batch: int = Field(1, ge=1)
+    latency_batch: int = Field(1, ge=1, description="batch of latency_ms and speedup (interactive use)")
+    latency_batch_large: int = Field(32, ge=2, description="batch of latency_ms_b<N> and speedup_b<N> (throughput)")
     threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads for latency")
+
+    @model_validator(mode="after")
+    def _batches_differ(self) -> "EvaluateConfig":
+        if self.latency_batch_large <= self.latency_batch:
+            raise ValueError(f"latency_batch_large ({self.latency_batch_large}) must exceed latency_batch "
+                             f"({self.latency_batch})")
+        return self
 
 
 class ExportConfig(Section):
-    opset: int = Field(18, ge=13)
-    atol: float = Field(1e-4, ge=0, description="max |onnx - torch| allowed on real inputs")
+    target: Literal["cpu", "jetson", "generic-gpu"] = Field(
+        "cpu", description="deployment profile: which formats are written, the opset, where latency is measured")
+    opset: int = Field(18, ge=13, description="ONNX opset; null: the target's (jetson 17, else 18)")
+    atol: float = Field(1e-4, ge=0, description="max |onnx - torch| (fp32 ONNX, TorchScript) on real inputs")
+    fp16_rtol: float = Field(1e-2, ge=0, description="max |fp16 onnx - torch| as a share of the largest |output|")
     parity_batches: int = Field(2, ge=1)
+    int8_mode: Literal["static", "dynamic"] = Field("static", description="static: calibrated on training batches")
+    calib_batches: int = Field(8, ge=1, description="training batches static int8 calibrates on")
+    registered_model: str | None = Field(None, description="MLflow registry name; null: pruneflow-<model name>")
+    registry_max_drop: float = Field(1.0, ge=0, description="accuracy drop (points) the registered model may have")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_opset(cls, data: Any) -> Any:
+        """No opset given: the target's. TensorRT 8.5 (JetPack 5) reads opset 17 at most; 18 elsewhere."""
+        if isinstance(data, dict) and data.get("opset") is None:
+            return {**data, "opset": 17 if data.get("target") == "jetson" else 18}
+        return data
 
 
 class PipelineConfig(Section):
@@ -105,6 +159,17 @@ class PipelineConfig(Section):
     retrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=0.01))
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _space_fits_methods(self) -> "PipelineConfig":
+        from pruneflow.methods import METHODS
+
+        if self.search.space != "global" and self.prune.ratio is None:
+            fixed = [name for name in self.methods if not METHODS.get(name).accepts_layer_ratios]
+            if fixed:
+                raise ValueError(f"search.space {self.search.space}: {', '.join(fixed)} choose per-layer ratios "
+                                 "themselves; search them with space: global")
+        return self
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -2,13 +2,14 @@
 
     <project>/data/<dataset>/            prepared data, versioned by DVC (data/<dataset>.dvc)
     <project>/runs/baselines/<key>/      trained baselines, keyed by data md5 + model + training params
-    <project>/runs/<run>/<method>/       one pipeline run's artifacts per method
-    <project>/runs/optuna.db             the Optuna studies (resumed by name)
+    <project>/runs/<run>/<method>/       one pipeline run's artifacts per method (export/<target>/: deployable files)
+    <project>/runs/optuna.db             the Optuna studies (resumed by name; any SQLAlchemy URL instead)
     <project>/runs/dvc/                  what `dvc repro` writes (fixed paths, as DVC needs)
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class ProjectLayout:
 
     @property
     def study_storage(self) -> str:
-        return f"sqlite:///{self.runs_dir / 'optuna.db'}"
+        """``search.storage``, else ``$PRUNEFLOW_SEARCH_STORAGE`` (e.g. a PostgreSQL URL), else runs/optuna.db."""
+        return (self.cfg.search.storage or os.environ.get("PRUNEFLOW_SEARCH_STORAGE")
+                or f"sqlite:///{self.runs_dir / 'optuna.db'}")
 
     def baseline_dir(self, key: str) -> Path:
         return self.runs_dir / "baselines" / key
@@ -52,3 +55,8 @@ class ProjectLayout:
     @staticmethod
     def method_dir(run_dir: Path, method: str) -> Path:
         return run_dir / method
+
+    @staticmethod
+    def export_dir(method_dir: Path, target: str) -> Path:
+        """One folder per export target, so re-exporting a run for another device keeps the first files."""
+        return method_dir / "export" / target

@@ -1,46 +1,85 @@
-"""Optuna search of a method's pruning ratio: maximise accuracy after a short fine-tune, subject to a
-MACs-reduction target expressed as an Optuna constraint (feasible when ≤ 0).
+"""Optuna search of a method's pruning ratios.
 
-The study lives in an RDB storage under a name derived from everything that changes its trials, so
-running the pipeline again resumes it: only the missing trials run.
+A trial samples ratios from a search space (one global ratio, one per stage, or one per prunable layer
+group), prunes the baseline, fine-tunes briefly and scores validation accuracy. The user's target (MACs
+or params reduction, or a latency ceiling) is an Optuna constraint, so infeasible trials stay in the
+study but are never chosen and trial pruning still works; with a second objective the study is a
+Pareto search instead. After the study, a selection policy picks one trial.
+
+The study lives in an RDB storage under a name derived from everything that changes its trials, so a
+rerun resumes and extends it; heartbeats mark a crashed run's trials failed and re-queue them.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import optuna
 
 from pruneflow.config import SearchConfig
 
-# score(ratio, report) -> (accuracy, macs_reduction); report(epoch, accuracy) may raise optuna.TrialPruned.
-TrialScorer = Callable[[float, Callable[[int, float], None]], tuple[float, float]]
-TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+COST_METRICS = ("macs_reduction", "params_reduction", "latency_ms")
+LOWER_IS_BETTER = {"latency_ms"}
 
 
 class SearchError(RuntimeError):
     pass
 
 
-_STORAGE_LOCK = threading.Lock()  # concurrent first use of one sqlite file would race on CREATE TABLE
+@dataclass
+class TrialPlan:
+    """What one trial prunes: a global ratio, overridden per layer group when the space is finer."""
+
+    ratio: float
+    layer_ratios: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
-class SearchOutcome:
-    study_name: str
-    trial_number: int
-    ratio: float
+class TrialMeasure:
     accuracy: float
-    macs_reduction: float
-    completed_trials: int
-    pruned_trials: int
-    new_trials: int
+    costs: dict[str, float]  # macs_reduction, params_reduction and, when measured, latency_ms
+    epochs_run: int = 0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+# measure(plan) -> costs of the pruned (not yet fine-tuned) model; score(plan, report) -> TrialMeasure.
+# report(epoch, accuracy) may raise optuna.TrialPruned.
+Measure = Callable[[TrialPlan], dict[str, float]]
+Score = Callable[[TrialPlan, Callable[[int, float], None]], TrialMeasure]
+TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
+
+_STORAGE_LOCK = threading.Lock()  # concurrent first use of one sqlite file would race on CREATE TABLE
+
+
+def space_params(space: str, stages: dict[str, list[str]], layers: list[str]) -> dict[str, list[str]]:
+    """Optuna parameter name -> the layer groups it sets. ``global`` is the single parameter ``ratio``."""
+    if space == "global":
+        return {"ratio": []}
+    if space == "per_stage":
+        return {f"ratio.{stage}": members for stage, members in stages.items()}
+    return {f"ratio.{layer}": [layer] for layer in layers}
+
+
+def suggest(trial: optuna.Trial, params: dict[str, list[str]], cfg: SearchConfig) -> TrialPlan:
+    ratios = {name: trial.suggest_float(name, cfg.ratio_low, cfg.ratio_high) for name in params}
+    return plan_from(ratios, params)
+
+
+def plan_from(ratios: dict[str, float], params: dict[str, list[str]]) -> TrialPlan:
+    if list(params) == ["ratio"]:
+        return TrialPlan(ratios["ratio"])
+    layer_ratios = {layer: ratios[name] for name, layers in params.items() for layer in layers}
+    return TrialPlan(sum(ratios.values()) / len(ratios), layer_ratios)
+
+
+def target_gap(cfg: SearchConfig, costs: dict[str, float]) -> float:
+    """≤ 0 when the target is met (Optuna's constraint convention)."""
+    value = costs[cfg.target.metric]
+    return value - cfg.target.value if cfg.target.metric in LOWER_IS_BETTER else cfg.target.value - value
 
 
 def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) -> optuna.Study:
@@ -51,49 +90,213 @@ def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) 
             storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if cfg.pruner == "median" else optuna.pruners.NopPruner()
-    return optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner, load_if_exists=True)
+    directions = ["maximize"] + ["minimize" if cost in LOWER_IS_BETTER else "maximize" for cost in cfg.objectives[1:]]
+    return optuna.create_study(study_name=study_name, storage=storage, directions=directions,
+                               sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg), load_if_exists=True)
 
 
-def finished(study: optuna.Study) -> tuple[int, int]:
-    states = [trial.state for trial in study.get_trials(deepcopy=False)]
-    return states.count(optuna.trial.TrialState.COMPLETE), states.count(optuna.trial.TrialState.PRUNED)
+def make_sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
+    kind = cfg.sampler if cfg.sampler != "auto" else ("nsga2" if cfg.multi_objective else "tpe")
+    if kind == "nsga2":  # Optuna 5 defaults multi-objective studies to TPE: name NSGA-II explicitly
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, cfg.n_trials)))
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, cfg.n_trials // 2)))
 
 
-def search_ratio(study: optuna.Study, cfg: SearchConfig, score: TrialScorer,
-                 callbacks: list[TrialCallback] = ()) -> SearchOutcome:
-    """Top the study up to ``cfg.n_trials`` finished trials, then return its best feasible trial."""
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    kind = cfg.pruner if cfg.pruner != "auto" else ("none" if cfg.multi_objective else "median")
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, cfg.finetune_epochs))
+    return optuna.pruners.NopPruner()
+
+
+def fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of a crashed run go FAILED and are retried
-    done_before = sum(finished(study))
 
-    def objective(trial: optuna.Trial) -> float:
-        ratio = trial.suggest_float("ratio", cfg.ratio_low, cfg.ratio_high)
+
+def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Measure) -> None:
+    """Fail before any fine-tuning if even the highest ratios miss the target."""
+    costs = measure(plan_from({name: cfg.ratio_high for name in params}, params))
+    if target_gap(cfg, costs) > 0:
+        raise SearchError(
+            f"search.target unreachable: {cfg.target.metric} {costs[cfg.target.metric]:.3f} at ratio_high="
+            f"{cfg.ratio_high:g} does not meet {cfg.target.value:g}; raise search.ratio_high or relax search.target"
+        )
+
+
+def run_trials(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]], score: Score, n_trials: int,
+               callbacks: list[TrialCallback] = ()) -> None:
+    """Add ``n_trials`` trials to the study."""
+
+    def objective(trial: optuna.Trial):
+        plan = suggest(trial, params, cfg)
+        epochs = [0]
 
         def report(epoch: int, accuracy: float) -> None:
+            epochs[0] = epoch
+            trial.set_user_attr("epochs_run", epoch)
+            if cfg.multi_objective:
+                return  # Optuna prunes single-objective studies only
             trial.report(accuracy, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"accuracy {accuracy:.2f} at epoch {epoch} is below the median")
 
-        accuracy, macs_reduction = score(ratio, report)
-        trial.set_user_attr("macs_reduction", macs_reduction)
-        trial.set_constraint("macs_reduction", cfg.target_macs_reduction - macs_reduction)
-        return accuracy
+        measure = score(plan, report)
+        for name, value in measure.costs.items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("epochs_run", measure.epochs_run)
+        trial.set_constraint("target", target_gap(cfg, measure.costs))
+        if cfg.multi_objective:
+            return measure.accuracy, measure.costs[cfg.objectives[1]]
+        return measure.accuracy
 
-    missing = max(0, cfg.n_trials - done_before)
-    if missing:
-        study.optimize(objective, n_trials=missing, callbacks=list(callbacks), catch=())
-    completed, pruned = finished(study)
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if t.user_attrs.get("macs_reduction", -1.0) >= cfg.target_macs_reduction]
+    study.optimize(objective, n_trials=n_trials, callbacks=list(callbacks), catch=())
+
+
+@dataclass
+class SearchOutcome:
+    study_name: str
+    trial_number: int
+    ratio: float
+    layer_ratios: dict[str, float]
+    accuracy: float
+    costs: dict[str, float]
+    completed_trials: int
+    pruned_trials: int
+    failed_trials: int
+    pareto_trials: list[int]
+    finetune_epochs_saved: float  # share of planned fine-tune epochs the trial pruner skipped
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracy_of(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.values[0]
+
+
+def cost_score(cfg: SearchConfig, trial: optuna.trial.FrozenTrial) -> float:
+    """The target metric oriented so that larger is better."""
+    value = trial.user_attrs[cfg.target.metric]
+    return -value if cfg.target.metric in LOWER_IS_BETTER else value
+
+
+def feasible_trials(study: optuna.Study, cfg: SearchConfig) -> list[optuna.trial.FrozenTrial]:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in done if cfg.target.metric in t.user_attrs and target_gap(cfg, t.user_attrs) <= 0]
+
+
+def pareto_front(trials: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> list[optuna.trial.FrozenTrial]:
+    """Trials no other trial beats on both accuracy and the target metric."""
+    points = [(accuracy_of(t), cost_score(cfg, t), t) for t in trials]
+    return [t for a, c, t in points
+            if not any(a2 >= a and c2 >= c and (a2 > a or c2 > c) for a2, c2, _ in points)]
+
+
+def knee(front: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> optuna.trial.FrozenTrial:
+    """The front's point farthest from the line joining its extremes, on min-max normalised axes."""
+    if len(front) <= 2:
+        return max(front, key=accuracy_of)
+    accuracy = [accuracy_of(t) for t in front]
+    cost = [cost_score(cfg, t) for t in front]
+
+    def normalise(values: list[float]) -> list[float]:
+        low, high = min(values), max(values)
+        return [(v - low) / (high - low) if high > low else 0.0 for v in values]
+
+    points = sorted(zip(normalise(cost), normalise(accuracy), front), key=lambda p: p[0])
+    (x0, y0, _), (x1, y1, _) = points[0], points[-1]
+    length = math.hypot(x1 - x0, y1 - y0) or 1.0
+    return max(points, key=lambda p: abs((y1 - y0) * p[0] - (x1 - x0) * p[1] + x1 * y0 - y1 * x0) / length)[2]
+
+
+def select(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]],
+           baseline_accuracy: float) -> SearchOutcome:
+    """Apply the selection policy to the study's feasible trials."""
+    feasible = feasible_trials(study, cfg)
     if not feasible:
-        reached = max((t.user_attrs.get("macs_reduction", 0.0) for t in study.trials), default=0.0)
-        raise SearchError(
-            f"no trial reached search.target_macs_reduction={cfg.target_macs_reduction:g} "
-            f"(best reached {reached:.3f} with ratio_high={cfg.ratio_high:g}); raise search.ratio_high or lower the target"
-        )
-    best = max(feasible, key=lambda t: (t.value, t.user_attrs["macs_reduction"]))
-    return SearchOutcome(study.study_name, best.number, best.params["ratio"], best.value,
-                         best.user_attrs["macs_reduction"], completed, pruned, completed + pruned - done_before)
+        reached = [t.user_attrs[cfg.target.metric] for t in study.trials if cfg.target.metric in t.user_attrs]
+        best = (min if cfg.target.metric in LOWER_IS_BETTER else max)(reached, default=float("nan"))
+        raise SearchError(f"no completed trial met search.target ({cfg.target.metric} {cfg.target.value:g}; best "
+                          f"reached {best:.3f}); raise search.ratio_high, add trials or relax search.target")
+    front = pareto_front(feasible, cfg)
+    if cfg.selection == "best_under_target":
+        chosen = max(feasible, key=lambda t: (accuracy_of(t), cost_score(cfg, t)))
+    elif cfg.selection == "max_reduction_within_drop":
+        within = [t for t in feasible if baseline_accuracy - accuracy_of(t) <= cfg.tolerance]
+        if not within:
+            raise SearchError(f"no feasible trial is within search.tolerance={cfg.tolerance:g} points of the "
+                              f"baseline's {baseline_accuracy:.2f}; raise the tolerance or fine-tune longer")
+        chosen = max(within, key=lambda t: (cost_score(cfg, t), accuracy_of(t)))
+    else:
+        chosen = knee(front, cfg)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    ratios = {name: chosen.params[name] for name in params}
+    plan = plan_from(ratios, params)
+    return SearchOutcome(
+        study.study_name, chosen.number, plan.ratio, plan.layer_ratios, accuracy_of(chosen),
+        {name: chosen.user_attrs[name] for name in COST_METRICS if name in chosen.user_attrs},
+        states.count(optuna.trial.TrialState.COMPLETE), states.count(optuna.trial.TrialState.PRUNED),
+        states.count(optuna.trial.TrialState.FAIL), sorted(t.number for t in front), epochs_saved(study, cfg),
+    )
+
+
+def epochs_saved(study: optuna.Study, cfg: SearchConfig) -> float:
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                        optuna.trial.TrialState.PRUNED))
+    planned = cfg.finetune_epochs * len(finished)
+    pruned = [t for t in finished if t.state == optuna.trial.TrialState.PRUNED]
+    skipped = sum(cfg.finetune_epochs - t.user_attrs.get("epochs_run", cfg.finetune_epochs) for t in pruned)
+    return skipped / planned if planned else 0.0
+
+
+def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int, limit: int = 10) -> str:
+    """The best completed trials as a markdown table (the chosen one marked)."""
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    done.sort(key=lambda t: (target_gap(cfg, t.user_attrs) <= 0, accuracy_of(t)), reverse=True)
+    costs = [c for c in COST_METRICS if any(c in t.user_attrs for t in done)]
+    lines = [f"| trial | accuracy | {' | '.join(costs)} | meets target | ratios |", "|" + "---|" * (len(costs) + 4)]
+    for t in done[:limit]:
+        mark = " (chosen)" if t.number == chosen else ""
+        cells = " | ".join(f"{t.user_attrs[c]:.3f}" if c in t.user_attrs else "" for c in costs)
+        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in t.params.items())
+        lines.append(f"| {t.number}{mark} | {accuracy_of(t):.2f} | {cells} | {target_gap(cfg, t.user_attrs) <= 0} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) -> Path:
+    """Optimisation history and accuracy vs the target metric (Pareto front joined), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    feasible = feasible_trials(study, cfg)
+    figure, (history, tradeoff) = plt.subplots(1, 2, figsize=(11, 4))
+    for group, style, label in ((done, "o", "completed"), (feasible, "s", "meets target")):
+        history.plot([t.number for t in group], [accuracy_of(t) for t in group], style, mfc="none", label=label)
+        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [accuracy_of(t) for t in group], style,
+                      mfc="none", label=label)
+    front = sorted(pareto_front(feasible, cfg), key=lambda t: t.user_attrs[cfg.target.metric]) if feasible else []
+    tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [accuracy_of(t) for t in front], "-",
+                  label="Pareto front")
+    for t in done:
+        if t.number == chosen:
+            history.plot([t.number], [accuracy_of(t)], "r*", ms=14, label="chosen")
+            tradeoff.plot([t.user_attrs[cfg.target.metric]], [accuracy_of(t)], "r*", ms=14, label="chosen")
+    tradeoff.axvline(cfg.target.value, color="grey", ls="--", label="target")
+    history.set(xlabel="trial", ylabel="validation accuracy (%)", title="optimisation history")
+    tradeoff.set(xlabel=cfg.target.metric, ylabel="validation accuracy (%)", title="accuracy vs target metric")
+    history.legend(fontsize=8)
+    tradeoff.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path

@@ -9,19 +9,28 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import multiprocessing
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
+from pruneflow import deploy
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_splits
 from pruneflow.export import check_parity, export_onnx, measure_latency
+from pruneflow.layout import ProjectLayout
 from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
 from pruneflow.metrics import count_macs_params, file_size_mb, zero_weight_share
-from pruneflow.search import TrialCallback, open_study, search_ratio
+from pruneflow.methods.groups import channel_groups
+from pruneflow.search import (TrialCallback, TrialMeasure, TrialPlan, check_reachable, fail_stale, feasible_trials,
+                              open_study, plot_search, run_trials, select, space_params, target_gap,
+                              top_trials_markdown)
 from pruneflow.training import EpochResult, evaluate, train
 
 Log = Callable[[str], None]
@@ -153,78 +162,182 @@ def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batche
 
 
 def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, spec: ModelSpec,
-               ratio: float, splits: DataSplits) -> PruneResult:
+               ratio: float, splits: DataSplits, layer_ratios: dict[str, float] | None = None) -> PruneResult:
     calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
              if pruner.needs_calibration else None)
-    target = PruneTarget(ratio=ratio, round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio)
+    target = PruneTarget(ratio=ratio, layer_ratios=dict(layer_ratios or {}), round_to=cfg.prune.round_to,
+                         max_layer_ratio=cfg.prune.max_layer_ratio)
     return pruner.prune(model, spec.example_inputs(), target, calib)
 
 
 def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
-    """Same data, model, method and search settings → same study, so a rerun resumes it."""
-    parts = {"method": cfg.methods[method], "search": cfg.search.model_dump(), "prune": cfg.prune.model_dump(),
+    """Same data, model, method and trial-shaping settings → same study, so a rerun resumes and extends it.
+
+    How many trials run, where, and how one is picked afterwards do not change a trial's result, so they
+    are left out: asking for more trials or another selection policy reuses the finished ones.
+    """
+    search = cfg.search.model_dump(exclude={"n_trials", "n_workers", "storage", "selection", "tolerance"})
+    parts = {"method": cfg.methods[method], "search": search, "prune": cfg.prune.model_dump(),
              "retrain": cfg.retrain.model_dump(), "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
              "data": cfg.data.model_dump(exclude={"path"}), "seed": cfg.project.seed}
     digest = hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return f"{method}-{cfg.model.name}-{data_md5[:8]}-{digest}"
 
 
+def search_params(cfg: PipelineConfig, model: torch.nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
+    """The search space's parameters: layer groups named by their root module, stages by their resolution."""
+    if cfg.search.space == "global":
+        return space_params("global", {}, [])
+    layers = [group.name for group in channel_groups(model, spec.example_inputs())]
+    return space_params(cfg.search.space, stages_by_resolution(model, spec.example_inputs(), layers), layers)
+
+
+def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor, layers: list[str]) -> dict[str, list[str]]:
+    """Consecutive layers working at one spatial size form a stage (a ResNet's stage, a VGG block)."""
+    sizes: dict[str, str] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:
+            sizes.setdefault(name, "x".join(map(str, output.shape[2:])) or "fc")
+        return hook
+
+    hooks = [model.get_submodule(name).register_forward_hook(record(name)) for name in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stages: dict[str, list[str]] = {}
+    for name in layers:
+        stages.setdefault(sizes[name], []).append(name)
+    return stages
+
+
+class TrialRunner:
+    """Prunes, measures and fine-tunes one trial's model; built per process (search workers rebuild it)."""
+
+    def __init__(self, cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path) -> None:
+        self.cfg, self.baseline_dir = cfg, baseline_dir
+        self.splits = load_data(cfg, data_path)
+        self.pruner = method_for(cfg, method, baseline_dir)
+        self.baseline = read_json(baseline_dir / "metrics.json")
+        self.finetune = cfg.retrain.model_copy(update={"epochs": cfg.search.finetune_epochs})
+        model, spec, _ = load_model(baseline_dir / "model.pt")
+        self.params = search_params(cfg, model, spec)
+
+    def pruned(self, plan: TrialPlan) -> tuple[torch.nn.Module, dict[str, float]]:
+        model, spec, _ = load_model(self.baseline_dir / "model.pt")
+        prune_with(self.cfg, self.pruner, model, spec, plan.ratio, self.splits, plan.layer_ratios)
+        macs, params = count_macs_params(model, spec.example_inputs(1))
+        if self.pruner.structured:
+            costs = {"macs_reduction": 1.0 - macs / self.baseline["macs"],
+                     "params_reduction": 1.0 - params / self.baseline["params"]}
+        else:  # dense MACs cannot drop; mask-based targets read as the share of zeroed weights
+            costs = dict.fromkeys(("macs_reduction", "params_reduction"), zero_weight_share(model))
+        search = self.cfg.search
+        if search.measure_latency or "latency_ms" in (search.target.metric, *search.objectives):
+            costs["latency_ms"] = self.latency(model, spec)
+        return model, costs
+
+    def latency(self, model: torch.nn.Module, spec: ModelSpec) -> float:
+        with tempfile.TemporaryDirectory() as scratch:
+            path = export_onnx(model, spec.example_inputs(), Path(scratch) / "trial.onnx", self.cfg.export.opset)
+            inputs = next(iter(self.splits.loader("val", self.cfg.evaluate.latency_batch)))[0].numpy()
+            timing = measure_latency({"trial": path}, inputs, self.cfg.evaluate.latency_warmup,
+                                     self.cfg.evaluate.latency_repeats, self.cfg.evaluate.threads)
+        return timing["trial"].median_ms
+
+    def measure(self, plan: TrialPlan) -> dict[str, float]:
+        return self.pruned(plan)[1]
+
+    def score(self, plan: TrialPlan, report: Callable[[int, float], None]) -> TrialMeasure:
+        model, costs = self.pruned(plan)
+        val = self.splits.loader("val", 256)
+        if target_gap(self.cfg.search, costs) > 0 or self.finetune.epochs == 0:
+            return TrialMeasure(evaluate(model, val), costs)  # infeasible trials skip the fine-tune
+        torch.manual_seed(self.cfg.project.seed)
+        batches = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, augment=self.cfg.data.augment)
+        history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_accuracy))
+        return TrialMeasure(history[-1].val_accuracy, costs, len(history))
+
+
+def search_worker(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path, storage: str, name: str,
+                  n_trials: int, seed: int, callbacks: list[TrialCallback] = ()) -> None:
+    """One process's share of the trials; several of these (or several machines) can share one study."""
+    runner = TrialRunner(cfg, method, baseline_dir, data_path)
+    study = open_study(storage, name, cfg.search, seed)
+    run_trials(study, cfg.search, runner.params, runner.score, n_trials, callbacks)
+
+
+def _worker_process(*args) -> None:
+    torch.set_num_threads(1)  # n workers share the cores
+    search_worker(*args)
+
+
 def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path, out_dir: Path, storage: str,
            name: str, callbacks: list[TrialCallback] = (), log: Log = say) -> dict[str, Any]:
-    """Choose the pruning ratio: a fixed ``prune.ratio`` if set, else an Optuna study's best feasible trial."""
+    """Choose the pruning ratios: a fixed ``prune.ratio`` if set, else the study's trial picked by the policy.
+
+    Writes ``search.json`` (the choice), ``trials.md`` (the top trials) and ``search.png`` (history and
+    trade-off plots) into ``out_dir``.
+    """
     if cfg.prune.ratio is not None:
         log(f"{method}: prune.ratio={cfg.prune.ratio} is set, search skipped")
-        chosen = {"ratio": cfg.prune.ratio, "searched": False}
+        chosen = {"ratio": cfg.prune.ratio, "layer_ratios": {}, "searched": False}
         write_json(out_dir / "search.json", chosen)
         return chosen
-    splits = load_data(cfg, data_path)
-    baseline_macs = read_json(baseline_dir / "metrics.json")["macs"]
-    val = splits.loader("val", 256)
-    finetune = cfg.retrain.model_copy(update={"epochs": cfg.search.finetune_epochs})
-    pruner = method_for(cfg, method, baseline_dir)
-
-    def score(ratio: float, report: Callable[[int, float], None]) -> tuple[float, float]:
-        model, spec, _ = load_model(baseline_dir / "model.pt")
-        prune_with(cfg, pruner, model, spec, ratio, splits)
-        if pruner.structured:
-            macs_reduction = 1.0 - count_macs_params(model, spec.example_inputs(1))[0] / baseline_macs
-        else:
-            macs_reduction = zero_weight_share(model)  # dense MACs cannot drop; the target reads as sparsity
-        if macs_reduction < cfg.search.target_macs_reduction or finetune.epochs == 0:
-            return evaluate(model, val), macs_reduction  # infeasible trials skip the fine-tune
-        torch.manual_seed(cfg.project.seed)
-        history = fine_tune(pruner, model, splits.loader("train", cfg.data.batch_size, shuffle=True,
-                                                         augment=cfg.data.augment),
-                            val, finetune, lambda r: report(r.epoch, r.val_accuracy))
-        return history[-1].val_accuracy, macs_reduction
+    runner = TrialRunner(cfg, method, baseline_dir, data_path)
+    study = open_study(storage, name, cfg.search, cfg.project.seed)
+    fail_stale(study)
+    if not feasible_trials(study, cfg.search):
+        check_reachable(cfg.search, runner.params, runner.measure)
 
     def progress(study, trial) -> None:
-        log(f"{method}: trial {trial.number} {trial.state.name.lower()} ratio={trial.params.get('ratio', float('nan')):.3f} "
-            f"val_acc={trial.value if trial.value is not None else float('nan'):.2f} "
-            f"macs_reduction={trial.user_attrs.get('macs_reduction', float('nan')):.3f}")
+        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial.params.items())
+        log(f"{method}: trial {trial.number} {trial.state.name.lower()} [{ratios}] "
+            + " ".join(f"{k}={v:.3f}" for k, v in trial.user_attrs.items() if isinstance(v, float)))
 
-    study = open_study(storage, name, cfg.search, cfg.project.seed)
-    outcome = search_ratio(study, cfg.search, score, [progress, *callbacks])
-    log(f"{method}: chose trial {outcome.trial_number}, ratio {outcome.ratio:.3f} "
-        f"({outcome.new_trials} new trials, {outcome.completed_trials} completed in study {outcome.study_name})")
+    workers = cfg.search.n_workers
+    log(f"{method}: {cfg.search.n_trials} trials in study {name} ({len(study.trials)} there already), "
+        f"{workers} worker(s), space {cfg.search.space} with {len(runner.params)} ratio(s)")
+    if workers == 1:
+        run_trials(study, cfg.search, runner.params, runner.score, cfg.search.n_trials, [progress, *callbacks])
+    else:
+        shares = [cfg.search.n_trials // workers + (i < cfg.search.n_trials % workers) for i in range(workers)]
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            jobs = [pool.submit(_worker_process, cfg, method, baseline_dir, data_path, storage, name, share,
+                                cfg.project.seed + i + 1, list(callbacks)) for i, share in enumerate(shares) if share]
+            for job in jobs:
+                job.result()
+    outcome = select(study, cfg.search, runner.params, runner.baseline["val_accuracy"])
+    (out_dir / "trials.md").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "trials.md").write_text(top_trials_markdown(study, cfg.search, outcome.trial_number))
+    plot_search(study, cfg.search, outcome.trial_number, out_dir / "search.png")
+    log(f"{method}: chose trial {outcome.trial_number} ({cfg.search.selection}): val accuracy "
+        f"{outcome.accuracy:.2f}, {cfg.search.target.metric} {outcome.costs[cfg.search.target.metric]:.3f}; "
+        f"{outcome.completed_trials} completed, {outcome.pruned_trials} pruned trials in the study")
     chosen = {**outcome.as_dict(), "searched": True}
     write_json(out_dir / "search.json", chosen)
     return chosen
 
 
-def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, ratio: float, data_path: Path, out_dir: Path,
-          log: Log = say) -> dict[str, Any]:
-    """Prune the baseline at ``ratio``; save the model, its Torch-Pruning history and the per-layer report."""
+def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, chosen: dict[str, Any], data_path: Path,
+          out_dir: Path, log: Log = say) -> dict[str, Any]:
+    """Prune the baseline as the search chose; save the model, its Torch-Pruning history and the per-layer report."""
     splits = load_data(cfg, data_path)
     model, spec, _ = load_model(baseline_dir / "model.pt")
+    ratio, layer_ratios = chosen["ratio"], chosen.get("layer_ratios") or {}
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
-    result = prune_with(cfg, method_for(cfg, method, baseline_dir), model, spec, ratio, splits)
+    result = prune_with(cfg, method_for(cfg, method, baseline_dir), model, spec, ratio, splits, layer_ratios)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
     save_model(out_dir / "pruned.pt", model, spec, result.history, result.removed_blocks)
     write_json(out_dir / "history.json", {"removed_blocks": result.removed_blocks,
                                           "torch_pruning_history": [list(step) for step in result.history]})
-    summary = {"ratio": ratio, "macs_before": macs_before, "macs_after": macs_after, "params_before": params_before,
-               "params_after": params_after, "layers": [layer.as_dict() for layer in result.layers], "notes": result.notes}
+    summary = {"ratio": ratio, "layer_ratios": layer_ratios, "macs_before": macs_before, "macs_after": macs_after,
+               "params_before": params_before, "params_after": params_after,
+               "layers": [layer.as_dict() for layer in result.layers], "notes": result.notes}
     write_json(out_dir / "layers.json", summary)
     log(f"{method}: pruned at ratio {ratio:.3f}: MACs {macs_before / 1e6:.2f} M -> {macs_after / 1e6:.2f} M")
     return summary
@@ -253,9 +366,9 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
     model, spec, _ = load_model(model_path)
     macs, params = count_macs_params(model, spec.example_inputs(1))
     scratch = export_onnx(model, spec.example_inputs(), out_dir / "latency" / "model.onnx", cfg.export.opset)
-    inputs = next(iter(splits.loader("test", cfg.evaluate.latency_batch)))[0].numpy()
-    latency = measure_latency({"baseline": baseline_dir / "model.onnx", "pruned": scratch}, inputs,
-                              cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.threads)
+    latency = {suffix: measure_latency({"baseline": baseline_dir / "model.onnx", "pruned": scratch}, inputs,
+                                       cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.threads)
+               for suffix, inputs in latency_inputs(cfg, splits).items()}
     accuracy = evaluate(model, splits.loader("test", 256))
     metrics = {
         "accuracy": accuracy,
@@ -266,11 +379,12 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
         "macs_reduction": 1.0 - macs / base["macs"],
         "size_mb": file_size_mb(model_path),
         "weight_sparsity": zero_weight_share(model),
-        "latency_ms": latency["pruned"].median_ms,
-        "latency_ms_p90": latency["pruned"].p90_ms,
-        "baseline_latency_ms": latency["baseline"].median_ms,
-        "speedup": latency["baseline"].median_ms / latency["pruned"].median_ms,
     }
+    for suffix, timing in latency.items():
+        speedup = timing["baseline"].median_ms / timing["pruned"].median_ms
+        metrics.update({f"latency_ms{suffix}": timing["pruned"].median_ms, f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
+                        f"baseline_latency_ms{suffix}": timing["baseline"].median_ms, f"speedup{suffix}": speedup,
+                        f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
     write_json(out_dir / "metrics.json", metrics)
     (out_dir / "report.md").write_text(method_report(method, metrics, out_dir / "layers.json"))
     log(f"{method}: accuracy {accuracy:.2f}% (drop {metrics['accuracy_drop']:+.2f}), MACs -{metrics['macs_reduction']:.1%}, "
@@ -278,24 +392,34 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
     return metrics
 
 
+def latency_inputs(cfg: PipelineConfig, splits: DataSplits) -> dict[str, np.ndarray]:
+    """Real test images latency is timed on, keyed by metric-name suffix: '' at ``evaluate.latency_batch``
+    (batch 1 by default: one request at a time), '_b<N>' at ``evaluate.latency_batch_large`` (throughput)."""
+    large = cfg.evaluate.latency_batch_large
+    sizes = {"": cfg.evaluate.latency_batch, f"_b{large}": large}
+    return {suffix: next(iter(splits.loader("test", size)))[0].numpy() for suffix, size in sizes.items()}
+
+
 def export(cfg: PipelineConfig, model_path: Path, data_path: Path, out_dir: Path, log: Log = say) -> dict[str, Any]:
-    """Write ``onnx/model.onnx`` and check it against PyTorch on real test batches; a mismatch raises."""
+    """Write ``export/<target>/``: the formats of ``export.target``, each checked (see ``pruneflow.deploy``), with
+    ``report.md`` and ``export.json``. A failed check raises and leaves no files."""
     splits = load_data(cfg, data_path)
     model, spec, _ = load_model(model_path)
-    onnx_path = export_onnx(model, spec.example_inputs(), out_dir / "onnx" / "model.onnx", cfg.export.opset)
-    try:
-        diff = check_parity(onnx_path, model, splits.loader("test", 64, max_batches=cfg.export.parity_batches),
-                            cfg.export.atol)
-    except Exception:
-        onnx_path.unlink(missing_ok=True)  # never leave a file that looks like a good export
-        raise
-    log(f"export: {onnx_path} matches PyTorch (max |diff| {diff:.2g})")
-    return {"onnx_path": str(onnx_path), "onnx_max_abs_diff": diff}
+    folder = ProjectLayout.export_dir(out_dir, cfg.export.target)
+    deployment = deploy.export_target(model, spec, splits, cfg, folder, latency_inputs(cfg, splits), log)
+    (folder / "report.md").write_text(deploy.report(deployment, cfg))
+    write_json(folder / "export.json", deployment.as_dict())
+    return deployment.as_dict()
+
+
+EFFICIENCY_NOTE = ("speedup_efficiency = speedup ÷ (MACs before / MACs after): 1 means latency fell exactly as much "
+                   "as MACs, below 1 the runtime does not turn the removed MACs into time; the goal is ≥ 0.8.")
 
 
 def method_report(method: str, metrics: dict[str, Any], layers_path: Path) -> str:
     lines = [f"# {method}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items()]
+    lines += ["", EFFICIENCY_NOTE]
     if layers_path.is_file():
         layers = read_json(layers_path)
         lines += ["", f"Pruning ratio {layers['ratio']:.3f}. {layers['notes']}".rstrip(), "",
@@ -305,18 +429,17 @@ def method_report(method: str, metrics: dict[str, Any], layers_path: Path) -> st
     return "\n".join(lines) + "\n"
 
 
-COMPARE_COLUMNS = ("accuracy", "accuracy_drop", "macs_reduction", "params_reduction", "size_mb", "latency_ms", "speedup")
-
-
-def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]]) -> str:
-    """Markdown table, baseline row first, one row per method."""
-    header = "| model | " + " | ".join(COMPARE_COLUMNS) + " |"
-    rows = [header, "|" + "---|" * (len(COMPARE_COLUMNS) + 1)]
+def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_batch: int) -> str:
+    """Markdown table, baseline row first, one row per method, then what speedup_efficiency means."""
+    columns = ("accuracy", "accuracy_drop", "macs_reduction", "params_reduction", "size_mb", "latency_ms", "speedup",
+               f"speedup_b{large_batch}", "speedup_efficiency")
+    header = "| model | " + " | ".join(columns) + " |"
+    rows = [header, "|" + "---|" * (len(columns) + 1)]
     # The baseline's latency is measured beside each method's (same session, interleaved); show their median.
     base_latency = sorted(m["baseline_latency_ms"] for m in methods.values() if "baseline_latency_ms" in m)
     base = {**baseline, "accuracy_drop": 0.0, "macs_reduction": 0.0, "params_reduction": 0.0, "speedup": 1.0,
-            "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
+            f"speedup_b{large_batch}": 1.0, "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
     for name, metrics in [("baseline", base), *methods.items()]:
-        cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in COMPARE_COLUMNS]
+        cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n"
+    return "\n".join([*rows, "", EFFICIENCY_NOTE]) + "\n"

@@ -20,7 +20,9 @@ from pruneflow.checkpoint import load_model
 from pruneflow.config import PipelineConfig
 from pruneflow.data import prepare_dataset
 from pruneflow.layout import ProjectLayout
-from tasks.tracking import METHOD_METRICS, Tracker
+from pruneflow.export import ExportError
+from tasks.deploy import log_export
+from tasks.tracking import Tracker
 
 Info = dict[str, Any]
 
@@ -65,37 +67,54 @@ def train_baseline(root: str, cfg: PipelineConfig, data: Info, parent_run_id: st
     return {"dir": str(out_dir), "run_id": run_id, "metrics": metrics, "reused": reused}
 
 
-def _log_trial(tracker: Tracker, method_run_id: str, method: str):
-    """An Optuna callback: each finished trial becomes a nested MLflow run under its method's run."""
-    def callback(study, trial) -> None:
-        run_id = tracker.start_run(f"{method}-trial-{trial.number}", method_run_id,
-                                   {"pruneflow.method": method, "pruneflow.trial": str(trial.number),
+class TrialLogger:
+    """An Optuna callback: each finished trial becomes a nested MLflow run under its method's run.
+
+    It holds only strings, so search worker processes receive it pickled and log their own trials.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, method_run_id: str, method: str) -> None:
+        self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
+        self.method_run_id, self.method = method_run_id, method
+
+    def __call__(self, study, trial) -> None:
+        tracker = Tracker(self.tracking_uri, self.experiment_id)
+        run_id = tracker.start_run(f"{self.method}-trial-{trial.number}", self.method_run_id,
+                                   {"pruneflow.method": self.method, "pruneflow.trial": str(trial.number),
                                     "pruneflow.trial_state": trial.state.name, "pruneflow.study": study.study_name})
         tracker.log_params(run_id, trial.params)
-        tracker.log_metrics(run_id, {"accuracy": trial.value if trial.value is not None else float("nan"),
-                                     "macs_reduction": trial.user_attrs.get("macs_reduction", float("nan"))})
+        reported = list(trial.intermediate_values.values())  # a pruned trial has only its per-epoch reports
+        accuracy = trial.values[0] if trial.values else (reported[-1] if reported else float("nan"))
+        tracker.log_metrics(run_id, {"accuracy": accuracy, **{k: v for k, v in trial.user_attrs.items()
+                                                              if k in ("macs_reduction", "params_reduction", "latency_ms")}})
         tracker.finish(run_id, "FINISHED" if trial.state.name in ("COMPLETE", "PRUNED") else "FAILED")
-    return callback
 
 
 @task(cache_policy=NO_CACHE)
 def search_ratio(root: str, cfg: PipelineConfig, method: str, data: Info, baseline: Info, run_dir: str,
                  method_run_id: str) -> Info:
+    """The method's Optuna study; its top trials become a Prefect artifact, its plot an MLflow artifact."""
     layout, tracker = _context(root, cfg)
+    out_dir = layout.method_dir(Path(run_dir), method)
     with tracker.failing(method_run_id):
         name = stages.study_name(cfg, method, data["md5"])
-        chosen = stages.search(cfg, method, Path(baseline["dir"]), Path(data["path"]),
-                               layout.method_dir(Path(run_dir), method), layout.study_storage, name,
-                               callbacks=[_log_trial(tracker, method_run_id, method)], log=get_run_logger().info)
+        logger = TrialLogger(tracker.uri, tracker.experiment_id, method_run_id, method)
+        chosen = stages.search(cfg, method, Path(baseline["dir"]), Path(data["path"]), out_dir, layout.study_storage,
+                               name, callbacks=[logger], log=get_run_logger().info)
         tracker.log_params(method_run_id, {"ratio": chosen["ratio"], "searched": chosen["searched"]})
         if chosen["searched"]:
             tracker.set_tags(method_run_id, {"pruneflow.study": chosen["study_name"],
                                              "pruneflow.chosen_trial": chosen["trial_number"]})
+            tracker.log_metrics(method_run_id, {"search_finetune_epochs_saved": chosen["finetune_epochs_saved"],
+                                                "search_completed_trials": chosen["completed_trials"],
+                                                "search_pruned_trials": chosen["pruned_trials"]})
+            for name in ("search.png", "trials.md", "search.json"):
+                tracker.log_artifact(method_run_id, out_dir / name, "search")
             create_markdown_artifact(
                 key=f"search-{method}".replace("_", "-"),
-                markdown=f"**{method}**: trial {chosen['trial_number']} chosen, ratio {chosen['ratio']:.3f}, "
-                         f"val accuracy {chosen['accuracy']:.2f}%, MACs −{chosen['macs_reduction']:.1%} "
-                         f"({chosen['completed_trials']} completed trials in `{chosen['study_name']}`)",
+                markdown=f"## {method}: trial {chosen['trial_number']} chosen ({cfg.search.selection})\n\n"
+                         + (out_dir / "trials.md").read_text(),
+                description=f"pruneflow: top trials of study {chosen['study_name']}",
             )
     return chosen
 
@@ -106,7 +125,7 @@ def prune_model(root: str, cfg: PipelineConfig, method: str, data: Info, baselin
     layout, tracker = _context(root, cfg)
     out_dir = layout.method_dir(Path(run_dir), method)
     with tracker.failing(method_run_id):
-        summary = stages.prune(cfg, method, Path(baseline["dir"]), chosen["ratio"], Path(data["path"]), out_dir,
+        summary = stages.prune(cfg, method, Path(baseline["dir"]), chosen, Path(data["path"]), out_dir,
                                log=get_run_logger().info)
         tracker.log_artifact(method_run_id, out_dir / "history.json", "pruning")
         tracker.log_artifact(method_run_id, out_dir / "layers.json", "pruning")
@@ -132,21 +151,35 @@ def evaluate_model(root: str, cfg: PipelineConfig, method: str, data: Info, base
     with tracker.failing(method_run_id):
         metrics = stages.evaluate_model(cfg, method, Path(baseline["dir"]), Path(retrained["path"]), Path(data["path"]),
                                         out_dir, log=get_run_logger().info)
-        tracker.log_metrics(method_run_id, {k: v for k, v in metrics.items() if k in METHOD_METRICS})
+        tracker.log_metrics(method_run_id, metrics)
         tracker.log_artifact(method_run_id, out_dir / "report.md")
     return metrics
 
 
-@task(retries=1, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def _retry_unless_check_failed(task, task_run, state) -> bool:
+    """A file that failed its check fails again: retry only other trouble (an MLflow upload)."""
+    try:
+        state.result()
+    except ExportError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(retries=1, retry_delay_seconds=3, retry_condition_fn=_retry_unless_check_failed, cache_policy=NO_CACHE)
 def export_model(root: str, cfg: PipelineConfig, method: str, data: Info, retrained: Info, run_dir: str,
                  method_run_id: str) -> Info:
-    """Export the deployable ONNX file (parity-checked) and log it with the PyTorch model."""
+    """Export the target's deployable files (each checked) and log them with the checkpoint and the PyTorch model.
+
+    ``retrained.pt`` (spec + pruning history + weights) is what ``pruneflow export --run-id`` rebuilds the net from.
+    """
     layout, tracker = _context(root, cfg)
     out_dir = layout.method_dir(Path(run_dir), method)
     with tracker.failing(method_run_id):
         result = stages.export(cfg, Path(retrained["path"]), Path(data["path"]), out_dir, log=get_run_logger().info)
-        tracker.log_metrics(method_run_id, {"onnx_max_abs_diff": result["onnx_max_abs_diff"]})
-        tracker.log_artifact(method_run_id, Path(result["onnx_path"]), "onnx")
+        log_export(tracker, method_run_id, result)
+        tracker.log_artifact(method_run_id, Path(retrained["path"]))
         model, spec, _ = load_model(Path(retrained["path"]))
         with mlflow.start_run(run_id=method_run_id):  # log_model needs the fluent run; this thread owns it
             mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
@@ -160,7 +193,7 @@ def compare_methods(root: str, cfg: PipelineConfig, baseline: Info, results: dic
                     parent_run_id: str) -> str:
     """The comparison table, as a Prefect markdown artifact and on the parent MLflow run."""
     _, tracker = _context(root, cfg)
-    table = stages.compare(baseline["metrics"], results)
+    table = stages.compare(baseline["metrics"], results, cfg.evaluate.latency_batch_large)
     path = Path(run_dir) / "compare.md"
     path.write_text(table)
     tracker.log_artifact(parent_run_id, path)

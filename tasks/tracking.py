@@ -21,11 +21,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from pruneflow.layout import ProjectLayout
 
-# The metric names later issues and users' dashboards rely on.
-METHOD_METRICS = ("accuracy", "accuracy_drop", "params", "macs", "params_reduction", "macs_reduction", "size_mb",
-                  "weight_sparsity", "latency_ms", "latency_ms_p90", "baseline_latency_ms", "speedup",
-                  "onnx_max_abs_diff")
-
 
 def tracking_uri(layout: ProjectLayout) -> str:
     """params' ``project.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite ``mlflow.db`` in the project."""
@@ -90,6 +85,9 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)

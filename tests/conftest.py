@@ -29,7 +29,7 @@ TINY_PARAMS = {
     "train": {"epochs": 3},
     "methods": {"l1": {}, "slimming": {"sparsity": 1e-4}, "random": {}},
     "search": {"n_trials": 2, "ratio_low": 0.4, "ratio_high": 0.6, "finetune_epochs": 1,
-               "target_macs_reduction": 0.3},
+               "target": {"metric": "macs_reduction", "value": 0.3}},
     "retrain": {"epochs": 1, "lr": 0.01},
     "evaluate": {"latency_repeats": 5, "latency_warmup": 2},
 }

@@ -32,8 +32,8 @@ def test_dvc_repro_runs_the_pipeline_stage_by_stage(tmp_path):
     first = run([sys.executable, "-m", "dvc", "repro"], tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     metrics = json.loads((tmp_path / "runs" / "dvc" / "l1" / "metrics.json").read_text())
-    assert metrics["macs_reduction"] >= TINY_PARAMS["search"]["target_macs_reduction"]
-    assert (tmp_path / "runs" / "dvc" / "l1" / "onnx" / "model.onnx").is_file()
+    assert metrics["macs_reduction"] >= TINY_PARAMS["search"]["target"]["value"]
+    assert (tmp_path / "runs" / "dvc" / "l1" / "export" / "cpu" / "model.int8.onnx").is_file()
     assert (tmp_path / "dvc.lock").is_file()
 
     second = run([sys.executable, "-m", "dvc", "repro"], tmp_path)

@@ -119,6 +119,7 @@ def fold_masks(model: nn.Module, groups: list[ChannelGroup], masks: list[torch.T
 @register_method
 class Adversarial(PruningMethod):
     name = "adversarial"
+    accepts_layer_ratios = False
     description = "soft channel masks learnt against the frozen model with a discriminator, λ-grid selection (AMAS)"
     Params = AdversarialParams
     needs_calibration = True

@@ -60,6 +60,9 @@ class PruningMethod:
     # False for mask-based methods: they zero weights but keep every channel, so dense MACs do not drop and
     # the search measures their reduction as the share of zeroed conv/linear weights instead.
     structured: ClassVar[bool] = True
+    # False for methods that allocate per-layer ratios themselves (entropy allocation, masks, blocks): the
+    # search then offers them the global ratio only.
+    accepts_layer_ratios: ClassVar[bool] = True
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
@@ -83,6 +86,14 @@ class PruningMethod:
     def importance(self) -> tp.importance.Importance:
         raise NotImplementedError
 
+    @staticmethod
+    def layer_ratios(model: nn.Module, target: PruneTarget) -> dict[nn.Module, float]:
+        """Per-layer ratios for uniform pruning: ``layer_ratios`` or ``ratio``, rounded as ``rounded_ratio`` says."""
+        return {module: rounded_ratio(module.weight.shape[0],
+                                      min(target.layer_ratios.get(name, target.ratio), target.max_layer_ratio),
+                                      target.round_to)
+                for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
+
     def calibrate(self, model: nn.Module, batches: Batches) -> None:
         """Data-driven methods gather what their importance needs (gradients, activations) here."""
 
@@ -100,7 +111,8 @@ class PruningMethod:
             importance=self.importance(),
             global_pruning=self.global_pruning,
             pruning_ratio=target.ratio,
-            pruning_ratio_dict={modules[name]: ratio for name, ratio in target.layer_ratios.items()},
+            pruning_ratio_dict=self.layer_ratios(model, target) if not self.global_pruning else
+            {modules[name]: ratio for name, ratio in target.layer_ratios.items()},
             max_pruning_ratio=target.max_layer_ratio,
             ignored_layers=ignored_layers(model),
             round_to=target.round_to,
@@ -122,6 +134,21 @@ class TrainingRecorder:
 
     def state(self) -> dict:
         raise NotImplementedError
+
+
+def rounded_ratio(channels: int, ratio: float, round_to: int | None) -> float:
+    """The ratio at which Torch-Pruning keeps ``channels·(1−ratio)`` rounded to the *nearest* multiple of
+    ``round_to`` (at least one multiple).
+
+    Torch-Pruning itself rounds the kept count *down* and leaves a layer whole when that would empty it:
+    a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, so the MACs removed jump
+    and even fall as the ratio grows. Searches and bisections need a reduction that grows with the ratio,
+    so uniform pruning asks Torch-Pruning for exactly the rounded count (it keeps ``int(C·(1−r))``).
+    """
+    if not round_to or channels <= round_to:
+        return ratio
+    kept = min(channels, max(round_to, round_to * round(channels * (1.0 - ratio) / round_to)))
+    return 0.0 if kept == channels else 1.0 - (kept + 0.5) / channels
 
 
 def ignored_layers(model: nn.Module) -> list[nn.Module]:

@@ -54,6 +54,7 @@ def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor,
 @register_method
 class Cascade(PruningMethod):
     name = "cascade"
+    accepts_layer_ratios = False
     description = "removes whole declared blocks/branches, cheapest validation-loss increase first (Zhong 2022)"
     Params = CascadeParams
     needs_calibration = True

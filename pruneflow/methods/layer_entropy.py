@@ -86,6 +86,7 @@ def allocate(groups: list[ChannelGroup], richness: list[float], target: PruneTar
 @register_method
 class LayerEntropy(PruningMethod):
     name = "layer_entropy"
+    accepts_layer_ratios = False
     description = "per-layer ratios from weight entropy bisected to the target, L1 filters within (Wei 2023, ALE)"
     Params = GraftingParams
 

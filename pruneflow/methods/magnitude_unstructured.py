@@ -30,6 +30,7 @@ def masked_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
 @register_method
 class MagnitudeUnstructured(PruningMethod):
     name = "magnitude_unstructured"
+    accepts_layer_ratios = False
     description = "global |w| weight masking (Han et al. 2015); zeros weights, no dense speed-up"
     structured = False
 

@@ -1,0 +1,97 @@
+"""The MLflow side of deployment: an export's files on its method run, the pipeline's best model in the model
+registry with its lineage, and re-exporting a logged run for another target (``pruneflow export --run-id``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import onnx
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pruneflow import stages, versioning
+from pruneflow.config import PipelineConfig
+from pruneflow.deploy import choose_champion, registered_model_name
+from pruneflow.export import predictor
+from pruneflow.layout import ProjectLayout
+from tasks.tracking import Tracker
+
+Info = dict[str, Any]
+CHECKPOINT = "retrained.pt"  # the method run's artifact a re-export rebuilds the model from
+CHAMPION = "champion"
+
+
+def log_export(tracker: Tracker, run_id: str, deployment: Info, metric_prefix: str = "") -> None:
+    """The export folder as artifacts ``export/<target>/``, its numbers as metrics, where it measured as a tag."""
+    target = deployment["target"]
+    tracker.log_artifacts(run_id, Path(deployment["files"]["onnx"]).parent, f"export/{target}")
+    tracker.log_metrics(run_id, {f"{metric_prefix}{key}": value for key, value in deployment.items()})
+    tracker.set_tags(run_id, {f"pruneflow.device_latency.{target}": deployment["device_latency"]})
+
+
+@task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+def register_champion(root: str, cfg: PipelineConfig, data: Info, baseline: Info, results: dict[str, Info],
+                      method_run_ids: dict[str, str], parent_run_id: str) -> Info:
+    """Register the best pruned model (``deploy.choose_champion``) as an ONNX model with a signature, a real input
+    example and lineage tags (data md5, baseline run, method run), and point the ``champion`` alias at it."""
+    tracker = Tracker.open(ProjectLayout(Path(root), cfg))
+    method = choose_champion(results, cfg.export.registry_max_drop)
+    name, run_id = registered_model_name(cfg), method_run_ids[method]
+    onnx_path = Path(results[method]["files"]["onnx"])
+    example = next(iter(stages.load_data(cfg, Path(data["path"])).loader("test", 2)))[0].numpy()
+    signature = infer_signature(example, predictor(onnx_path)(example))
+    with mlflow.start_run(run_id=run_id):  # log_model needs the fluent run; this thread owns it
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx", signature=signature,
+                                     input_example=example, registered_model_name=name)
+    version = str(info.registered_model_version)
+    lineage = {"pruneflow.data_md5": data["md5"], "pruneflow.baseline_run_id": baseline["run_id"],
+               "pruneflow.method_run_id": run_id, "pruneflow.method": method, "pruneflow.parent_run_id": parent_run_id,
+               "pruneflow.export_target": cfg.export.target}
+    for key, value in lineage.items():
+        tracker.client.set_model_version_tag(name, version, key, value)
+    tracker.client.set_registered_model_alias(name, CHAMPION, version)
+    tracker.set_tags(parent_run_id, {"pruneflow.champion": method, "pruneflow.registered_model": f"{name}/{version}"})
+    chosen = results[method]
+    get_run_logger().info(f"registry: {method} registered as {name} version {version}, alias {CHAMPION} "
+                          f"(speedup x{chosen['speedup']:.2f}, accuracy drop {chosen['accuracy_drop']:+.2f})")
+    return {"name": name, "version": version, "method": method, "uri": f"models:/{name}@{CHAMPION}"}
+
+
+def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], None]) -> Info:
+    """Export a logged method run's model for ``export.target`` without rerunning the pipeline.
+
+    The net is rebuilt from the run's ``retrained.pt`` artifact and checked as in the pipeline, on the project's
+    data (which must be the data the run used). Files go to the run's ``export/<target>/`` artifacts; metrics
+    are logged as ``<target>/<name>`` so the pipeline's own numbers stay.
+    """
+    layout = ProjectLayout(root, cfg)
+    tracker = Tracker.open(layout)
+    try:
+        run = tracker.client.get_run(run_id)
+    except MlflowException:
+        raise LookupError(f"run {run_id} not found in {tracker.uri}") from None
+    method, parent_id = run.data.tags.get("pruneflow.method"), run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    if method is None or parent_id is None or "pruneflow.trial" in run.data.tags:
+        raise LookupError(f"run {run_id} is not a pruneflow method run (a child of a pipeline run, tagged pruneflow.method)")
+    used_md5 = tracker.client.get_run(parent_id).data.tags.get("pruneflow.data_md5")
+    data_md5 = versioning.read_md5(layout.dataset_dir)
+    if used_md5 != data_md5:
+        raise ValueError(f"run {run_id} used data {used_md5}, but {layout.dataset_dir} is now {data_md5}: "
+                         "calibration and checks would run on other data")
+    with tempfile.TemporaryDirectory(prefix="pruneflow-reexport-") as scratch:
+        try:
+            checkpoint = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT, dst_path=scratch,
+                                                             tracking_uri=tracker.uri)
+        except (MlflowException, OSError):
+            raise LookupError(f"run {run_id} has no {CHECKPOINT} artifact to rebuild the model from") from None
+        out_dir = layout.method_dir(layout.runs_dir / parent_id, method)
+        result = stages.export(cfg, Path(checkpoint), layout.dataset_dir, out_dir, log)
+    log_export(tracker, run_id, result, metric_prefix=f"{cfg.export.target}/")
+    return result

@@ -1,0 +1,142 @@
+"""The Optuna search: spaces, target constraint, resume, Pareto search, trial pruning, selection, errors."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+
+from pruneflow import stages
+from pruneflow.config import ConfigError, PipelineConfig, SearchConfig, load_config
+from pruneflow.search import (SearchError, TrialMeasure, TrialPlan, make_sampler, open_study, pareto_front,
+                              run_trials, select, target_gap)
+from tests.conftest import write_params
+
+FAST = {"train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "methods": {"l1": {}},
+        "search": {"n_trials": 3, "ratio_low": 0.3, "ratio_high": 0.7, "finetune_epochs": 1,
+                   "target": {"metric": "macs_reduction", "value": 0.4}}}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, digits_dir):
+    out = tmp_path_factory.mktemp("baseline")
+    stages.train_baseline(PipelineConfig.model_validate(FAST), digits_dir, out, log=lambda _: None)
+    return out
+
+
+def run_search(tmp_path, baseline, digits_dir, **search):
+    cfg = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], **search}})
+    name = stages.study_name(cfg, "l1", "digits-md5")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    chosen = stages.search(cfg, "l1", baseline, digits_dir, tmp_path / "l1", storage, name, log=lambda _: None)
+    return cfg, chosen, optuna.load_study(study_name=name, storage=storage)
+
+
+def test_chosen_trial_meets_the_target_and_a_rerun_extends_the_study(tmp_path, baseline, digits_dir):
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir)
+    assert chosen["costs"]["macs_reduction"] >= 0.4
+    assert (tmp_path / "l1" / "search.png").stat().st_size > 0
+    assert "(chosen)" in (tmp_path / "l1" / "trials.md").read_text()
+    first = {t.number: t.datetime_complete for t in study.trials}
+
+    _, again, study = run_search(tmp_path, baseline, digits_dir)
+    assert len(study.trials) == 2 * cfg.search.n_trials
+    assert all(study.trials[n].datetime_complete == done for n, done in first.items())  # not re-run
+
+
+@pytest.mark.parametrize("space", ["per_stage", "per_layer"])
+def test_finer_spaces_give_layer_ratios_that_reach_prune(tmp_path, baseline, digits_dir, space):
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, space=space)
+    assert chosen["layer_ratios"] and len(study.trials[0].params) > 1
+    summary = stages.prune(cfg, "l1", baseline, chosen, digits_dir, tmp_path / "pruned", log=lambda _: None)
+    assert 1 - summary["macs_after"] / summary["macs_before"] == pytest.approx(chosen["costs"]["macs_reduction"])
+
+
+def test_multi_objective_search_keeps_a_pareto_front(tmp_path, baseline, digits_dir):
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, objectives=["accuracy", "macs_reduction"],
+                                    n_trials=4, selection="pareto_knee")
+    assert len(study.directions) == 2
+    assert isinstance(make_sampler(cfg.search, seed=0), optuna.samplers.NSGAIISampler)  # Optuna 5 would pick TPE
+    assert chosen["pareto_trials"] and chosen["trial_number"] in chosen["pareto_trials"]
+
+
+def test_latency_target_is_measured_per_trial(tmp_path, baseline, digits_dir):
+    _, chosen, study = run_search(tmp_path, baseline, digits_dir, n_trials=2, finetune_epochs=0,
+                                  target={"metric": "latency_ms", "value": 1000.0})
+    assert all(t.user_attrs["latency_ms"] > 0 for t in study.trials)
+    assert chosen["costs"]["latency_ms"] <= 1000.0
+
+
+def test_two_worker_processes_share_one_study(tmp_path, baseline, digits_dir):
+    _, chosen, study = run_search(tmp_path, baseline, digits_dir, n_trials=2, n_workers=2, finetune_epochs=0)
+    assert len(study.trials) == 2 and chosen["completed_trials"] == 2
+
+
+def test_unreachable_target_fails_before_any_fine_tune(tmp_path, baseline, digits_dir):
+    with pytest.raises(SearchError, match="search.target unreachable"):
+        run_search(tmp_path, baseline, digits_dir, ratio_high=0.35, target={"value": 0.9})
+
+
+def test_the_median_pruner_stops_trials_that_fall_behind(tmp_path):
+    cfg = SearchConfig(n_trials=6, finetune_epochs=3, pruner="median", target={"value": 0.1})
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "pruning", cfg, seed=0)
+
+    def score(plan: TrialPlan, report) -> TrialMeasure:
+        accuracy = 100.0 - 10 * len(study.trials)  # every later trial is worse than the ones before
+        for epoch in range(1, cfg.finetune_epochs + 1):
+            report(epoch, accuracy)
+        return TrialMeasure(accuracy, {"macs_reduction": 0.5, "params_reduction": 0.5}, cfg.finetune_epochs)
+
+    run_trials(study, cfg, {"ratio": []}, score, cfg.n_trials)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.PRUNED in states
+    assert select(study, cfg, {"ratio": []}, 100.0).finetune_epochs_saved > 0
+
+
+def synthetic_study(points: list[tuple[float, float]]) -> optuna.Study:
+    """Completed trials with (accuracy, macs_reduction), to check the selection policies exactly."""
+    study = optuna.create_study(direction="maximize")
+    distribution = optuna.distributions.FloatDistribution(0, 1)
+    for accuracy, reduction in points:
+        study.add_trial(optuna.trial.create_trial(params={"ratio": reduction}, distributions={"ratio": distribution},
+                                                  value=accuracy, user_attrs={"macs_reduction": reduction}))
+    return study
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("best_under_target", 1),            # highest accuracy among trials removing >= 40 %
+    ("max_reduction_within_drop", 3),    # most MACs removed while within 1 point of the baseline's 99
+    ("pareto_knee", 3),                  # farthest from the line joining the front's ends (normalised)
+])
+def test_selection_policies(policy, expected):
+    study = synthetic_study([(99.5, 0.3), (99.0, 0.45), (98.6, 0.6), (98.0, 0.7), (90.0, 0.9)])
+    cfg = SearchConfig(selection=policy, tolerance=1.0, target={"value": 0.4})
+    assert select(study, cfg, {"ratio": []}, baseline_accuracy=99.0).trial_number == expected
+    assert [t.number for t in pareto_front(study.trials[1:], cfg)] == [1, 2, 3, 4]
+    assert target_gap(cfg, {"macs_reduction": 0.3}) > 0
+
+
+def test_bad_search_configs_are_rejected_with_the_key(tmp_path):
+    path = write_params(tmp_path, {})
+    cases = {
+        ("search.ratio_low=0.9", "search.ratio_high=0.5"): "ratio_low (0.9) is greater than ratio_high (0.5)",
+        ("search.space=per_block",): "search.space: Input should be 'global', 'per_stage' or 'per_layer'",
+        ("search.target.metric=flops",): "search.target.metric",
+        ("search.target.value=1.5",): "a macs_reduction target is a fraction below 1",
+        ("search.objectives=[macs_reduction]",): "objectives must be [accuracy]",
+        ("search.objectives=[accuracy, latency_ms]", "search.pruner=median"): "Optuna prunes single-objective",
+        ("search.space=per_stage", "methods=[l1, layer_entropy]"): "layer_entropy choose per-layer ratios",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(path, list(overrides))
+        assert message in str(err.value), (overrides, str(err.value))
+
+
+def test_study_name_ignores_settings_that_do_not_change_trials():
+    a = PipelineConfig.model_validate(FAST)
+    b = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "n_trials": 50, "selection": "pareto_knee"}})
+    c = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "ratio_high": 0.6}})
+    assert stages.study_name(a, "l1", "x") == stages.study_name(b, "l1", "x") != stages.study_name(c, "l1", "x")
+    assert json.dumps(a.search.model_dump())  # the config stays serialisable for worker processes
