@@ -119,14 +119,24 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)  # trials of a crashed run go FAILED and are retried
 
 
-def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Measure) -> None:
-    """Fail before any fine-tuning if even the highest ratios miss the target."""
-    costs = measure(plan_from({name: cfg.ratio_high for name in params}, params))
-    if target_gap(cfg, costs) > 0:
-        raise SearchError(
-            f"search.target unreachable: {cfg.target.metric} {costs[cfg.target.metric]:.3f} at ratio_high="
-            f"{cfg.ratio_high:g} does not meet {cfg.target.value:g}; raise search.ratio_high or relax search.target"
-        )
+def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Measure, probes: int = 5) -> None:
+    """Fail before any fine-tuning if no ratio in the bounds meets the target.
+
+    ``ratio_high`` is tried first, then evenly spaced ratios below it: methods with one global threshold
+    (slimming, lamp) can remove *less* at a higher ratio, when a layer they would empty is left whole.
+    """
+    ratios = [cfg.ratio_high] + [cfg.ratio_low + (cfg.ratio_high - cfg.ratio_low) * i / probes for i in range(probes)]
+    best = None
+    for ratio in ratios:
+        costs = measure(plan_from({name: ratio for name in params}, params))
+        if target_gap(cfg, costs) <= 0:
+            return
+        best = costs if best is None or target_gap(cfg, costs) < target_gap(cfg, best) else best
+    raise SearchError(
+        f"search.target unreachable: the best {cfg.target.metric} over ratios {cfg.ratio_low:g}..{cfg.ratio_high:g} "
+        f"is {best[cfg.target.metric]:.3f}, which does not meet {cfg.target.value:g}; raise search.ratio_high or "
+        "relax search.target"
+    )
 
 
 def run_trials(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]], score: Score, n_trials: int,

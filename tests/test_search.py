@@ -9,7 +9,8 @@ import pytest
 
 from pruneflow import stages
 from pruneflow.config import ConfigError, PipelineConfig, SearchConfig, load_config
-from pruneflow.search import (SearchError, TrialMeasure, TrialPlan, make_sampler, open_study, pareto_front,
+from pruneflow.search import (SearchError, TrialMeasure, TrialPlan, check_reachable, make_sampler, open_study,
+                              pareto_front,
                               run_trials, select, target_gap)
 from tests.conftest import write_params
 
@@ -140,3 +141,16 @@ def test_study_name_ignores_settings_that_do_not_change_trials():
     c = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "ratio_high": 0.6}})
     assert stages.study_name(a, "l1", "x") == stages.study_name(b, "l1", "x") != stages.study_name(c, "l1", "x")
     assert json.dumps(a.search.model_dump())  # the config stays serialisable for worker processes
+
+
+def test_reachability_probes_below_ratio_high_for_threshold_methods():
+    """A global threshold can remove less at a higher ratio (a layer it would empty stays whole)."""
+    cfg = SearchConfig(ratio_low=0.2, ratio_high=0.7, target={"value": 0.5})
+    reduction = {0.7: 0.15}  # at ratio_high the method collapses; lower ratios reach the target
+
+    def measure(plan: TrialPlan) -> dict[str, float]:
+        return {"macs_reduction": reduction.get(round(plan.ratio, 3), 0.6), "params_reduction": 0.6}
+
+    check_reachable(cfg, {"ratio": []}, measure)
+    with pytest.raises(SearchError, match="best macs_reduction over ratios 0.2..0.7 is 0.150"):
+        check_reachable(cfg, {"ratio": []}, lambda plan: {"macs_reduction": 0.15})
