@@ -46,9 +46,11 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     tried first and returned if even it falls short (``reached`` is then False); else at most ``steps``
     midpoints are tried. With ``scan > 0``, ``scan`` evenly spaced ratios in (low, high] are tried first and
     the bisection runs inside the first interval where the reduction crosses the goal. Use a scan when the
-    reduction is not monotone: Torch-Pruning's ``round_to`` rounds each layer's kept channels *down* and
-    skips a layer it would empty, so with ``round_to=8`` a uniform ratio in (0, 0.5] halves a 16-channel
-    layer and any larger ratio leaves it whole.
+    reduction may not be monotone: Torch-Pruning's own ``round_to`` rounds each layer's kept channels *down*
+    and skips a layer it would empty (with ``round_to=8`` a ratio in (0, 0.5] halves a 16-channel layer and a
+    larger one leaves it whole). pruneflow's uniform methods avoid that (``base.rounded_ratio``), but the
+    global-threshold methods (slimming, lamp) still meet it, and selection-based methods (adversarial's λ
+    grid) can jump.
 
     Either phase stops as soon as a trial lands within ``tolerance`` of the goal. The result is the closest
     trial seen; on a tie the one at or above the goal wins, then the smaller ratio.
