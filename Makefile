@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install demo test ui repro constraints clean
+.PHONY: install demo test system-deps ui repro constraints clean servers servers-stop
 
 install: $(STAMP)
 
@@ -23,11 +23,32 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/pruneflow run --params params.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -n auto --dist loadgroup  # tests needing the Prefect server share one worker
+
+# Debian's PostgreSQL and Chromium for the distributed-search and browser tests. Never fails make: where
+# they cannot be installed (no root or sudo, no apt-get) those tests skip and say why.
+system-deps:
+	@bash scripts/install-system-deps.sh || echo "make: system packages missing; the tests that need them will skip"
 
 ui: $(STAMP)
 	$(BIN)/pruneflow ui
+
+# A Prefect server (schedules need one) and an MLflow tracking server on a database, both on 127.0.0.1 only;
+# pids, logs and Prefect's database in $(SERVERS_DIR)/. `make servers-stop` ends them.
+# E.g. make servers PREFECT_PORT=4201 MLFLOW_PORT=5001 MLFLOW_BACKEND=<SQLAlchemy URL>
+SERVERS_DIR      ?= .servers
+PREFECT_PORT     ?= 4200
+MLFLOW_PORT      ?= 5000
+MLFLOW_BACKEND   ?= sqlite:///$(CURDIR)/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
+
+servers: $(STAMP)
+	$(BIN)/python -m flows.servers start --dir '$(SERVERS_DIR)' --prefect-port $(PREFECT_PORT) \
+		--mlflow-port $(MLFLOW_PORT) --mlflow-backend '$(MLFLOW_BACKEND)' --mlflow-artifacts '$(MLFLOW_ARTIFACTS)'
+
+servers-stop:
+	$(BIN)/python -m flows.servers stop --dir '$(SERVERS_DIR)'
 
 # Re-freeze the pins after changing pyproject.toml's ranges.
 constraints: $(STAMP)

@@ -61,22 +61,7 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 # Extra rows: a method with other params, run after the default rows on the same baseline, target and fine-tune.
-VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "adversarial_lr0.002": (
-        "adversarial", {"mask_lr": 0.002, "lambdas": [5.0, 6.0, 7.0, 8.0]},
-        "adversarial with `mask_lr=0.002`, `lambdas=[5, 6, 7, 8]` (otherwise its defaults and the same "
-        "`epochs`). Why: with the default `mask_lr=0.05` the masks' gradient steps diverge on this trained "
-        "ResNet-20 (the logits' summed MSE grows from 0 to 3.6e6 in five steps, and 422 of 432 masks are NaN after "
-        "one pass over the calibration batches; at 0.01 the loss oscillates around 40-100 and no mask dies). At "
-        "0.002 the masks stay finite, and λ = 5 / 6 / 7 / 8 kills 9 / 266 / 406 / 426 of the 432 masks (probed on "
-        "this baseline's calibration batches, 10 passes). Chosen by us to make the method run, not the paper's "
-        "setting."),
-    "adversarial_lr0.002_l6": (
-        "adversarial", {"mask_lr": 0.002, "lambdas": [6.0]},
-        "the same with the single λ = 6 (266 of 432 masks die), so that the λ-grid selection cannot fall back to "
-        "the candidate that removes nothing: the ratio caps how many dead channels each layer loses, and the masks "
-        "rank the channels."),
-}
+VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {}  # name -> (method, params, why); none at present
 
 # Published numbers from ../shared/docs/METHODS.md (other nets, lossless CIFAR-10, full schedules).
 PAPER = {

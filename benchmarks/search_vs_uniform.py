@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
+import torch  # noqa: E402
 
 from pruneflow import stages  # noqa: E402
 from pruneflow.checkpoint import load_model  # noqa: E402
@@ -44,6 +46,9 @@ ARMS = {  # name -> (method, search overrides or None for a bisected uniform rat
     "l1 per_stage, no pruner": ("l1", {"space": "per_stage", "pruner": "none"}),
     "layer_entropy": ("layer_entropy", {"space": "global", "pruner": "median"}),
 }
+
+
+ANALYSIS = "## What this shows"  # a rerun rewrites the report above this heading and keeps what follows
 
 
 def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006 (the run's start, fixed once)
@@ -108,12 +113,19 @@ def run_arm(args: argparse.Namespace, name: str, baseline: Path, out: Path) -> d
             "search_seconds": search_seconds, **search_info, **metrics}
 
 
+def machine() -> str:
+    """Where training ran (the GPU, if any) and the CPU that pruned, exported and timed."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    gpu = f"training on {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "training on the CPU, "
+    return f"{gpu}{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
 def render(args: argparse.Namespace, baseline: dict, rows: list[dict], seconds: float) -> str:
-    command = "python benchmarks/search_vs_uniform.py " + shlex.join(sys.argv[1:])
+    command = ".venv/bin/python benchmarks/search_vs_uniform.py " + shlex.join(sys.argv[1:])
     lines = [
-        "# Search vs uniform ratios (CIFAR-10, ResNet-20, CPU)", "",
-        f"Regenerate: `{command.strip()}` (total {seconds / 60:.0f} min on {platform.processor() or platform.machine()},"
-        f" 2 cores, torch threads {__import__('torch').get_num_threads()}).", "",
+        "# Search vs uniform ratios (CIFAR-10, ResNet-20)", "",
+        f"Regenerate: `{command.strip()}` (total {seconds / 60:.1f} min; {machine()}).", "",
         f"Budget: {args.subset} training images of the CIFAR-10 JPEG folder (10 % of them the validation split the"
         f" search scores on), full 10k test set; baseline {args.epochs} epochs; every arm pruned to ≥ "
         f"{args.target:.0%} fewer MACs (round_to 8) and fine-tuned {args.finetune_epochs} epochs; each search "
@@ -154,7 +166,9 @@ def main() -> int:
         (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(render(args, base_metrics, rows, time.perf_counter() - start))
+    analysis = doc.read_text().partition(ANALYSIS)[2] if doc.is_file() else ""  # hand-written: kept
+    doc.write_text(render(args, base_metrics, rows, time.perf_counter() - start)
+                   + (f"\n{ANALYSIS}{analysis}" if analysis else ""))
     log(f"wrote {doc}")
     return 0
 

@@ -8,6 +8,8 @@ method at a time, because latency measured while other methods train would be no
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger
 from prefect.futures import wait
@@ -15,11 +17,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pruneflow.config import PipelineConfig, load_config
 from pruneflow.layout import ProjectLayout
+from pruneflow.preflight import check_inputs
 from pruneflow.versioning import git_commit
 from tasks.deploy import register_champion
 from tasks.stages import (compare_methods, evaluate_model, export_model, log_config, prune_model, retrain_model,
                           search_ratio, train_baseline, version_data)
-from tasks.tracking import Tracker, params_md5
+from tasks.tracking import Tracker, check_tracking, params_md5
 
 
 class MethodsFailed(RuntimeError):
@@ -35,16 +38,32 @@ def chain_batch_size(cfg: PipelineConfig) -> int:
     return 1 if exports else cfg.project.max_parallel_methods
 
 
+def preflight(cfg: PipelineConfig, root: Path, log: Callable[[str], None]) -> None:
+    """Check what can be checked before an MLflow run is opened: the tracking store answers, the data decode,
+    the model builds, runs, prunes and exports (``pruneflow.preflight``). Raises ConfigError naming the input.
+
+    ``pruneflow run`` calls it before starting Prefect (exit code 2, no flow run); the flow calls it again for
+    its other callers (deployments), cheaply: the data is then prepared and cached, the model already checked.
+    """
+    check_tracking(ProjectLayout(root, cfg))
+    check_inputs(cfg, root, log)
+
+
 @flow(name="prune_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
 def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = None, trigger: str = "manual") -> dict:
     """Run the whole pruning pipeline for the project whose params file is ``params``.
 
+    ``trigger`` becomes the parent run's tag ``pruneflow.trigger``: ``manual``, or ``schedule``, which the
+    schedules of ``pruneflow serve`` and prefect.yaml pass, so scheduled runs can be told apart in MLflow.
     Returns the MLflow parent run id, the run directory and each method's metrics.
     """
     logger = get_run_logger()
     cfg, root = load_config(params, overrides or [])
+    preflight(cfg, root, logger.info)
     layout = ProjectLayout(root, cfg)
     tracker = Tracker.open(layout)
+    for orphan in tracker.end_orphaned_runs():  # left RUNNING by a pipeline that was killed
+        logger.warning(f"MLflow run {orphan} belonged to a pipeline process that is gone: marked KILLED")
     config_dump = cfg.model_dump(mode="json")
     parent = tracker.start_run(time.strftime("pipeline-%Y%m%d-%H%M%S"), tags={
         "pruneflow.params_md5": params_md5(config_dump), "pruneflow.trigger": trigger,

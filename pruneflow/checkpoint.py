@@ -21,7 +21,7 @@ from pruneflow.models import build_model
 class ModelSpec:
     name: str
     in_channels: int
-    num_classes: int
+    num_classes: int | None  # None: a super-resolution model (its upscale_factor is in kwargs)
     input_shape: tuple[int, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     mean: list[float] = field(default_factory=list)  # the input normalisation a deployment must apply
@@ -53,8 +53,20 @@ class Surgery:
 
 
 def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
-    """Rebuild the model a checkpoint holds; returns it in eval mode with its spec and surgery."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """Rebuild the model a checkpoint holds; returns it in eval mode with its spec and surgery.
+
+    A file that is no checkpoint of ``save_model``'s (another tool's weights, a truncated download) raises a
+    ValueError naming it: the unpickler's own errors (``KeyError: 174812789``) say nothing about the file.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # the unpickler fails in many ways on foreign bytes; each means the same here
+        raise ValueError(f"{path}: not a model file pruneflow wrote (torch.load: {type(err).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"spec", "history", "state_dict"} <= checkpoint.keys():
+        raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
+                         "as pruneflow's stages save them)")
     spec_fields = checkpoint["spec"]
     spec = ModelSpec(**{**spec_fields, "input_shape": tuple(spec_fields["input_shape"])})
     model = spec.build()

@@ -6,8 +6,10 @@ Paths in the file are relative to the directory that holds it (the *project dire
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key or file at fault."""
+
+
+QUALITY_METRICS = ("accuracy", "psnr")  # each task's main metric (pruneflow.task): the search's first objective
+# (key path, value) a super-resolution config gets where it does not say otherwise; slimming, a default
+# method, needs BatchNorm, which ESPCN has none of
+SR_DEFAULTS = ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"), (("search", "objectives"), ["psnr"]),
+               (("methods",), {"l1": {}, "layer_entropy": {}, "random": {}}))
+# a methods entry: a registered method name (lowercase, digits, _), optionally -<label>; "@" would break DVC's
+# foreach stage names (search@<entry>), "." and "=" the -S overrides (methods.<entry>.<param>=value)
+METHOD_ENTRY = re.compile(r"[a-z0-9_]+(-[A-Za-z0-9_-]+)?")
 
 
 class Section(BaseModel):
@@ -41,7 +53,14 @@ class DataConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="share of train held out for the search objective")
     subset: int | None = Field(None, gt=0, description="use only the first N training images (quick runs)")
     batch_size: int = Field(64, ge=1)
-    augment: Literal["none", "crop_flip"] = "none"
+    augment: Literal["none", "crop_flip"] = Field(
+        "none", description="crop_flip: random crop + horizontal flip (super-resolution: random data.patch patches)")
+    # super-resolution only (task: super_resolution)
+    scale: int = Field(3, ge=2, description="SR upscale factor r: inputs are the crops downscaled r times")
+    crop: int | None = Field(None, ge=2, description="SR centre crop side; null: 256 - 256 mod scale")
+    patch: int | None = Field(None, ge=2, description="SR crop_flip patch side (multiple of scale); null: crop / 2")
+    train_dir: str = Field("train", description="image_dir: the folder under data.path holding training images")
+    test_dir: str = Field("test", description="image_dir: the folder under data.path holding test images")
 
 
 class ModelConfig(Section):
@@ -54,6 +73,10 @@ class TrainConfig(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd (Nesterov momentum) or adam (ignores momentum)")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate over the epochs")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where training runs (auto: a CUDA GPU if there is one); pruning and export stay on CPU")
 
 
 class TargetConfig(Section):
@@ -78,21 +101,28 @@ class SearchConfig(Section):
     ratio_high: float = Field(0.8, ge=0, lt=1)
     finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored")
     target: TargetConfig = Field(default_factory=TargetConfig)
-    objectives: list[Literal["accuracy", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
-        default_factory=lambda: ["accuracy"], description="[accuracy], or accuracy plus one cost for a Pareto search")
+    objectives: list[Literal["accuracy", "psnr", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
+        default_factory=lambda: ["accuracy"],
+        description="[<the task's metric>] (accuracy; psnr for super-resolution), or it plus one cost (Pareto search)")
     sampler: Literal["auto", "tpe", "nsga2", "random"] = Field("auto", description="auto: tpe, or nsga2 if multi-objective")
     pruner: Literal["auto", "none", "median", "hyperband"] = Field("auto", description="auto: median, none if multi-objective")
     selection: Literal["best_under_target", "max_reduction_within_drop", "pareto_knee"] = "best_under_target"
-    tolerance: float = Field(1.0, ge=0, description="accuracy points max_reduction_within_drop may lose vs the baseline")
+    tolerance: float = Field(1.0, ge=0, description="main-metric points (accuracy %, PSNR dB) max_reduction_within_drop "
+                                                     "may lose vs the baseline")
     storage: str | None = Field(None, description="SQLAlchemy URL; default $PRUNEFLOW_SEARCH_STORAGE, else runs/optuna.db")
     measure_latency: bool = Field(False, description="measure every trial's ONNX latency (always done for latency targets)")
+    fit_target: bool = Field(
+        True, description="per_stage/per_layer with a MACs or params target: scale each trial's ratios by one factor "
+                          "until the target is just met, so trials compare ways to share one budget")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SearchConfig":
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
-        if self.objectives[:1] != ["accuracy"] or len(self.objectives) > 2 or len(set(self.objectives)) != len(self.objectives):
-            raise ValueError(f"objectives must be [accuracy] or [accuracy, <cost>], got {self.objectives}")
+        if (self.objectives[0] not in QUALITY_METRICS or len(self.objectives) > 2
+                or any(name in QUALITY_METRICS for name in self.objectives[1:])):
+            raise ValueError(f"objectives must be [<metric>] or [<metric>, <cost>] with metric accuracy or psnr, "
+                             f"got {self.objectives}")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
             raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
         return self
@@ -134,7 +164,8 @@ class ExportConfig(Section):
     int8_mode: Literal["static", "dynamic"] = Field("static", description="static: calibrated on training batches")
     calib_batches: int = Field(8, ge=1, description="training batches static int8 calibrates on")
     registered_model: str | None = Field(None, description="MLflow registry name; null: pruneflow-<model name>")
-    registry_max_drop: float = Field(1.0, ge=0, description="accuracy drop (points) the registered model may have")
+    registry_max_drop: float = Field(1.0, ge=0, description="main-metric drop (accuracy points, PSNR dB) the "
+                                                            "registered model may have")
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +177,8 @@ class ExportConfig(Section):
 
 
 class PipelineConfig(Section):
+    task: Literal["classification", "super_resolution"] = Field(
+        "classification", description="what the model does: its loss, metrics and search objective (pruneflow.task)")
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -160,12 +193,53 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, data: Any) -> Any:
+        """``task: super_resolution`` alone makes a working config: the dataset, model, search objective and
+        methods not given default to the task's (built-in skimage images, ESPCN, PSNR, methods that work without
+        BatchNorm) instead of the digits ones."""
+        if not isinstance(data, dict) or data.get("task") != "super_resolution":
+            return data
+        data = copy.deepcopy(data)
+        for (*sections, key), value in SR_DEFAULTS:
+            node = data
+            for section in sections:
+                if node.get(section) is None:
+                    node[section] = {}
+                node = node[section]
+            if isinstance(node, dict):  # a section given as a model instance is taken as it is
+                node.setdefault(key, copy.deepcopy(value))
+        return data
+
+    @model_validator(mode="after")
+    def _parts_fit_task(self) -> "PipelineConfig":
+        """Dataset, model, search objective and methods must all be of this task, or the run fails hours in."""
+        from pruneflow.data import DATASETS
+        from pruneflow.methods import METHODS, method_name
+        from pruneflow.models import accepts
+        from pruneflow.task import TASKS
+
+        task = TASKS[self.task]
+        dataset = DATASETS.get(self.data.dataset)
+        if dataset.task != self.task:
+            raise ValueError(f"data.dataset: {self.data.dataset} is a {dataset.task} dataset, not {self.task} (task)")
+        if self.search.objectives[0] != task.metric:
+            raise ValueError(f"search.objectives: task {self.task} optimises {task.metric}, got {self.search.objectives}")
+        wrong = [name for name in self.methods if self.task not in METHODS.get(method_name(name)).tasks]
+        if wrong:
+            raise ValueError(f"methods: {', '.join(wrong)} cannot prune {self.task} models")
+        needed = "upscale_factor" if self.task == "super_resolution" else "num_classes"
+        if not accepts(self.model.name, needed):
+            raise ValueError(f"model.name: {self.model.name} takes no {needed}, so it is not a {self.task} model")
+        return self
+
     @model_validator(mode="after")
     def _space_fits_methods(self) -> "PipelineConfig":
-        from pruneflow.methods import METHODS
+        from pruneflow.methods import METHODS, method_name
 
         if self.search.space != "global" and self.prune.ratio is None:
-            fixed = [name for name in self.methods if not METHODS.get(name).accepts_layer_ratios]
+            fixed = [name for name in self.methods if not METHODS.get(method_name(name)).accepts_layer_ratios]
             if fixed:
                 raise ValueError(f"search.space {self.search.space}: {', '.join(fixed)} choose per-layer ratios "
                                  "themselves; search them with space: global")
@@ -174,7 +248,11 @@ class PipelineConfig(Section):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods_as_dict(cls, value: Any) -> Any:
-        """Accept a plain list of names (``[l1, random]``) as shorthand for names with default params."""
+        """Accept a plain list of names (``[l1, random]``) as shorthand for names with default params.
+
+        An entry ``<method>-<label>`` runs ``<method>`` under its own name, so one method can run twice with
+        different params (``cascade-one: {drop: 1}``, ``cascade-both: {drop: 2}``).
+        """
         if isinstance(value, list):
             return {name: {} for name in value}
         if isinstance(value, dict):
@@ -184,12 +262,17 @@ class PipelineConfig(Section):
     @field_validator("methods")
     @classmethod
     def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from pruneflow.methods import METHODS
+        from pruneflow.methods import METHODS, method_name
 
         if not value:
             raise ValueError("at least one pruning method is required")
         for name, params in value.items():
-            method = METHODS.get(name)  # raises with the list of known names
+            if not METHOD_ENTRY.fullmatch(name):
+                raise ValueError(f"{name}: an entry is <method> or <method>-<label> (label: letters, digits, _ or -)")
+            try:
+                method = METHODS.get(method_name(name))  # raises with the list of known names
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}" if "-" in name else str(err)) from None
             try:
                 method.Params.model_validate(params)
             except ValidationError as err:
@@ -250,10 +333,18 @@ def read_params(path: Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(f"{path}: invalid YAML{_yaml_problem(err)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return tree
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """`` at line L, column C: <problem>``: the parser's own message spans five lines with a caret drawing."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}: {problem}"
 
 
 def validate(tree: dict[str, Any], source: str = "params") -> PipelineConfig:
@@ -267,11 +358,11 @@ def _describe(err: ValidationError) -> str:
     """One line per problem, each naming the dotted key: the form users can paste into ``-S``."""
     lines = []
     for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        key = ".".join(str(part) for part in problem["loc"])
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{key}: {message}")
+        lines.append(f"{key}: {message}" if key else message)  # whole-config checks name their keys themselves
     return "; ".join(lines)
 
 

@@ -3,7 +3,7 @@
 A target profile (``export.target``) lists the formats its runtime loads and the ONNX Runtime execution
 providers of its hardware (its opset is ``export.opset``'s default). Every file is checked before it counts:
 fp32 ONNX and TorchScript against PyTorch within ``export.atol``, fp16 within ``export.fp16_rtol`` of the output
-scale, int8 by its test-set accuracy. Latency is measured where this machine can: int8 beside fp32 on the CPU,
+scale, int8 by its test-set metric (accuracy, or PSNR). Latency is measured where this machine can: int8 beside fp32 on the CPU,
 and on the target's GPU providers if this onnxruntime has them; otherwise the result says it was skipped.
 """
 
@@ -22,9 +22,10 @@ from torch import nn
 from pruneflow.checkpoint import ModelSpec
 from pruneflow.config import PipelineConfig
 from pruneflow.data import DataSplits
-from pruneflow.export import (CPU, ProviderUnavailable, accuracy, check_parity, export_onnx, export_torchscript,
+from pruneflow.export import (CPU, ProviderUnavailable, check_parity, export_onnx, export_torchscript, file_scores,
                               measure_latency)
 from pruneflow.quantize import convert_fp16, quantize_int8
+from pruneflow.task import TASKS
 
 FILES = {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx", "onnx_int8": "model.int8.onnx",
          "torchscript": "model.torchscript.pt"}
@@ -97,9 +98,10 @@ def _write_and_check(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg:
         calibration = splits.loader("train", cfg.data.batch_size, max_batches=export.calib_batches)
         files["onnx_int8"] = quantize_int8(files["onnx"], folder / FILES["onnx_int8"], export.int8_mode, calibration)
         test = splits.loader("test", 256)
-        int8_accuracy = accuracy(files["onnx_int8"], test, evaluate.threads)
-        deployment.metrics.update(int8_accuracy=int8_accuracy,
-                                  int8_accuracy_drop=accuracy(files["onnx"], test, evaluate.threads) - int8_accuracy)
+        metric = TASKS[cfg.task].metric  # int8_accuracy[_drop] / int8_psnr[_drop], the drop vs fp32 ONNX
+        int8 = file_scores(files["onnx_int8"], test, evaluate.threads)[metric]
+        deployment.metrics.update({f"int8_{metric}": int8, f"int8_{metric}_drop":
+                                   file_scores(files["onnx"], test, evaluate.threads)[metric] - int8})
         for suffix, inputs in latency_inputs.items():
             timing = measure_latency({"fp32": files["onnx"], "int8": files["onnx_int8"]}, inputs,
                                      evaluate.latency_warmup, evaluate.latency_repeats, evaluate.threads)
@@ -140,15 +142,15 @@ def _measure_on_device(profile: TargetProfile, files: dict[str, Path], latency_i
 
 def report(deployment: Deployment, cfg: PipelineConfig) -> str:
     """export/<target>/report.md: each file, how it was checked, and where its latency was (or was not) measured."""
-    m = deployment.metrics
+    m, task = deployment.metrics, TASKS[cfg.task]
     checks = {
         "onnx": f"max abs diff vs PyTorch {m.get('onnx_max_abs_diff', float('nan')):.3g} (export.atol {cfg.export.atol:g})",
         "onnx_fp16": f"max abs diff vs PyTorch {m.get('fp16_max_abs_diff', float('nan')):.3g} "
                      f"(export.fp16_rtol {cfg.export.fp16_rtol:g} of the output scale)",
         "torchscript": f"max abs diff vs PyTorch {m.get('torchscript_max_abs_diff', float('nan')):.3g} "
                        f"(export.atol {cfg.export.atol:g})",
-        "onnx_int8": f"{cfg.export.int8_mode}; test accuracy {m.get('int8_accuracy', float('nan')):.2f} % "
-                     f"({m.get('int8_accuracy_drop', float('nan')):+.2f} points vs fp32 ONNX)",
+        "onnx_int8": f"{cfg.export.int8_mode}; test {task.metric} {m.get(f'int8_{task.metric}', float('nan')):.2f} "
+                     f"{task.unit} ({m.get(f'int8_{task.metric}_drop', float('nan')):+.2f} vs fp32 ONNX)",
     }
     lines = [f"# Export for target `{deployment.target}` (opset {cfg.export.opset})", "",
              "| file | format | check |", "|---|---|---|"]
@@ -163,15 +165,16 @@ def report(deployment: Deployment, cfg: PipelineConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def choose_champion(results: dict[str, dict[str, Any]], max_drop: float) -> str:
-    """The method whose model is registered: the fastest (``speedup``) of those within ``max_drop`` accuracy
-    points of the baseline, else (none is) the most accurate. Ties go to the method listed first."""
+def choose_champion(results: dict[str, dict[str, Any]], max_drop: float, metric: str = "accuracy") -> str:
+    """The method whose model is registered: the fastest (``speedup``) of those within ``max_drop`` of the
+    baseline's ``metric`` (accuracy points, PSNR dB), else (none is) the best by ``metric``. Ties go to the
+    method listed first."""
     if not results:
         raise ValueError("no method results to choose a model from")
-    within = [method for method, metrics in results.items() if metrics["accuracy_drop"] <= max_drop]
+    within = [method for method, metrics in results.items() if metrics[f"{metric}_drop"] <= max_drop]
     if within:
         return max(within, key=lambda method: results[method]["speedup"])
-    return max(results, key=lambda method: results[method]["accuracy"])
+    return max(results, key=lambda method: results[method][metric])
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:

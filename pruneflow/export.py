@@ -21,6 +21,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from pruneflow.task import mean_scores
+
 CPU = "CPUExecutionProvider"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot write older opsets (it silently keeps 18)
 
@@ -155,14 +157,15 @@ def check_parity(path: Path, model: nn.Module, batches: Batches, atol: float | N
     return diff
 
 
-def accuracy(path: Path, batches: Batches, threads: int = 2) -> float:
-    """Top-1 accuracy (percent) of an exported file, run the way it will be deployed."""
+def file_scores(path: Path, batches: Batches, threads: int = 2) -> dict[str, float]:
+    """The task's metrics (accuracy; PSNR and SSIM) of an exported file, run the way it will be deployed."""
     predict = predictor(path, threads)
-    correct = total = 0
-    for images, labels in batches:
-        correct += int((predict(images.numpy()).argmax(axis=1) == labels.numpy()).sum())
-        total += len(labels)
-    return 100.0 * correct / max(total, 1)
+    return mean_scores(batches, lambda images: torch.from_numpy(predict(images.numpy())))
+
+
+def accuracy(path: Path, batches: Batches, threads: int = 2) -> float:
+    """Top-1 accuracy (percent) of an exported classifier, run the way it will be deployed."""
+    return file_scores(path, batches, threads)["accuracy"]
 
 
 @dataclass

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneflow.checkpoint import load_model
+from pruneflow.checkpoint import ModelSpec, load_model
 from pruneflow.config import DataConfig
-from pruneflow.data import DATASETS, DataSplits, load_splits, prepare_dataset
+from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
 from pruneflow.methods import PruneTarget, PruningMethod
 from pruneflow.metrics import count_macs_params, zero_weight_share
-from pruneflow.models import build_model
+from pruneflow.models import MODELS
+from pruneflow.preflight import build_checked, unprunable
 
 
 def fit_inputs(images: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -49,7 +50,12 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
     """Prune ``model`` in place; return cost before/after and the per-layer report, as plain JSON-able types."""
     example = torch.zeros(2, *input_shape)
     macs_before, params_before = count_macs_params(model, example[:1])
-    result = pruner.prune(model, example, target, calib)
+    try:
+        result = pruner.prune(model, example, target, calib)
+    except Exception as err:
+        if model_name in MODELS:  # the registered models are tested with every method: a failure is a bug
+            raise
+        raise unprunable(model_name, model, err) from None  # a user's layer Torch-Pruning cannot handle
     macs_after, params_after = count_macs_params(model, example[:1])
     return {
         "model": model_name,
@@ -83,7 +89,7 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
     splits = None
     if checkpoint is None or pruner.needs_calibration:
         DATASETS.get(data.dataset).check_config(data)
-        splits = load_splits(prepare_dataset(data, data_dir, log=log))
+        splits = load_dataset(data, prepare_dataset(data, data_dir, log=log))
     if checkpoint is not None:
         model, spec, _ = load_model(checkpoint)
         if model_name is not None and model_name != spec.name:
@@ -91,7 +97,9 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
         model_name, shape = spec.name, spec.input_shape
     elif model_name is not None:
         torch.manual_seed(0)
-        model, shape = build_model(model_name, splits.in_channels, splits.num_classes).eval(), splits.input_shape
+        model = build_checked(ModelSpec(model_name, splits.in_channels, splits.num_classes, splits.input_shape,
+                                        splits.model_kwargs)).eval()
+        shape = splits.input_shape
     else:
         raise ValueError("give a model name or a checkpoint")
     if input_size:

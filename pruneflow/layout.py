@@ -5,6 +5,7 @@
     <project>/runs/<run>/<method>/       one pipeline run's artifacts per method (export/<target>/: deployable files)
     <project>/runs/optuna.db             the Optuna studies (resumed by name; any SQLAlchemy URL instead)
     <project>/runs/dvc/                  what `dvc repro` writes (fixed paths, as DVC needs)
+    <project>/runs/locks/                lock files of concurrent pipelines (pruneflow.concurrency)
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class ProjectLayout:
 
     def baseline_dir(self, key: str) -> Path:
         return self.runs_dir / "baselines" / key
+
+    def lock_file(self, name: str) -> Path:
+        """runs/locks/<name>.lock: what pipelines running at once on this project take turns on (data, a baseline)."""
+        return self.runs_dir / "locks" / f"{name}.lock"
 
     @staticmethod
     def method_dir(run_dir: Path, method: str) -> Path:

@@ -1,7 +1,8 @@
 """Optuna search of a method's pruning ratios.
 
 A trial samples ratios from a search space (one global ratio, one per stage, or one per prunable layer
-group), prunes the baseline, fine-tunes briefly and scores validation accuracy. The user's target (MACs
+group), prunes the baseline, fine-tunes briefly and scores the task's main metric on validation (accuracy, or
+PSNR for super-resolution: ``objectives[0]``, called *the metric* below). The user's target (MACs
 or params reduction, or a latency ceiling) is an Optuna constraint, so infeasible trials stay in the
 study but are never chosen and trial pruning still works; with a second objective the study is a
 Pareto search instead. After the study, a selection policy picks one trial.
@@ -13,14 +14,20 @@ rerun resumes and extends it; heartbeats mark a crashed run's trials failed and 
 from __future__ import annotations
 
 import math
+import os
+import random
+import socket
 import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import optuna
+import sqlalchemy.exc
 
+from pruneflow.concurrency import owner_alive, store_lock
 from pruneflow.config import SearchConfig
 
 COST_METRICS = ("macs_reduction", "params_reduction", "latency_ms")
@@ -41,13 +48,13 @@ class TrialPlan:
 
 @dataclass
 class TrialMeasure:
-    accuracy: float
+    metric: float  # the task's main metric on validation
     costs: dict[str, float]  # macs_reduction, params_reduction and, when measured, latency_ms
     epochs_run: int = 0
 
 
 # measure(plan) -> costs of the pruned (not yet fine-tuned) model; score(plan, report) -> TrialMeasure.
-# report(epoch, accuracy) may raise optuna.TrialPruned.
+# report(epoch, metric) may raise optuna.TrialPruned.
 Measure = Callable[[TrialPlan], dict[str, float]]
 Score = Callable[[TrialPlan, Callable[[int, float], None]], TrialMeasure]
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
@@ -64,9 +71,48 @@ def space_params(space: str, stages: dict[str, list[str]], layers: list[str]) ->
     return {f"ratio.{layer}": [layer] for layer in layers}
 
 
-def suggest(trial: optuna.Trial, params: dict[str, list[str]], cfg: SearchConfig) -> TrialPlan:
+def suggest(trial: optuna.Trial, params: dict[str, list[str]], cfg: SearchConfig,
+            measure: Measure | None = None) -> TrialPlan:
+    """The trial's plan: its sampled ratios, fitted to the target when ``fits_target`` (the fitted ratios are
+    kept as the trial's ``fitted_ratios`` attribute: they, not the sampled ones, are what the trial pruned)."""
     ratios = {name: trial.suggest_float(name, cfg.ratio_low, cfg.ratio_high) for name in params}
+    if measure is not None and fits_target(cfg, params):
+        ratios = fit_to_target(ratios, params, cfg, measure)
+        trial.set_user_attr("fitted_ratios", ratios)
     return plan_from(ratios, params)
+
+
+def trial_ratios(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """The ratios a trial pruned at: fitted to the target if it was, else as sampled."""
+    return trial.user_attrs.get("fitted_ratios") or trial.params
+
+
+def fits_target(cfg: SearchConfig, params: dict[str, list[str]]) -> bool:
+    return cfg.fit_target and list(params) != ["ratio"] and cfg.target.metric not in LOWER_IS_BETTER
+
+
+def fit_to_target(ratios: dict[str, float], params: dict[str, list[str]], cfg: SearchConfig, measure: Measure,
+                  steps: int = 10) -> dict[str, float]:
+    """Scale all ratios by the smallest factor (bisected) whose pruned model meets the reduction target.
+
+    Why: with free per-stage ratios almost every sampled point misses the target or overshoots it, so a
+    small trial budget compares models of different sizes and the "best" one is mostly the least pruned
+    feasible one. Scaled onto the target, the sampled ratios only decide how the cut is *shared* between
+    stages, and every trial is scored at the budget the user asked for. Ratios are capped at ``ratio_high``.
+    """
+    def scaled(factor: float) -> dict[str, float]:
+        return {name: min(cfg.ratio_high, ratio * factor) for name, ratio in ratios.items()}
+
+    def meets(factor: float) -> bool:
+        return target_gap(cfg, measure(plan_from(scaled(factor), params))) <= 0
+
+    low, high = 0.0, cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``high`` every ratio is ratio_high
+    if not meets(high):
+        return scaled(high)
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (low, middle) if meets(middle) else (middle, high)
+    return scaled(high)
 
 
 def plan_from(ratios: dict[str, float], params: dict[str, list[str]]) -> TrialPlan:
@@ -82,14 +128,31 @@ def target_gap(cfg: SearchConfig, costs: dict[str, float]) -> float:
     return value - cfg.target.value if cfg.target.metric in LOWER_IS_BETTER else cfg.target.value - value
 
 
-def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) -> optuna.Study:
-    engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
-    with _STORAGE_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are what we want
-        storage = optuna.storages.RDBStorage(
+def _rdb_storage(storage_url: str, engine_kwargs: dict, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage, with heartbeats; retried while other processes create a new database's tables.
+
+    Workers started at once on an empty server database (PostgreSQL) all run CREATE TABLE, and the losers
+    get a unique or duplicate-table violation; once the winner is done the schema is there and a retry opens it.
+    """
+    def storage() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
             storage_url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
+
+    for attempt in range(1, attempts):
+        try:
+            return storage()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(random.uniform(0.2, 1.0) * attempt)  # jittered, so the losers do not collide again
+    return storage()  # the last attempt raises what it meets
+
+
+def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) -> optuna.Study:
+    engine_kwargs = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
+    with _STORAGE_LOCK, store_lock(storage_url), warnings.catch_warnings():  # threads, then processes
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are what we want
+        storage = _rdb_storage(storage_url, engine_kwargs)
     directions = ["maximize"] + ["minimize" if cost in LOWER_IS_BETTER else "maximize" for cost in cfg.objectives[1:]]
     return optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg), load_if_exists=True)
@@ -114,9 +177,25 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
 
 
 def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials of crashed processes, each retried once.
+
+    Heartbeats catch them ``grace_period`` after their last beat. A trial whose worker (``worker_id``) is a
+    process of this host that is gone is failed at once: a pipeline killed and rerun straight away would
+    otherwise leave its trial RUNNING. Trials of live workers (a pipeline running beside this one) are kept.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # trials of a crashed run go FAILED and are retried
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            worker = trial.user_attrs.get("worker")
+            if worker is None or owner_alive(worker):
+                continue
+            try:
+                study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another process finished it first, and retried it
+            retry(study, study.get_trials(deepcopy=False)[trial.number])
 
 
 def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Measure, probes: int = 5) -> None:
@@ -139,31 +218,37 @@ def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Me
     )
 
 
+def worker_id() -> str:
+    """``host:pid`` of this process: tells apart the trials that several workers added to one study."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def run_trials(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]], score: Score, n_trials: int,
-               callbacks: list[TrialCallback] = ()) -> None:
-    """Add ``n_trials`` trials to the study."""
+               callbacks: list[TrialCallback] = (), measure: Measure | None = None) -> None:
+    """Add ``n_trials`` trials to the study; ``measure`` (prune-only costs) lets trials be fitted to the target."""
 
     def objective(trial: optuna.Trial):
-        plan = suggest(trial, params, cfg)
+        trial.set_user_attr("worker", worker_id())  # which process (and machine) ran it, in a shared study
+        plan = suggest(trial, params, cfg, measure)
         epochs = [0]
 
-        def report(epoch: int, accuracy: float) -> None:
+        def report(epoch: int, value: float) -> None:
             epochs[0] = epoch
             trial.set_user_attr("epochs_run", epoch)
             if cfg.multi_objective:
                 return  # Optuna prunes single-objective studies only
-            trial.report(accuracy, epoch)
+            trial.report(value, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"accuracy {accuracy:.2f} at epoch {epoch} is below the median")
+                raise optuna.TrialPruned(f"{cfg.objectives[0]} {value:.2f} at epoch {epoch} is below the median")
 
-        measure = score(plan, report)
-        for name, value in measure.costs.items():
+        result = score(plan, report)
+        for name, value in result.costs.items():
             trial.set_user_attr(name, value)
-        trial.set_user_attr("epochs_run", measure.epochs_run)
-        trial.set_constraint("target", target_gap(cfg, measure.costs))
+        trial.set_user_attr("epochs_run", result.epochs_run)
+        trial.set_constraint("target", target_gap(cfg, result.costs))
         if cfg.multi_objective:
-            return measure.accuracy, measure.costs[cfg.objectives[1]]
-        return measure.accuracy
+            return result.metric, result.costs[cfg.objectives[1]]
+        return result.metric
 
     study.optimize(objective, n_trials=n_trials, callbacks=list(callbacks), catch=())
 
@@ -174,7 +259,7 @@ class SearchOutcome:
     trial_number: int
     ratio: float
     layer_ratios: dict[str, float]
-    accuracy: float
+    metric: float  # the chosen trial's validation metric (objectives[0])
     costs: dict[str, float]
     completed_trials: int
     pruned_trials: int
@@ -186,7 +271,7 @@ class SearchOutcome:
         return asdict(self)
 
 
-def accuracy_of(trial: optuna.trial.FrozenTrial) -> float:
+def metric_of(trial: optuna.trial.FrozenTrial) -> float:
     return trial.values[0]
 
 
@@ -202,8 +287,8 @@ def feasible_trials(study: optuna.Study, cfg: SearchConfig) -> list[optuna.trial
 
 
 def pareto_front(trials: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> list[optuna.trial.FrozenTrial]:
-    """Trials no other trial beats on both accuracy and the target metric."""
-    points = [(accuracy_of(t), cost_score(cfg, t), t) for t in trials]
+    """Trials no other trial beats on both the metric and the target metric."""
+    points = [(metric_of(t), cost_score(cfg, t), t) for t in trials]
     return [t for a, c, t in points
             if not any(a2 >= a and c2 >= c and (a2 > a or c2 > c) for a2, c2, _ in points)]
 
@@ -211,22 +296,22 @@ def pareto_front(trials: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> l
 def knee(front: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> optuna.trial.FrozenTrial:
     """The front's point farthest from the line joining its extremes, on min-max normalised axes."""
     if len(front) <= 2:
-        return max(front, key=accuracy_of)
-    accuracy = [accuracy_of(t) for t in front]
+        return max(front, key=metric_of)
+    metric = [metric_of(t) for t in front]
     cost = [cost_score(cfg, t) for t in front]
 
     def normalise(values: list[float]) -> list[float]:
         low, high = min(values), max(values)
         return [(v - low) / (high - low) if high > low else 0.0 for v in values]
 
-    points = sorted(zip(normalise(cost), normalise(accuracy), front), key=lambda p: p[0])
+    points = sorted(zip(normalise(cost), normalise(metric), front), key=lambda p: p[0])
     (x0, y0, _), (x1, y1, _) = points[0], points[-1]
     length = math.hypot(x1 - x0, y1 - y0) or 1.0
     return max(points, key=lambda p: abs((y1 - y0) * p[0] - (x1 - x0) * p[1] + x1 * y0 - y1 * x0) / length)[2]
 
 
 def select(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]],
-           baseline_accuracy: float) -> SearchOutcome:
+           baseline_metric: float) -> SearchOutcome:
     """Apply the selection policy to the study's feasible trials."""
     feasible = feasible_trials(study, cfg)
     if not feasible:
@@ -236,20 +321,21 @@ def select(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]],
                           f"reached {best:.3f}); raise search.ratio_high, add trials or relax search.target")
     front = pareto_front(feasible, cfg)
     if cfg.selection == "best_under_target":
-        chosen = max(feasible, key=lambda t: (accuracy_of(t), cost_score(cfg, t)))
+        chosen = max(feasible, key=lambda t: (metric_of(t), cost_score(cfg, t)))
     elif cfg.selection == "max_reduction_within_drop":
-        within = [t for t in feasible if baseline_accuracy - accuracy_of(t) <= cfg.tolerance]
+        within = [t for t in feasible if baseline_metric - metric_of(t) <= cfg.tolerance]
         if not within:
             raise SearchError(f"no feasible trial is within search.tolerance={cfg.tolerance:g} points of the "
-                              f"baseline's {baseline_accuracy:.2f}; raise the tolerance or fine-tune longer")
-        chosen = max(within, key=lambda t: (cost_score(cfg, t), accuracy_of(t)))
+                              f"baseline's {cfg.objectives[0]} {baseline_metric:.2f}; raise the tolerance or fine-tune "
+                              "longer")
+        chosen = max(within, key=lambda t: (cost_score(cfg, t), metric_of(t)))
     else:
         chosen = knee(front, cfg)
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    ratios = {name: chosen.params[name] for name in params}
+    ratios = {name: trial_ratios(chosen)[name] for name in params}
     plan = plan_from(ratios, params)
     return SearchOutcome(
-        study.study_name, chosen.number, plan.ratio, plan.layer_ratios, accuracy_of(chosen),
+        study.study_name, chosen.number, plan.ratio, plan.layer_ratios, metric_of(chosen),
         {name: chosen.user_attrs[name] for name in COST_METRICS if name in chosen.user_attrs},
         states.count(optuna.trial.TrialState.COMPLETE), states.count(optuna.trial.TrialState.PRUNED),
         states.count(optuna.trial.TrialState.FAIL), sorted(t.number for t in front), epochs_saved(study, cfg),
@@ -268,19 +354,20 @@ def epochs_saved(study: optuna.Study, cfg: SearchConfig) -> float:
 def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int, limit: int = 10) -> str:
     """The best completed trials as a markdown table (the chosen one marked)."""
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    done.sort(key=lambda t: (target_gap(cfg, t.user_attrs) <= 0, accuracy_of(t)), reverse=True)
+    done.sort(key=lambda t: (target_gap(cfg, t.user_attrs) <= 0, metric_of(t)), reverse=True)
     costs = [c for c in COST_METRICS if any(c in t.user_attrs for t in done)]
-    lines = [f"| trial | accuracy | {' | '.join(costs)} | meets target | ratios |", "|" + "---|" * (len(costs) + 4)]
+    lines = [f"| trial | {cfg.objectives[0]} | {' | '.join(costs)} | meets target | ratios |",
+             "|" + "---|" * (len(costs) + 4)]
     for t in done[:limit]:
         mark = " (chosen)" if t.number == chosen else ""
         cells = " | ".join(f"{t.user_attrs[c]:.3f}" if c in t.user_attrs else "" for c in costs)
-        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in t.params.items())
-        lines.append(f"| {t.number}{mark} | {accuracy_of(t):.2f} | {cells} | {target_gap(cfg, t.user_attrs) <= 0} | {ratios} |")
+        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial_ratios(t).items())
+        lines.append(f"| {t.number}{mark} | {metric_of(t):.2f} | {cells} | {target_gap(cfg, t.user_attrs) <= 0} | {ratios} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) -> Path:
-    """Optimisation history and accuracy vs the target metric (Pareto front joined), as one PNG."""
+    """Optimisation history and the metric vs the target metric (Pareto front joined), as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,19 +377,20 @@ def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path)
     feasible = feasible_trials(study, cfg)
     figure, (history, tradeoff) = plt.subplots(1, 2, figsize=(11, 4))
     for group, style, label in ((done, "o", "completed"), (feasible, "s", "meets target")):
-        history.plot([t.number for t in group], [accuracy_of(t) for t in group], style, mfc="none", label=label)
-        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [accuracy_of(t) for t in group], style,
+        history.plot([t.number for t in group], [metric_of(t) for t in group], style, mfc="none", label=label)
+        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [metric_of(t) for t in group], style,
                       mfc="none", label=label)
     front = sorted(pareto_front(feasible, cfg), key=lambda t: t.user_attrs[cfg.target.metric]) if feasible else []
-    tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [accuracy_of(t) for t in front], "-",
+    tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [metric_of(t) for t in front], "-",
                   label="Pareto front")
     for t in done:
         if t.number == chosen:
-            history.plot([t.number], [accuracy_of(t)], "r*", ms=14, label="chosen")
-            tradeoff.plot([t.user_attrs[cfg.target.metric]], [accuracy_of(t)], "r*", ms=14, label="chosen")
+            history.plot([t.number], [metric_of(t)], "r*", ms=14, label="chosen")
+            tradeoff.plot([t.user_attrs[cfg.target.metric]], [metric_of(t)], "r*", ms=14, label="chosen")
     tradeoff.axvline(cfg.target.value, color="grey", ls="--", label="target")
-    history.set(xlabel="trial", ylabel="validation accuracy (%)", title="optimisation history")
-    tradeoff.set(xlabel=cfg.target.metric, ylabel="validation accuracy (%)", title="accuracy vs target metric")
+    label = f"validation {cfg.objectives[0]}"
+    history.set(xlabel="trial", ylabel=label, title="optimisation history")
+    tradeoff.set(xlabel=cfg.target.metric, ylabel=label, title=f"{cfg.objectives[0]} vs target metric")
     history.legend(fontsize=8)
     tradeoff.legend(fontsize=8)
     figure.tight_layout()

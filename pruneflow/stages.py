@@ -21,8 +21,8 @@ import torch
 
 from pruneflow import deploy
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
-from pruneflow.config import PipelineConfig, TrainConfig
-from pruneflow.data import DataSplits, load_splits
+from pruneflow.config import DataConfig, PipelineConfig, TrainConfig
+from pruneflow.data import DataSplits, load_dataset
 from pruneflow.export import check_parity, export_onnx, measure_latency
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
@@ -30,8 +30,9 @@ from pruneflow.metrics import count_macs_params, file_size_mb, zero_weight_share
 from pruneflow.methods.groups import channel_groups
 from pruneflow.search import (TrialCallback, TrialMeasure, TrialPlan, check_reachable, fail_stale, feasible_trials,
                               open_study, plot_search, run_trials, select, space_params, target_gap,
-                              top_trials_markdown)
-from pruneflow.training import EpochResult, evaluate, train
+                              top_trials_markdown, trial_ratios)
+from pruneflow.task import TASKS
+from pruneflow.training import EpochResult, evaluate, evaluate_all, train
 
 Log = Callable[[str], None]
 
@@ -53,18 +54,24 @@ def read_json(path: Path) -> Any:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_splits(data_path: Path, val_fraction: float, subset: int | None, seed: int) -> DataSplits:
-    return load_splits(data_path, val_fraction, subset, seed, progress=say)
+def _cached_splits(data_path: Path, data_json: str, seed: int) -> DataSplits:
+    return load_dataset(DataConfig.model_validate_json(data_json), data_path, seed, progress=say)
 
 
 def load_data(cfg: PipelineConfig, data_path: Path) -> DataSplits:
     """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders)."""
-    return _cached_splits(Path(data_path).resolve(), cfg.data.val_fraction, cfg.data.subset, cfg.project.seed)
+    return _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
 
 
-def epoch_logger(prefix: str, total: int, log: Log) -> Callable[[EpochResult], None]:
+def model_spec(cfg: PipelineConfig, splits: DataSplits) -> ModelSpec:
+    """The model the params name, sized by the data (input channels and shape; classes, or the SR scale)."""
+    return ModelSpec(cfg.model.name, splits.in_channels, splits.num_classes, splits.input_shape,
+                     {**cfg.model.kwargs, **splits.model_kwargs}, splits.mean, splits.std)
+
+
+def epoch_logger(prefix: str, total: int, log: Log, metric: str = "accuracy") -> Callable[[EpochResult], None]:
     def report(result: EpochResult) -> None:
-        val = f" val_acc={result.val_accuracy:.2f}" if result.val_accuracy is not None else ""
+        val = f" val_{metric}={result.val_metric:.2f}" if result.val_metric is not None else ""
         log(f"{prefix}: epoch {result.epoch}/{total} loss={result.train_loss:.4f}{val} ({result.seconds:.1f}s)")
     return report
 
@@ -91,7 +98,7 @@ def baseline_key(cfg: PipelineConfig, data_md5: str) -> str:
         "data_md5": data_md5,
         "data": cfg.data.model_dump(exclude={"path"}),
         "model": cfg.model.model_dump(),
-        "train": cfg.train.model_dump(),
+        "train": cfg.train.model_dump(exclude={"device"}),  # where it trained changes rounding, not the recipe
         "seed": cfg.project.seed,
         "training_hooks": training_hooked_methods(cfg),
     }
@@ -102,13 +109,13 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
     """Train the model from scratch, export it to ONNX (parity-checked) and write its metrics."""
     torch.manual_seed(cfg.project.seed)
     splits = load_data(cfg, data_path)
-    spec = ModelSpec(cfg.model.name, splits.in_channels, splits.num_classes, splits.input_shape,
-                     cfg.model.kwargs, splits.mean, splits.std)
+    spec = model_spec(cfg, splits)
     model = spec.build()
+    task = TASKS[cfg.task]
     terms, records = regularizers(cfg), recorders(cfg)
     if terms or records:
         log(f"baseline: training with the hooks of {', '.join(training_hooked_methods(cfg))}")
-    progress = epoch_logger("baseline", cfg.train.epochs, log)
+    progress = epoch_logger("baseline", cfg.train.epochs, log, task.metric)
 
     def on_epoch_end(result: EpochResult) -> None:
         progress(result)
@@ -128,8 +135,8 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
                         cfg.export.atol)
     macs, params = count_macs_params(model, spec.example_inputs(1))
     metrics = {
-        "accuracy": evaluate(model, splits.loader("test", 256)),
-        "val_accuracy": evaluate(model, splits.loader("val", 256)),
+        **evaluate_all(model, splits.loader("test", 256)),  # accuracy; psnr, ssim
+        **{f"val_{name}": value for name, value in evaluate_all(model, splits.loader("val", 256)).items()},
         "macs": macs,
         "params": params,
         "size_mb": file_size_mb(model_path),
@@ -137,7 +144,8 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
         "train_seconds": seconds,
     }
     write_json(out_dir / "metrics.json", metrics)  # written last: its presence marks a complete baseline
-    log(f"baseline: test accuracy {metrics['accuracy']:.2f}%, {macs / 1e6:.2f} M MACs, {params / 1e3:.1f} k params")
+    log(f"baseline: test {task.metric} {metrics[task.metric]:.2f} {task.unit}, {macs / 1e6:.2f} M MACs, "
+        f"{params / 1e3:.1f} k params")
     return metrics
 
 
@@ -222,6 +230,7 @@ class TrialRunner:
         self.splits = load_data(cfg, data_path)
         self.pruner = method_for(cfg, method, baseline_dir)
         self.baseline = read_json(baseline_dir / "metrics.json")
+        self.metric = TASKS[cfg.task].metric
         self.finetune = cfg.retrain.model_copy(update={"epochs": cfg.search.finetune_epochs})
         model, spec, _ = load_model(baseline_dir / "model.pt")
         self.params = search_params(cfg, model, spec)
@@ -258,8 +267,19 @@ class TrialRunner:
             return TrialMeasure(evaluate(model, val), costs)  # infeasible trials skip the fine-tune
         torch.manual_seed(self.cfg.project.seed)
         batches = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, augment=self.cfg.data.augment)
-        history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_accuracy))
-        return TrialMeasure(history[-1].val_accuracy, costs, len(history))
+        history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_metric))
+        return TrialMeasure(history[-1].val_metric, costs, len(history))
+
+
+def trial_progress(method: str, log: Log) -> TrialCallback:
+    """An Optuna callback logging each finished trial's state, ratios and measured costs."""
+
+    def progress(study, trial) -> None:
+        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial_ratios(trial).items())
+        log(f"{method}: trial {trial.number} {trial.state.name.lower()} [{ratios}] "
+            + " ".join(f"{k}={v:.3f}" for k, v in trial.user_attrs.items() if isinstance(v, float)))
+
+    return progress
 
 
 def search_worker(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path, storage: str, name: str,
@@ -267,7 +287,7 @@ def search_worker(cfg: PipelineConfig, method: str, baseline_dir: Path, data_pat
     """One process's share of the trials; several of these (or several machines) can share one study."""
     runner = TrialRunner(cfg, method, baseline_dir, data_path)
     study = open_study(storage, name, cfg.search, seed)
-    run_trials(study, cfg.search, runner.params, runner.score, n_trials, callbacks)
+    run_trials(study, cfg.search, runner.params, runner.score, n_trials, callbacks, runner.measure)
 
 
 def _worker_process(*args) -> None:
@@ -278,13 +298,16 @@ def _worker_process(*args) -> None:
 def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path, out_dir: Path, storage: str,
            name: str, callbacks: list[TrialCallback] = (), log: Log = say) -> dict[str, Any]:
     """Choose the pruning ratios: a fixed ``prune.ratio`` if set, else the study's trial picked by the policy.
+    A method whose params alone fix what it removes (``cascade`` with ``drop``) has no ratio to search.
 
     Writes ``search.json`` (the choice), ``trials.md`` (the top trials) and ``search.png`` (history and
     trade-off plots) into ``out_dir``.
     """
-    if cfg.prune.ratio is not None:
-        log(f"{method}: prune.ratio={cfg.prune.ratio} is set, search skipped")
-        chosen = {"ratio": cfg.prune.ratio, "layer_ratios": {}, "searched": False}
+    fixed = create_method(method, cfg.methods[method]).fixed_by_params()
+    if cfg.prune.ratio is not None or fixed:
+        reason = f"its params {cfg.methods[method]} fix what it removes" if fixed else f"prune.ratio={cfg.prune.ratio} is set"
+        log(f"{method}: {reason}, search skipped")
+        chosen = {"ratio": cfg.prune.ratio or 0.0, "layer_ratios": {}, "searched": False}
         write_json(out_dir / "search.json", chosen)
         return chosen
     runner = TrialRunner(cfg, method, baseline_dir, data_path)
@@ -293,16 +316,13 @@ def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path
     if not feasible_trials(study, cfg.search):
         check_reachable(cfg.search, runner.params, runner.measure)
 
-    def progress(study, trial) -> None:
-        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial.params.items())
-        log(f"{method}: trial {trial.number} {trial.state.name.lower()} [{ratios}] "
-            + " ".join(f"{k}={v:.3f}" for k, v in trial.user_attrs.items() if isinstance(v, float)))
-
+    progress = trial_progress(method, log)
     workers = cfg.search.n_workers
     log(f"{method}: {cfg.search.n_trials} trials in study {name} ({len(study.trials)} there already), "
         f"{workers} worker(s), space {cfg.search.space} with {len(runner.params)} ratio(s)")
     if workers == 1:
-        run_trials(study, cfg.search, runner.params, runner.score, cfg.search.n_trials, [progress, *callbacks])
+        run_trials(study, cfg.search, runner.params, runner.score, cfg.search.n_trials, [progress, *callbacks],
+                   runner.measure)
     else:
         shares = [cfg.search.n_trials // workers + (i < cfg.search.n_trials % workers) for i in range(workers)]
         context = multiprocessing.get_context("spawn")
@@ -311,12 +331,12 @@ def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path
                                 cfg.project.seed + i + 1, list(callbacks)) for i, share in enumerate(shares) if share]
             for job in jobs:
                 job.result()
-    outcome = select(study, cfg.search, runner.params, runner.baseline["val_accuracy"])
+    outcome = select(study, cfg.search, runner.params, runner.baseline[f"val_{runner.metric}"])
     (out_dir / "trials.md").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "trials.md").write_text(top_trials_markdown(study, cfg.search, outcome.trial_number))
     plot_search(study, cfg.search, outcome.trial_number, out_dir / "search.png")
-    log(f"{method}: chose trial {outcome.trial_number} ({cfg.search.selection}): val accuracy "
-        f"{outcome.accuracy:.2f}, {cfg.search.target.metric} {outcome.costs[cfg.search.target.metric]:.3f}; "
+    log(f"{method}: chose trial {outcome.trial_number} ({cfg.search.selection}): val {runner.metric} "
+        f"{outcome.metric:.2f}, {cfg.search.target.metric} {outcome.costs[cfg.search.target.metric]:.3f}; "
         f"{outcome.completed_trials} completed, {outcome.pruned_trials} pruned trials in the study")
     chosen = {**outcome.as_dict(), "searched": True}
     write_json(out_dir / "search.json", chosen)
@@ -351,16 +371,18 @@ def retrain(cfg: PipelineConfig, method: str, pruned_path: Path, data_path: Path
     torch.manual_seed(cfg.project.seed)
     start = time.perf_counter()
     batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
-    val, progress = splits.loader("val", 256), epoch_logger(f"{method} retrain", cfg.retrain.epochs, log)
+    metric = TASKS[cfg.task].metric
+    val, progress = splits.loader("val", 256), epoch_logger(f"{method} retrain", cfg.retrain.epochs, log, metric)
     epochs = fine_tune(create_method(method, cfg.methods[method]), model, batches, val, cfg.retrain, progress)
     save_model(out_dir / "retrained.pt", model, spec, surgery.history, surgery.removed_blocks)
-    return {"val_accuracy": epochs[-1].val_accuracy if epochs else evaluate(model, splits.loader("val", 256)),
+    return {f"val_{metric}": epochs[-1].val_metric if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}
 
 
 def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_path: Path, data_path: Path,
                    out_dir: Path, log: Log = say) -> dict[str, Any]:
-    """Accuracy, size, MACs and measured ONNX Runtime latency of the pruned model against the baseline."""
+    """The task's metrics (accuracy; PSNR, SSIM), size, MACs and measured ONNX Runtime latency of the pruned
+    model against the baseline; ``<metric>_drop`` is baseline − pruned for the main metric."""
     splits = load_data(cfg, data_path)
     base = read_json(baseline_dir / "metrics.json")
     model, spec, _ = load_model(model_path)
@@ -369,10 +391,11 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
     latency = {suffix: measure_latency({"baseline": baseline_dir / "model.onnx", "pruned": scratch}, inputs,
                                        cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.threads)
                for suffix, inputs in latency_inputs(cfg, splits).items()}
-    accuracy = evaluate(model, splits.loader("test", 256))
+    task = TASKS[cfg.task]
+    quality = evaluate_all(model, splits.loader("test", 256))
     metrics = {
-        "accuracy": accuracy,
-        "accuracy_drop": base["accuracy"] - accuracy,
+        **quality,
+        task.drop: base[task.metric] - quality[task.metric],
         "params": params,
         "macs": macs,
         "params_reduction": 1.0 - params / base["params"],
@@ -387,17 +410,19 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
                         f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
     write_json(out_dir / "metrics.json", metrics)
     (out_dir / "report.md").write_text(method_report(method, metrics, out_dir / "layers.json"))
-    log(f"{method}: accuracy {accuracy:.2f}% (drop {metrics['accuracy_drop']:+.2f}), MACs -{metrics['macs_reduction']:.1%}, "
-        f"latency {metrics['latency_ms']:.3f} ms (x{metrics['speedup']:.2f})")
+    log(f"{method}: {task.metric} {quality[task.metric]:.2f} {task.unit} (drop {metrics[task.drop]:+.2f}), "
+        f"MACs -{metrics['macs_reduction']:.1%}, latency {metrics['latency_ms']:.3f} ms (x{metrics['speedup']:.2f})")
     return metrics
 
 
 def latency_inputs(cfg: PipelineConfig, splits: DataSplits) -> dict[str, np.ndarray]:
     """Real test images latency is timed on, keyed by metric-name suffix: '' at ``evaluate.latency_batch``
-    (batch 1 by default: one request at a time), '_b<N>' at ``evaluate.latency_batch_large`` (throughput)."""
+    (batch 1 by default: one request at a time), '_b<N>' at ``evaluate.latency_batch_large`` (throughput).
+    A test set smaller than a batch (an SR one holds a dozen images) is repeated to fill it."""
     large = cfg.evaluate.latency_batch_large
     sizes = {"": cfg.evaluate.latency_batch, f"_b{large}": large}
-    return {suffix: next(iter(splits.loader("test", size)))[0].numpy() for suffix, size in sizes.items()}
+    images = next(iter(splits.loader("test", large)))[0].numpy()
+    return {suffix: np.resize(images, (size, *images.shape[1:])) for suffix, size in sizes.items()}
 
 
 def export(cfg: PipelineConfig, model_path: Path, data_path: Path, out_dir: Path, log: Log = say) -> dict[str, Any]:
@@ -429,15 +454,18 @@ def method_report(method: str, metrics: dict[str, Any], layers_path: Path) -> st
     return "\n".join(lines) + "\n"
 
 
-def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_batch: int) -> str:
-    """Markdown table, baseline row first, one row per method, then what speedup_efficiency means."""
-    columns = ("accuracy", "accuracy_drop", "macs_reduction", "params_reduction", "size_mb", "latency_ms", "speedup",
+def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_batch: int,
+            task: str = "classification") -> str:
+    """Markdown table, baseline row first, one row per method, then what speedup_efficiency means; the quality
+    columns are the task's metrics and its main metric's drop."""
+    quality = (*TASKS[task].metrics, TASKS[task].drop)
+    columns = (*quality, "macs_reduction", "params_reduction", "size_mb", "latency_ms", "speedup",
                f"speedup_b{large_batch}", "speedup_efficiency")
     header = "| model | " + " | ".join(columns) + " |"
     rows = [header, "|" + "---|" * (len(columns) + 1)]
     # The baseline's latency is measured beside each method's (same session, interleaved); show their median.
     base_latency = sorted(m["baseline_latency_ms"] for m in methods.values() if "baseline_latency_ms" in m)
-    base = {**baseline, "accuracy_drop": 0.0, "macs_reduction": 0.0, "params_reduction": 0.0, "speedup": 1.0,
+    base = {**baseline, TASKS[task].drop: 0.0, "macs_reduction": 0.0, "params_reduction": 0.0, "speedup": 1.0,
             f"speedup_b{large_batch}": 1.0, "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
     for name, metrics in [("baseline", base), *methods.items()]:
         cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns]

@@ -21,7 +21,8 @@ from pruneflow.config import PipelineConfig
 from pruneflow.deploy import choose_champion, registered_model_name
 from pruneflow.export import predictor
 from pruneflow.layout import ProjectLayout
-from tasks.tracking import Tracker
+from pruneflow.task import TASKS
+from tasks.tracking import Tracker, check_tracking, tracking_uri
 
 Info = dict[str, Any]
 CHECKPOINT = "retrained.pt"  # the method run's artifact a re-export rebuilds the model from
@@ -42,7 +43,8 @@ def register_champion(root: str, cfg: PipelineConfig, data: Info, baseline: Info
     """Register the best pruned model (``deploy.choose_champion``) as an ONNX model with a signature, a real input
     example and lineage tags (data md5, baseline run, method run), and point the ``champion`` alias at it."""
     tracker = Tracker.open(ProjectLayout(Path(root), cfg))
-    method = choose_champion(results, cfg.export.registry_max_drop)
+    metric = TASKS[cfg.task].metric
+    method = choose_champion(results, cfg.export.registry_max_drop, metric)
     name, run_id = registered_model_name(cfg), method_run_ids[method]
     onnx_path = Path(results[method]["files"]["onnx"])
     example = next(iter(stages.load_data(cfg, Path(data["path"])).loader("test", 2)))[0].numpy()
@@ -60,7 +62,7 @@ def register_champion(root: str, cfg: PipelineConfig, data: Info, baseline: Info
     tracker.set_tags(parent_run_id, {"pruneflow.champion": method, "pruneflow.registered_model": f"{name}/{version}"})
     chosen = results[method]
     get_run_logger().info(f"registry: {method} registered as {name} version {version}, alias {CHAMPION} "
-                          f"(speedup x{chosen['speedup']:.2f}, accuracy drop {chosen['accuracy_drop']:+.2f})")
+                          f"(speedup x{chosen['speedup']:.2f}, {metric} drop {chosen[f'{metric}_drop']:+.2f})")
     return {"name": name, "version": version, "method": method, "uri": f"models:/{name}@{CHAMPION}"}
 
 
@@ -72,6 +74,11 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
     are logged as ``<target>/<name>`` so the pipeline's own numbers stay.
     """
     layout = ProjectLayout(root, cfg)
+    check_tracking(layout)
+    uri = tracking_uri(layout)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # opening it would create an empty store (and an experiment) just to report that the run is not there
+        raise LookupError(f"run {run_id} not found: there is no MLflow store at {uri} (pruneflow run creates it)")
     tracker = Tracker.open(layout)
     try:
         run = tracker.client.get_run(run_id)

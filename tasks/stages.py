@@ -6,6 +6,7 @@ The I/O-bound tasks (DVC, MLflow uploads) retry; compute tasks do not, since a r
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,11 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow import stages, versioning
 from pruneflow.checkpoint import load_model
+from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
 from pruneflow.data import prepare_dataset
 from pruneflow.layout import ProjectLayout
+from pruneflow.search import trial_ratios
 from pruneflow.export import ExportError
 from tasks.deploy import log_export
 from tasks.tracking import Tracker
@@ -34,36 +37,45 @@ def _context(root: str, cfg: PipelineConfig) -> tuple[ProjectLayout, Tracker]:
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def version_data(root: str, cfg: PipelineConfig) -> Info:
-    """Prepare the dataset into data/ and ``dvc add`` it; the DVC md5 identifies the data downstream."""
+    """Prepare the dataset into data/ and ``dvc add`` it; the DVC md5 identifies the data downstream.
+
+    One pipeline at a time: DVC locks its workspace and fails the second caller, and two writers would
+    replace each other's data folder.
+    """
     layout = ProjectLayout(Path(root), cfg)
     logger = get_run_logger()
-    path = prepare_dataset(cfg.data, layout.data_dir, log=logger.info)
-    md5 = versioning.add(layout.root, path)
+    with file_lock(layout.lock_file("data")):
+        path = prepare_dataset(cfg.data, layout.data_dir, log=logger.info)
+        md5 = versioning.add(layout.root, path)
     logger.info(f"data: {path} versioned by DVC, md5 {md5}")
     return {"path": str(path), "md5": md5}
 
 
 @task(cache_policy=NO_CACHE)
 def train_baseline(root: str, cfg: PipelineConfig, data: Info, parent_run_id: str) -> Info:
-    """Train the baseline, or reuse the checkpoint trained on the same data, model and training params."""
+    """Train the baseline, or reuse the checkpoint trained on the same data, model and training params.
+
+    A pipeline started beside this one waits for the lock, then reuses what this one trained.
+    """
     layout, tracker = _context(root, cfg)
     logger = get_run_logger()
     key = stages.baseline_key(cfg, data["md5"])
     out_dir = layout.baseline_dir(key)
-    reused = (out_dir / "metrics.json").is_file()
-    run_id = tracker.start_run("baseline", parent_run_id, {"pruneflow.baseline_key": key,
-                                                          "pruneflow.reused": str(reused).lower()})
-    with tracker.failing(run_id):
-        if reused:
-            logger.info(f"baseline: reusing {out_dir} (same data, model and training params)")
-            metrics = stages.read_json(out_dir / "metrics.json")
-        else:
-            metrics = stages.train_baseline(cfg, Path(data["path"]), out_dir, log=logger.info)
-        tracker.log_params(run_id, {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()})
-        tracker.log_metrics(run_id, metrics)
-        for name in ("model.onnx", "metrics.json"):
-            tracker.log_artifact(run_id, out_dir / name)
-        tracker.finish(run_id)
+    with file_lock(layout.lock_file(f"baseline-{key}")):
+        reused = (out_dir / "metrics.json").is_file()
+        run_id = tracker.start_run("baseline", parent_run_id, {"pruneflow.baseline_key": key,
+                                                              "pruneflow.reused": str(reused).lower()})
+        with tracker.failing(run_id):
+            if reused:
+                logger.info(f"baseline: reusing {out_dir} (same data, model and training params)")
+                metrics = stages.read_json(out_dir / "metrics.json")
+            else:
+                metrics = stages.train_baseline(cfg, Path(data["path"]), out_dir, log=logger.info)
+            tracker.log_params(run_id, {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()})
+            tracker.log_metrics(run_id, metrics)
+            for name in ("model.onnx", "metrics.json"):
+                tracker.log_artifact(run_id, out_dir / name)
+            tracker.finish(run_id)
     return {"dir": str(out_dir), "run_id": run_id, "metrics": metrics, "reused": reused}
 
 
@@ -73,20 +85,21 @@ class TrialLogger:
     It holds only strings, so search worker processes receive it pickled and log their own trials.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str, method_run_id: str, method: str) -> None:
+    def __init__(self, tracking_uri: str, experiment_id: str, method_run_id: str, method: str,
+                 metric: str = "accuracy") -> None:
         self.tracking_uri, self.experiment_id = tracking_uri, experiment_id
-        self.method_run_id, self.method = method_run_id, method
+        self.method_run_id, self.method, self.metric = method_run_id, method, metric  # metric: the objective
 
     def __call__(self, study, trial) -> None:
         tracker = Tracker(self.tracking_uri, self.experiment_id)
         run_id = tracker.start_run(f"{self.method}-trial-{trial.number}", self.method_run_id,
                                    {"pruneflow.method": self.method, "pruneflow.trial": str(trial.number),
                                     "pruneflow.trial_state": trial.state.name, "pruneflow.study": study.study_name})
-        tracker.log_params(run_id, trial.params)
+        tracker.log_params(run_id, trial_ratios(trial))  # what the trial pruned at (fitted to the target)
         reported = list(trial.intermediate_values.values())  # a pruned trial has only its per-epoch reports
-        accuracy = trial.values[0] if trial.values else (reported[-1] if reported else float("nan"))
-        tracker.log_metrics(run_id, {"accuracy": accuracy, **{k: v for k, v in trial.user_attrs.items()
-                                                              if k in ("macs_reduction", "params_reduction", "latency_ms")}})
+        value = trial.values[0] if trial.values else (reported[-1] if reported else float("nan"))
+        tracker.log_metrics(run_id, {self.metric: value, **{k: v for k, v in trial.user_attrs.items()
+                                                            if k in ("macs_reduction", "params_reduction", "latency_ms")}})
         tracker.finish(run_id, "FINISHED" if trial.state.name in ("COMPLETE", "PRUNED") else "FAILED")
 
 
@@ -98,7 +111,7 @@ def search_ratio(root: str, cfg: PipelineConfig, method: str, data: Info, baseli
     out_dir = layout.method_dir(Path(run_dir), method)
     with tracker.failing(method_run_id):
         name = stages.study_name(cfg, method, data["md5"])
-        logger = TrialLogger(tracker.uri, tracker.experiment_id, method_run_id, method)
+        logger = TrialLogger(tracker.uri, tracker.experiment_id, method_run_id, method, cfg.search.objectives[0])
         chosen = stages.search(cfg, method, Path(baseline["dir"]), Path(data["path"]), out_dir, layout.study_storage,
                                name, callbacks=[logger], log=get_run_logger().info)
         tracker.log_params(method_run_id, {"ratio": chosen["ratio"], "searched": chosen["searched"]})
@@ -111,7 +124,7 @@ def search_ratio(root: str, cfg: PipelineConfig, method: str, data: Info, baseli
             for name in ("search.png", "trials.md", "search.json"):
                 tracker.log_artifact(method_run_id, out_dir / name, "search")
             create_markdown_artifact(
-                key=f"search-{method}".replace("_", "-"),
+                key=re.sub(r"[^a-z0-9-]+", "-", f"search-{method}".lower()),  # Prefect keys: a-z, 0-9, -
                 markdown=f"## {method}: trial {chosen['trial_number']} chosen ({cfg.search.selection})\n\n"
                          + (out_dir / "trials.md").read_text(),
                 description=f"pruneflow: top trials of study {chosen['study_name']}",
@@ -193,7 +206,7 @@ def compare_methods(root: str, cfg: PipelineConfig, baseline: Info, results: dic
                     parent_run_id: str) -> str:
     """The comparison table, as a Prefect markdown artifact and on the parent MLflow run."""
     _, tracker = _context(root, cfg)
-    table = stages.compare(baseline["metrics"], results, cfg.evaluate.latency_batch_large)
+    table = stages.compare(baseline["metrics"], results, cfg.evaluate.latency_batch_large, cfg.task)
     path = Path(run_dir) / "compare.md"
     path.write_text(table)
     tracker.log_artifact(parent_run_id, path)

@@ -16,15 +16,74 @@ from typing import Any, Iterator
 
 import mlflow
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pruneflow.concurrency import owner_alive, owner_id, store_lock
+from pruneflow.config import ConfigError
 from pruneflow.layout import ProjectLayout
+
+OWNER_TAG = "pruneflow.owner"  # host:pid:start-time of the process that must finish the run
+ENDED_BY_TAG = "pruneflow.ended_by"  # set when a later process ended a run its dead owner left RUNNING
 
 
 def tracking_uri(layout: ProjectLayout) -> str:
     """params' ``project.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite ``mlflow.db`` in the project."""
     return layout.cfg.project.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+
+
+# One quick request, not MLflow's default 7 retries with back-off and a 120 s timeout each (minutes of silence)
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def check_tracking(layout: ProjectLayout) -> None:
+    """Raise ConfigError in seconds, naming the setting, when the tracking store cannot be used.
+
+    Otherwise a mistyped server URI hangs a run's start for minutes of retries and then fails with a page of
+    urllib3 errors. The default sqlite store is a local file that MLflow creates, so nothing is probed there:
+    no empty store is left behind by a run that other bad input stops before it starts.
+    """
+    uri = tracking_uri(layout)
+    if uri.startswith("sqlite:"):
+        return
+    source = "project.tracking_uri" if layout.cfg.project.tracking_uri else "$MLFLOW_TRACKING_URI"
+    try:
+        with _environment(PROBE_ENV):
+            client = MlflowClient(uri)  # an unsupported scheme fails here
+            if uri.startswith(("http:", "https:")):
+                client.search_experiments(max_results=1)
+    except MlflowException as err:
+        reason = _root_cause(err)
+        if uri.startswith(("http:", "https:")):
+            raise ConfigError(f"{source}: no MLflow tracking server answers at {uri} ({reason}); start it, or set "
+                              "project.tracking_uri: null to use the project's sqlite store") from None
+        raise ConfigError(f"{source}: MLflow cannot use {uri}: {reason}") from None
+
+
+def _root_cause(err: BaseException) -> str:
+    """A network error's innermost message (``[Errno 111] Connection refused``), not MLflow's wrapping of urllib3's;
+    else the first two sentences of MLflow's own message."""
+    inner = err
+    while (cause := inner.__cause__ or inner.__context__) is not None:
+        inner = cause
+    if isinstance(inner, OSError):
+        return str(inner)
+    return ". ".join(" ".join(str(err).split()).split(". ")[:2])[:300]
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Tracker:
@@ -42,24 +101,46 @@ class Tracker:
         mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model); it also exports the env variable,
         if previous is None:          # which would then outrank the next project's default store: undo that
             os.environ.pop("MLFLOW_TRACKING_URI", None)
-        client = MlflowClient(uri)
         name = layout.cfg.project.experiment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            location = layout.artifacts_dir.resolve().as_uri() if uri.startswith("sqlite") else None
-            experiment_id = client.create_experiment(name, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        with store_lock(uri):  # pipelines starting at once: one migrates a new database and creates the experiment
+            client = MlflowClient(uri)  # opens the store, migrating a new database
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                location = layout.artifacts_dir.resolve().as_uri() if uri.startswith("sqlite") else None
+                experiment_id = client.create_experiment(name, artifact_location=location)
+            else:
+                experiment_id = experiment.experiment_id
         return cls(uri, experiment_id)
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        all_tags = {MLFLOW_RUN_NAME: name, OWNER_TAG: owner_id(), **(tags or {})}
         if parent_run_id:
             all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+
+    def end_orphaned_runs(self) -> list[str]:
+        """Mark KILLED the experiment's RUNNING runs whose owner process (tag ``pruneflow.owner``) is gone.
+
+        A pipeline killed with SIGKILL never finishes its runs, which would otherwise show as running forever.
+        Runs of live processes (a pipeline running beside this one), of other hosts and without the tag are
+        left alone (``concurrency.owner_alive``). Returns the ids of the runs it ended.
+        """
+        ended, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000,
+                                           page_token=token)
+            for run in page:
+                owner = run.data.tags.get(OWNER_TAG)
+                if owner and not owner_alive(owner):
+                    self.client.set_tag(run.info.run_id, ENDED_BY_TAG, f"{owner_id()}: its owner {owner} is gone")
+                    self.finish(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                    ended.append(run.info.run_id)
+            token = page.token
+            if not token:
+                return ended
 
     @contextlib.contextmanager
     def failing(self, run_id: str) -> Iterator[None]:

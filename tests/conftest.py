@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -56,6 +57,21 @@ def prefect_server():
         yield
 
 
+class PipelineRun(NamedTuple):
+    project: Path  # the project folder: params.yaml, mlflow.db, runs/
+    result: dict   # what prune_pipeline returned (parent_run_id, run_dir, tracking_uri, champion)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, prefect_server) -> PipelineRun:
+    """One tiny pipeline run shared by the tests that read its results (a run costs about a minute)."""
+    from flows.pipeline import prune_pipeline
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    write_params(folder, TINY_PARAMS)
+    return PipelineRun(folder, prune_pipeline(params=str(folder / "params.yaml")))
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The built-in digits data, prepared once for the session."""
@@ -70,3 +86,11 @@ def project(tmp_path) -> Path:
     """An empty project folder with the tiny params."""
     write_params(tmp_path, TINY_PARAMS)
     return tmp_path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers), keep every test that needs the Prefect server on one
+    worker: the session fixtures (the server, the shared pipeline run) then start once, not once per worker."""
+    for item in items:
+        if {"prefect_server", "pipeline_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("prefect"))

@@ -153,7 +153,7 @@ def test_retrain_recipes_run_an_epoch(name, params):
     weights = model.classifier.weight.detach().clone()
     seen = []
     history = method.retrain(model, batches, batches[:1], TrainConfig(epochs=1, lr=0.01), seen.append)
-    assert len(history) == 1 and seen == history and history[0].val_accuracy is not None
+    assert len(history) == 1 and seen == history and history[0].val_metric is not None
     assert not torch.equal(model.classifier.weight, weights)
 
 
@@ -196,6 +196,31 @@ def test_adversarial_keeps_the_most_pruned_candidate_within_delta():
     result = create_method("adversarial", params).prune(model, x, PruneTarget(ratio=0.5), batches)
     assert "λ=0.0001 removes 0 channels" in result.notes and result.notes.endswith("chose λ=1")
     assert max(layer_ratios(result, SMALL_GROUPS).values()) <= 0.5  # the ratio caps the cut
+
+
+def test_adversarial_masks_stay_bounded_at_a_huge_step():
+    torch.manual_seed(0)
+    model, x, batches = SMALL.build(), SMALL.example_inputs(), batches_for(SMALL.input_shape)
+    from pruneflow.methods.adversarial import AdversarialParams, learn_masks
+    from pruneflow.methods.groups import channel_groups
+
+    groups = [group for group in channel_groups(model, x) if group.norms]
+    with torch.no_grad():
+        teacher = [(images, model.eval()(images)) for images, _ in batches]
+    masks = learn_masks(model, groups, teacher, 0.5, AdversarialParams(epochs=3, mask_lr=50.0))
+    assert all(torch.isfinite(mask).all() and mask.min() >= 0 and mask.max() <= 1 for mask in masks)
+
+
+def test_adversarial_survivors_keep_the_teachers_weights():
+    """Nothing dies at a tiny λ: the pruned net must compute exactly what the teacher computed."""
+    torch.manual_seed(0)
+    model, x, batches = SMALL.build().eval(), SMALL.example_inputs(), batches_for(SMALL.input_shape)
+    with torch.no_grad():
+        before = model(batches[0][0])
+    params = {**PARAMS["adversarial"], "mask_lr": 0.01, "lambdas": [1e-6]}
+    create_method("adversarial", params).prune(model, x, PruneTarget(ratio=0.5), batches)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(batches[0][0]), before, atol=1e-5)
 
 
 def test_cascade_removes_the_blocks_whose_removal_costs_least():

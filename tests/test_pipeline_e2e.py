@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import MethodsFailed, prune_pipeline
-from tests.conftest import TINY_PARAMS, write_params
+from tests.conftest import TINY_PARAMS, PipelineRun, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -36,8 +36,8 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return paths
 
 
-def test_pipeline_logs_every_stage_and_reuses_the_baseline_on_rerun(project, prefect_server):
-    result = prune_pipeline(params=str(project / "params.yaml"))
+def test_pipeline_logs_every_stage_and_reuses_the_baseline_on_rerun(pipeline_run: PipelineRun):
+    project, result = pipeline_run
     client = MlflowClient(result["tracking_uri"])
     assert result["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
 

@@ -54,6 +54,21 @@ def test_finer_spaces_give_layer_ratios_that_reach_prune(tmp_path, baseline, dig
     assert 1 - summary["macs_after"] / summary["macs_before"] == pytest.approx(chosen["costs"]["macs_reduction"])
 
 
+def test_fitted_trials_sit_on_the_target_and_prune_at_their_fitted_ratios(tmp_path, baseline, digits_dir):
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, space="per_stage", finetune_epochs=0)
+    for trial in study.trials:
+        fitted = trial.user_attrs["fitted_ratios"]
+        assert fitted.keys() == trial.params.keys() and fitted != trial.params
+        assert 0.4 <= trial.user_attrs["macs_reduction"] <= 0.4 + 0.15  # just over the target, not anywhere above
+    chosen_trial = study.trials[chosen["trial_number"]]
+    assert set(chosen["layer_ratios"].values()) <= set(chosen_trial.user_attrs["fitted_ratios"].values())
+
+
+def test_unfitted_trials_prune_at_their_sampled_ratios(tmp_path, baseline, digits_dir):
+    _, _, study = run_search(tmp_path, baseline, digits_dir, space="per_stage", finetune_epochs=0, fit_target=False)
+    assert all("fitted_ratios" not in trial.user_attrs for trial in study.trials)
+
+
 def test_multi_objective_search_keeps_a_pareto_front(tmp_path, baseline, digits_dir):
     cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, objectives=["accuracy", "macs_reduction"],
                                     n_trials=4, selection="pareto_knee")
@@ -113,7 +128,7 @@ def synthetic_study(points: list[tuple[float, float]]) -> optuna.Study:
 def test_selection_policies(policy, expected):
     study = synthetic_study([(99.5, 0.3), (99.0, 0.45), (98.6, 0.6), (98.0, 0.7), (90.0, 0.9)])
     cfg = SearchConfig(selection=policy, tolerance=1.0, target={"value": 0.4})
-    assert select(study, cfg, {"ratio": []}, baseline_accuracy=99.0).trial_number == expected
+    assert select(study, cfg, {"ratio": []}, baseline_metric=99.0).trial_number == expected
     assert [t.number for t in pareto_front(study.trials[1:], cfg)] == [1, 2, 3, 4]
     assert target_gap(cfg, {"macs_reduction": 0.3}) > 0
 
@@ -125,7 +140,7 @@ def test_bad_search_configs_are_rejected_with_the_key(tmp_path):
         ("search.space=per_block",): "search.space: Input should be 'global', 'per_stage' or 'per_layer'",
         ("search.target.metric=flops",): "search.target.metric",
         ("search.target.value=1.5",): "a macs_reduction target is a fraction below 1",
-        ("search.objectives=[macs_reduction]",): "objectives must be [accuracy]",
+        ("search.objectives=[macs_reduction]",): "objectives must be [<metric>]",
         ("search.objectives=[accuracy, latency_ms]", "search.pruner=median"): "Optuna prunes single-objective",
         ("search.space=per_stage", "methods=[l1, layer_entropy]"): "layer_entropy choose per-layer ratios",
     }

@@ -6,8 +6,25 @@ hashes and what ``dataset: imagefolder`` users already have, so built-in and use
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
 from pruneflow.data.loading import DataSplits, TensorLoader, load_splits
 from pruneflow.data.sources import DATASETS, DatasetSource, prepare_dataset
 from pruneflow.data import torchvision_sources  # noqa: F401  (registers cifar10, cifar100, svhn)
+from pruneflow.data.super_resolution import load_sr_splits  # (registers skimage, bsds300, image_dir)
 
-__all__ = ["DATASETS", "DataSplits", "DatasetSource", "TensorLoader", "load_splits", "prepare_dataset"]
+if TYPE_CHECKING:
+    from pruneflow.config import DataConfig
+
+
+def load_dataset(cfg: "DataConfig", data_path: Path, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> DataSplits:
+    """A prepared dataset as in-memory splits, read the way its task needs (labelled images, or SR pairs)."""
+    if DATASETS.get(cfg.dataset).task == "super_resolution":
+        return load_sr_splits(data_path, cfg, seed, progress)
+    return load_splits(data_path, cfg.val_fraction, cfg.subset, seed, progress)
+
+
+__all__ = ["DATASETS", "DataSplits", "DatasetSource", "TensorLoader", "load_dataset", "load_splits",
+           "prepare_dataset"]

@@ -1,6 +1,8 @@
 """Load a prepared image folder into memory once, then serve normalised (and optionally augmented) batches.
 
 Decoding images every epoch dominates CPU training on small images, so splits live as uint8 tensors.
+Super-resolution splits (``pruneflow.data.super_resolution``) hold low-resolution inputs as ``images`` and
+high-resolution targets as ``labels``, both uint8 images, served as float pairs in [0, 1] by ``PairLoader``.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pruneflow.data.sources import IMAGE_SUFFIXES
+from pruneflow.data.sources import IMAGE_SUFFIXES, decoded_mode
 
 
 @dataclass
 class Split:
     images: torch.Tensor  # uint8, N x C x H x W
-    labels: torch.Tensor  # int64, N
+    labels: torch.Tensor  # int64, N; super-resolution: uint8 N x C x rH x rW, the high-resolution images
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,10 +35,19 @@ class DataSplits:
     classes: list[str]
     mean: list[float]
     std: list[float]
+    task: str = "classification"
+    scale: int = 1  # super-resolution: the upscale factor r between images and labels
+    patch: int = 0  # super-resolution crop_flip: side of the random high-resolution patches
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def num_classes(self) -> int | None:
+        """The class count; None for super-resolution, whose models output images."""
+        return len(self.classes) if self.task == "classification" else None
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        """What the data fixes in a super-resolution model besides its input channels."""
+        return {"upscale_factor": self.scale} if self.task == "super_resolution" else {}
 
     @property
     def in_channels(self) -> int:
@@ -48,6 +59,9 @@ class DataSplits:
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, augment: str = "none",
                seed: int = 0, max_batches: int | None = None) -> "TensorLoader":
+        if self.task == "super_resolution":
+            return PairLoader(getattr(self, split), batch_size, self.scale, self.patch, shuffle, augment, seed,
+                              max_batches)
         return TensorLoader(getattr(self, split), batch_size, self.mean, self.std, shuffle, augment, seed, max_batches)
 
 
@@ -73,11 +87,54 @@ class TensorLoader:
         n = len(self.split)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for batch in range(len(self)):
-            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
-            images = self.split.images[index]
-            if self.augment == "crop_flip":
-                images = random_crop_flip(images, self.generator)
-            yield (images.float() / 255.0 - self.mean) / self.std, self.split.labels[index]
+            yield self.batch(order[batch * self.batch_size : (batch + 1) * self.batch_size])
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.split.images[index]
+        if self.augment == "crop_flip":
+            images = random_crop_flip(images, self.generator)
+        return (images.float() / 255.0 - self.mean) / self.std, self.split.labels[index]
+
+
+class PairLoader(TensorLoader):
+    """Super-resolution batches: (low-resolution input, high-resolution target), floats in [0, 1].
+
+    Inputs are not normalised: an SR model maps [0, 1] Y to [0, 1] Y, so a deployment feeds plain pixels.
+    ``crop_flip`` cuts one random ``patch``-sized high-resolution patch per image (aligned to the scale, with
+    its low-resolution patch) and flips both at random.
+    """
+
+    def __init__(self, split: Split, batch_size: int, scale: int, patch: int, shuffle: bool = False,
+                 augment: str = "none", seed: int = 0, max_batches: int | None = None) -> None:
+        super().__init__(split, batch_size, [0.0], [1.0], shuffle, augment, seed, max_batches)
+        self.scale, self.patch = scale, patch
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low, high = self.split.images[index], self.split.labels[index]
+        if self.augment == "crop_flip":
+            low, high = random_patch_pairs(low, high, self.patch, self.scale, self.generator)
+        return low.float() / 255.0, high.float() / 255.0
+
+
+def random_patch_pairs(low: torch.Tensor, high: torch.Tensor, patch: int, scale: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random aligned patch per image: ``patch`` pixels of ``high`` and the ``patch / scale`` of ``low`` that
+    cover the same region, both flipped horizontally for a random half of the batch."""
+    n, _, height, width = low.shape
+    small = patch // scale
+    top = torch.randint(0, height - small + 1, (n, 1), generator=generator)
+    left = torch.randint(0, width - small + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return window(low, top, left, small, flip), window(high, top * scale, left * scale, patch, flip)
+
+
+def window(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int, flip: torch.Tensor) -> torch.Tensor:
+    """A ``size``-square window of each image at its own (top, left), mirrored where ``flip``."""
+    n, channels = images.shape[:2]
+    rows = (top + torch.arange(size)).view(n, 1, size, 1)
+    cols = (left + torch.arange(size)).view(n, 1, 1, size)
+    cols = torch.where(flip.view(n, 1, 1, 1), cols.flip(-1), cols)
+    return images[torch.arange(n).view(n, 1, 1, 1), torch.arange(channels).view(1, -1, 1, 1), rows, cols]
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -107,10 +164,11 @@ def read_split(folder: Path, classes: list[str] | None = None,
     for count, (path, label) in enumerate(files, 1):
         try:
             with Image.open(path) as image:
-                mode = "L" if image.mode in ("L", "1", "I", "I;16") else "RGB"
-                array = np.asarray(image.convert(mode))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path}: unreadable image ({err.__class__.__name__})") from None
+                array = np.asarray(image.convert(decoded_mode(image.mode)))
+        except UnidentifiedImageError:
+            raise ValueError(f"{path}: unreadable image (not an image file)") from None
+        except OSError as err:  # a valid header over broken pixel data: "image file is truncated"
+            raise ValueError(f"{path}: unreadable image ({err})") from None
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         if first_shape is None:
             first_shape = array.shape

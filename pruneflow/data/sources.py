@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from pruneflow.registry import Registry
 
@@ -23,9 +23,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".ti
 
 
 class DatasetSource:
-    """A dataset that can be materialised as ``<dest>/{train,test}/<class>/*``."""
+    """A dataset that can be materialised as ``<dest>/{train,test}/<class>/*`` (super-resolution sources:
+    ``<dest>/{train,test}/*``, the images themselves)."""
 
     description = ""
+    task = "classification"  # the params task whose models it trains (pruneflow.task)
 
     def check_config(self, cfg: "DataConfig") -> None:
         """Raise ValueError naming the key at fault; called during config validation."""
@@ -53,7 +55,11 @@ def prepare_dataset(cfg: "DataConfig", data_dir: Path, log: Callable[[str], None
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    source.write(cfg, tmp)
+    try:
+        source.write(cfg, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # bad input leaves nothing behind that looks like prepared data
+        raise
     (tmp / STAMP).write_text(json.dumps({"dataset": cfg.dataset, "signature": signature}, indent=1) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # the folder appears whole or not at all
@@ -109,10 +115,19 @@ class ImageFolderSource(DatasetSource):
         return f"imagefolder:{root}:{listing.hexdigest()}"
 
     def write(self, cfg: "DataConfig", dest: Path) -> None:
+        """Link every image in, reading its header on the way: a file that is no image, or an image of another size
+        or colour mode, is named here, in the user's folder, instead of failing in the copy after training."""
         root = self._root(cfg)
+        first: tuple[Path, tuple[int, int, int]] | None = None
         for split in SPLITS:
             for path in sorted((root / split).rglob("*")):
                 if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    shape = image_shape(path)
+                    if first is None:
+                        first = path, shape
+                    elif shape != first[1]:
+                        raise ValueError(f"data.path: {path} is {describe_shape(shape)} but {first[0]} is "
+                                         f"{describe_shape(first[1])}: all images must share one size and colour mode")
                     target = dest / split / path.relative_to(root / split)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     try:
@@ -125,10 +140,36 @@ DATASETS.register("digits")(Digits())
 DATASETS.register("imagefolder")(ImageFolderSource())
 
 
+def decoded_mode(mode: str) -> str:
+    """The PIL mode an image is decoded to: grey modes stay one channel, everything else becomes RGB."""
+    return "L" if mode in ("L", "1", "I", "I;16") else "RGB"
+
+
+def image_shape(path: Path) -> tuple[int, int, int]:
+    """``(C, H, W)`` the image will decode to, from its header alone (cheap: no pixels are decoded)."""
+    try:
+        with Image.open(path) as image:
+            return (1 if decoded_mode(image.mode) == "L" else 3), image.height, image.width
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"data.path: {path} is not a readable image ({type(err).__name__})") from None
+
+
+def describe_shape(shape: tuple[int, int, int]) -> str:
+    """``32x32 RGB``: how a user sees an image's size and mode."""
+    channels, height, width = shape
+    return f"{width}x{height} {'grey' if channels == 1 else 'RGB'}"
+
+
 def check_image_folder(root: Path) -> None:
-    """Fail early, naming the folder, for the mistakes users make with image folders."""
+    """Fail early, naming the folder, for the mistakes users make with image folders.
+
+    Only directory listings are read (config validation runs this on every command): a stray file that is not
+    an image, or a class missing from one split, would otherwise be skipped silently or fail after training.
+    Dotfiles (``.DS_Store``) are the file manager's, not the user's, and are ignored.
+    """
     if not root.is_dir():
         raise ValueError(f"data.path: folder not found: {root}")
+    class_names = {}
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
@@ -137,5 +178,16 @@ def check_image_folder(root: Path) -> None:
         if not classes:
             raise ValueError(f"data.path: {split_dir} has no class folders")
         for folder in classes:
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+            entries = [entry for entry in os.scandir(folder) if not entry.name.startswith(".")]
+            for entry in entries:
+                if not entry.is_file() or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
+                    raise ValueError(f"data.path: {entry.path} is not an image file; class folders hold only "
+                                     f"images ({' '.join(sorted(IMAGE_SUFFIXES))})")
+            if not entries:
                 raise ValueError(f"data.path: class folder {folder} holds no images")
+        class_names[split] = {folder.name for folder in classes}
+    train, test = class_names["train"], class_names["test"]
+    if train != test:
+        only = "; ".join(f"only in {split}/: {', '.join(sorted(names))}"
+                         for split, names in (("train", train - test), ("test", test - train)) if names)
+        raise ValueError(f"data.path: train/ and test/ must hold the same class folders ({only})")

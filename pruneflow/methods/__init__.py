@@ -15,8 +15,15 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     return METHODS.register(cls.name)(cls)
 
 
-def create_method(name: str, params: dict | None = None) -> PruningMethod:
-    return METHODS.get(name)(params)
+def method_name(entry: str) -> str:
+    """The registered method a ``methods`` entry runs: ``cascade-both`` runs ``cascade`` (the label only tells
+    apart entries of one method with different params)."""
+    return entry.partition("-")[0]
+
+
+def create_method(entry: str, params: dict | None = None) -> PruningMethod:
+    """The method of a ``methods`` entry (a registered name, or ``<name>-<label>``) with its params."""
+    return METHODS.get(method_name(entry))(params)
 
 
 def _import_all() -> None:
@@ -28,4 +35,4 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["METHODS", "PruneResult", "PruneTarget", "PruningMethod", "create_method", "register_method"]
+__all__ = ["METHODS", "PruneResult", "PruneTarget", "PruningMethod", "create_method", "method_name", "register_method"]

@@ -11,11 +11,16 @@ BCE(D(teacher), 1) + BCE(D(student), 0). Channels whose mask reaches 0 are remov
   silences the channel wherever it appears (residual stages included) and removing it changes nothing.
   Groups without BatchNorm keep their channels.
 - The student's weights stay frozen (BatchNorm in eval mode): only the masks and D learn, for ``epochs``
-  passes over the calibration batches. (GAL trains the weights too.) Surviving masks are folded into the
-  BatchNorms (γ, β ← m·γ, m·β), so the pruned net computes what the student computed.
-- The MSE is summed over the classes (averaged over the batch): then a mask survives λ when its channel's
-  squared contribution to the logits is of order λ, which makes the grid {0.4, …, 1.0} span "a few
-  channels die" to "most die" on a trained net (on digits: 48 → 152 of 320 channels with the defaults).
+  passes over the calibration batches. (GAL trains the weights too.) The masks *select* the architecture:
+  dead channels go, survivors keep the teacher's weights unscaled. Folding the soft survivors into the
+  BatchNorms instead (γ, β ← m·γ, m·β) wrecked a trained ResNet-20 (held-out accuracy 81 → 8-13 %):
+  frozen weights were never co-adapted to the shrunken masks, and residual adds mix scaled with unscaled paths.
+- The MSE is summed over the classes (averaged over the batch), and each mask's gradient is clamped to
+  ±``max_grad`` (1) before its step, with masks kept in [0, 1]. Unclamped, the summed MSE diverged at
+  ``mask_lr`` 0.05 on a trained ResNet-20 (NaN masks after one pass); clamped, a mask dies when the
+  loss's pull on it stays below λ, so λ ∈ (0, 1) is a threshold on the channel's importance: on that
+  ResNet-20, five passes at lr 0.05 killed 1 / 15 / 85 / 331 / 424 of 432 masks at λ = 0.1 / 0.3 / 0.5 /
+  0.7 / 0.9. A non-finite loss still stops the method with an error naming ``mask_lr``.
 - Where the ratio target enters: a layer loses at most ``target.ratio`` (and ``max_layer_ratio``) of its
   channels, however many masks died, so the search's ratio still caps the cut; rounding to ``round_to``
   keeps more channels, never removes a live one.
@@ -53,6 +58,7 @@ class AdversarialParams(BaseModel):
     delta: float = Field(0.5, ge=0, description="accuracy points a candidate may lose against the teacher")
     finetune_epochs: int = Field(1, ge=0, description="brief fine-tune of each candidate before it is scored")
     finetune_lr: float = Field(0.01, gt=0)
+    max_grad: float = Field(1.0, gt=0, description="each mask's gradient is clamped to ±max_grad before its step")
 
 
 @dataclass
@@ -74,6 +80,10 @@ def scale_outputs(mask: torch.Tensor, norm: Member):
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         return output * norm_mask(mask, norm).view(1, -1, *([1] * (output.dim() - 2)))
     return hook
+
+
+class MasksDiverged(RuntimeError):
+    """The mask updates produced NaN/inf: the step is too large for this model."""
 
 
 def learn_masks(model: nn.Module, groups: list[ChannelGroup], batches: LabelledBatches, strength: float,
@@ -99,27 +109,23 @@ def learn_masks(model: nn.Module, groups: list[ChannelGroup], batches: LabelledB
             loss = (student_logits - teacher).pow(2).sum(1).mean() + bce(critic(student_logits), real)
             mask_optimizer.zero_grad()
             loss.backward()
+            for mask in masks:
+                mask.grad.clamp_(-params.max_grad, params.max_grad)
             mask_optimizer.step()
             with torch.no_grad():
                 for mask in masks:
-                    mask.sub_(params.mask_lr * strength).clamp_(min=0)  # proximal step of λ‖m‖₁ with m ≥ 0
+                    mask.sub_(params.mask_lr * strength).clamp_(0, 1)  # proximal step of λ‖m‖₁, 0 ≤ m ≤ 1
+            if not torch.isfinite(loss):
+                raise MasksDiverged(f"adversarial: the mask loss became {loss.item()} at λ={strength:g}; "
+                                    f"lower methods.adversarial.mask_lr (now {params.mask_lr:g})")
     return [mask.detach() for mask in masks]
-
-
-@torch.no_grad()
-def fold_masks(model: nn.Module, groups: list[ChannelGroup], masks: list[torch.Tensor]) -> None:
-    for group, mask in zip(groups, masks):
-        for norm in group.norms:
-            module = model.get_submodule(norm.name)
-            scale = norm_mask(mask, norm)
-            module.weight.mul_(scale)
-            module.bias.mul_(scale)
 
 
 @register_method
 class Adversarial(PruningMethod):
     name = "adversarial"
     accepts_layer_ratios = False
+    tasks = ("classification",)  # the discriminator reads class logits
     description = "soft channel masks learnt against the frozen model with a discriminator, λ-grid selection (AMAS)"
     Params = AdversarialParams
     needs_calibration = True
@@ -139,9 +145,8 @@ class Adversarial(PruningMethod):
 
     def apply(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget, groups: list[ChannelGroup],
               masks: list[torch.Tensor], batches: LabelledBatches) -> tuple[PruneResult, int]:
-        """Fold ``masks`` into ``model`` and prune it in place; also returns the number of channels removed."""
+        """Prune ``model`` in place, lowest masks first; also returns the number of channels removed."""
         kept = self.kept(groups, masks, target)
-        fold_masks(model, groups, masks)
         self.scorer.scores = {model.get_submodule(group.name): mask for group, mask in zip(groups, masks)}
         ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept)}
         result = super().prune(model, example_inputs, replace(target, layer_ratios=ratios), batches)

@@ -63,6 +63,8 @@ class PruningMethod:
     # False for methods that allocate per-layer ratios themselves (entropy allocation, masks, blocks): the
     # search then offers them the global ratio only.
     accepts_layer_ratios: ClassVar[bool] = True
+    # The tasks (params' ``task``) whose models the method can prune; config validation checks it.
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "super_resolution")
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         self.params = params if isinstance(params, self.Params) else self.Params.model_validate(params or {})
@@ -70,6 +72,10 @@ class PruningMethod:
     def regularizer(self) -> Regularizer | None:
         """A sparsity term added to the baseline's training loss, for methods whose scores need one."""
         return None
+
+    def fixed_by_params(self) -> bool:
+        """True when the params alone say how much goes (the pruning ratio is ignored): nothing to search."""
+        return False
 
     def recorder(self) -> "TrainingRecorder | None":
         """Something to run after every baseline epoch, for methods that score filters by training history."""
@@ -164,8 +170,18 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def remove_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
-    """Replace the named submodules by identity (a residual block then passes its input through)."""
+    """Remove the named units the model declares in ``removable_blocks()``.
+
+    What removing means depends on how the model combines the unit, so a model that defines
+    ``remove_block(name)`` removes its own (a multi-branch model drops the branch and averages over the rest).
+    Otherwise the submodule is replaced by identity: right for a residual block, whose input then passes
+    through. Checkpoints replay this on load (``rebuild_pruned``), so both kinds reload.
+    """
+    remove = getattr(model, "remove_block", None)
     for name in names:
+        if callable(remove):
+            remove(name)
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, nn.Identity())

@@ -1,14 +1,17 @@
 """``cascade``: remove whole blocks or branches (generalising Zhong 2022's super-resolution branch removal).
 
-A model declares what may go with ``removable_blocks() -> list[str]`` (submodule names that can be replaced
-by identity: a residual stage's shape-keeping blocks, a cascade's downsampled branches). Each declared block
-is scored by the loss on the calibration batches when it alone is removed; the blocks whose removal costs
-least go first, until ``target.ratio`` of the declared blocks are gone (rounded up) — or, when
-``target.macs_reduction`` is set, until that share of MACs is. ``blocks: [...]`` removes exactly the named
-ones instead, no data needed (the SR study's "drop one branch" / "drop both").
+A model declares what may go with ``removable_blocks() -> list[str]`` (submodule names: a residual stage's
+shape-keeping blocks, a multi-branch model's extra branches) and, where replacing a unit by identity is not
+what removing it means, how to remove one (``remove_block(name)``: a cascade drops the branch from its
+average); see ``remove_blocks``. Each declared block is scored by the loss on the calibration batches when
+it alone is removed; the blocks whose removal costs least go first, until ``target.ratio`` of the declared
+blocks are gone (rounded up) — or, when ``target.macs_reduction`` is set, until that share of MACs is.
+Two params fix the result instead, so the pipeline skips the ratio search: ``drop: n`` removes the n
+cheapest blocks (the SR study's "drop one branch" / "drop both"), ``blocks: [...]`` exactly the named ones
+(no data needed).
 
-The loss is cross-entropy for integer labels (classifiers) and MSE for float targets (super-resolution).
-Removal is ``remove_blocks``; ``PruneResult.removed_blocks`` lets checkpoints replay it on load.
+The loss is the task's (``pruneflow.task``): cross-entropy for class labels, MSE for super-resolution images.
+``PruneResult.removed_blocks`` lets checkpoints replay the removal on load.
 """
 
 from __future__ import annotations
@@ -17,18 +20,26 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruneflow.methods import register_method
 from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, remove_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
+from pruneflow.task import task_of
 
 
 class CascadeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     blocks: list[str] | None = Field(None, description="remove exactly these declared blocks (no scoring)")
+    drop: int | None = Field(None, ge=1, description="remove this many declared blocks, the cheapest first "
+                                                     "(the ratio is then ignored)")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "CascadeParams":
+        if self.blocks is not None and self.drop is not None:
+            raise ValueError("give blocks or drop, not both")
+        return self
 
 
 def declared_blocks(model: nn.Module) -> list[str]:
@@ -41,12 +52,11 @@ def declared_blocks(model: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean loss over ``batches`` of a copy of ``model`` with ``block`` replaced by identity."""
+    """Mean loss over ``batches`` of a copy of ``model`` with ``block`` removed."""
     trial = remove_blocks(copy.deepcopy(model), [block]).eval()
     total = count = 0
     for inputs, targets in batches:
-        outputs = trial(inputs)
-        loss = F.mse_loss(outputs, targets) if targets.is_floating_point() else F.cross_entropy(outputs, targets)
+        loss = task_of(targets).loss(trial(inputs), targets)
         total, count = total + loss.item() * len(inputs), count + len(inputs)
     return total / count
 
@@ -59,6 +69,9 @@ class Cascade(PruningMethod):
     Params = CascadeParams
     needs_calibration = True
 
+    def fixed_by_params(self) -> bool:
+        return self.params.blocks is not None or self.params.drop is not None
+
     def choose(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget, declared: list[str],
                calib_batches: Batches | None) -> tuple[list[str], str]:
         """The blocks to remove (in removal order) and a note on how they were chosen."""
@@ -70,10 +83,15 @@ class Cascade(PruningMethod):
             return list(self.params.blocks), "blocks named in params"
         if calib_batches is None:
             raise ValueError("method cascade scores blocks on calibration batches; give some or name params.blocks")
+        if self.params.drop is not None and self.params.drop > len(declared):
+            raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} declares only "
+                             f"{len(declared)} removable blocks ({', '.join(declared)})")
         batches = list(calib_batches)
         losses = {block: loss_without(model, block, batches) for block in declared}
         order = sorted(declared, key=losses.__getitem__)
         note = "loss without each block: " + ", ".join(f"{block}={losses[block]:.4f}" for block in order)
+        if self.params.drop is not None:
+            return order[:self.params.drop], note
         if target.macs_reduction is None:
             return order[:math.ceil(target.ratio * len(order) - 1e-9)], note
         base_macs, chosen = count_macs_params(model, example_inputs[:1])[0], []

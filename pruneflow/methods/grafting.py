@@ -83,8 +83,8 @@ def graft_retrain(model: nn.Module, train_batches: Batches, val_batches: Batches
         losses = [training.train(net, train_batches, cfg.model_copy(update={"epochs": 1, "lr": peak * decay}))[-1]
                   .train_loss for net, peak in zip(nets, peaks)]
         graft(nets, pairs, params.graft_a, params.graft_c, params.bins)
-        accuracy = training.evaluate(model, val_batches) if val_batches is not None else None
-        result = training.EpochResult(epoch, sum(losses) / k, accuracy, time.perf_counter() - start)
+        metric = training.evaluate(model, val_batches) if val_batches is not None else None
+        result = training.EpochResult(epoch, sum(losses) / k, metric, time.perf_counter() - start)
         history.append(result)
         if on_epoch_end:
             on_epoch_end(result)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch_pruning as tp
 from torch import nn
-from torch.nn import functional as F
 
 from pruneflow.methods import register_method
 from pruneflow.methods.base import Batches, PruningMethod
+from pruneflow.task import task_of
 
 
 @register_method
@@ -33,7 +33,7 @@ class Taylor(PruningMethod):
         seen = 0
         try:
             for images, labels in batches:
-                F.cross_entropy(model(images), labels).backward()
+                task_of(labels).loss(model(images), labels).backward()  # cross-entropy, or MSE for SR
                 seen += 1
         finally:
             model.train(was_training)
