@@ -1,0 +1,440 @@
+"""Bad input, row by row: each kind a user can give stops with a non-zero exit and one line naming the problem.
+
+Every row runs the real command in-process (typer's CliRunner, in a fresh project folder) and must fail before
+anything trains or opens an MLflow run, leaving nothing that looks like a result. The observed message must also
+be the one docs/reliability.md shows for the row, so the doc cannot drift from the code. Regenerate the doc with
+
+    .venv/bin/python -m tests.test_reliability
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+from unittest import mock
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "reliability.md"
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+# The model factories of the model rows: a user's module, each factory with one mistake.
+MY_MODELS = '''"""Model factories with one mistake each (docs/reliability.md)."""
+import torch
+from torch import nn
+
+WIDTH = 16  # not a factory
+
+
+class Net(nn.Module):
+    def __init__(self, in_channels, num_classes, extra=None):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, WIDTH, 3, padding=1)
+        self.conv = nn.Conv2d(WIDTH, WIDTH, 3, padding=1)
+        self.extra = extra  # what the user added: a GRU over the pixels, or an SVD of the features
+        self.fc = nn.Linear(WIDTH, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        if isinstance(self.extra, nn.GRU):
+            return self.fc(self.extra(x.flatten(2).transpose(1, 2))[0][:, -1])
+        if self.extra == "svd":
+            return self.fc(x.mean((2, 3))) + torch.linalg.svdvals(x.flatten(2))[:, :1]
+        return self.fc(x.mean((2, 3)))
+
+
+def layers(in_channels, num_classes):
+    return {"stem": nn.Conv2d(in_channels, WIDTH, 3), "fc": nn.Linear(WIDTH, num_classes)}
+
+
+def imagenet_head(in_channels, num_classes):
+    return Net(in_channels, 1000)
+
+
+def rgb_only(in_channels, num_classes):
+    return Net(3, num_classes)
+
+
+def gru(in_channels, num_classes):
+    return Net(in_channels, num_classes, nn.GRU(WIDTH, WIDTH, batch_first=True))
+
+
+def svd(in_channels, num_classes):
+    return Net(in_channels, num_classes, "svd")
+'''
+
+
+class Shared:
+    """What several rows need, made once: the prepared digits, the user's model module, a tracking store."""
+
+    def __init__(self, root: Path, data_dir: Path | None = None) -> None:
+        self.root = root
+        self._data_dir = data_dir
+
+    @functools.cached_property
+    def data_dir(self) -> Path:
+        """A project data_dir holding prepared digits (conftest's when under pytest)."""
+        if self._data_dir is None:
+            from pruneflow.config import DataConfig
+            from pruneflow.data import prepare_dataset
+
+            prepare_dataset(DataConfig(), self.root / "data", log=lambda _: None)
+            self._data_dir = self.root / "data"
+        return self._data_dir
+
+    @functools.cached_property
+    def models_dir(self) -> Path:
+        folder = self.root / "models"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "my_models.py").write_text(MY_MODELS)
+        return folder
+
+    @functools.cached_property
+    def tracking_store(self) -> Path:
+        """An MLflow sqlite store with its tables made (creating them takes seconds: once, then copied)."""
+        from mlflow.tracking import MlflowClient
+
+        path = self.root / "mlflow.db"
+        MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+        return path
+
+
+@dataclass
+class Outcome:
+    code: int
+    error: str  # the line that says what is wrong
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    bad_input: str
+    args: tuple[str, ...]  # after `pruneflow`, as the user types them in the project folder
+    expect: str  # what the error must contain: the key or file at fault
+    code: int = 2
+    params: str = "{}\n"  # the project's params.yaml
+    given: str = ""  # what else the project holds (made by ``setup``), for the doc
+    setup: Callable[[Path, Shared], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    digits: bool = False  # harness: point the command at the already prepared digits
+    absent: tuple[str, ...] | None = None  # what must not be left behind; None: anything like a result
+
+
+# ---- project contents the rows need ---------------------------------------------------------------------------
+
+def images(root: Path, classes: tuple[str, ...] = ("cat", "dog"), size: int = 32, per_class: int = 2) -> Path:
+    """A valid image folder: random grey PNGs in train/<class>/ and test/<class>/."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(folder / f"{index}.png")
+    return root
+
+
+def image_folder(change: Callable[[Path], None]) -> Callable[[Path, Shared], None]:
+    return lambda project, shared: change(images(project / "my_images"))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def baseline_ready(project: Path, shared: Shared) -> None:
+    """What `pruneflow stage data` and `stage baseline` leave: versioned digits and a baseline (untrained: the
+    search's reachability check only counts MACs)."""
+    from pruneflow import stages
+    from pruneflow.checkpoint import save_model
+    from pruneflow.config import load_config
+    from pruneflow.metrics import count_macs_params
+
+    data = project / "data"
+    data.mkdir()
+    (data / "digits").symlink_to(shared.data_dir / "digits", target_is_directory=True)
+    (data / "digits.dvc").write_text(f"outs:\n- md5: {'0' * 32}.dir\n  path: digits\n")
+    cfg, _ = load_config(project / "params.yaml")
+    spec = stages.model_spec(cfg, stages.load_data(cfg, data / "digits"))
+    model = spec.build()
+    macs, params = count_macs_params(model, spec.example_inputs(1))
+    out = project / "runs" / "dvc" / "baseline"
+    save_model(out / "model.pt", model, spec)
+    stages.write_json(out / "metrics.json", {"macs": macs, "params": params, "accuracy": 10.0, "val_accuracy": 10.0})
+
+
+IMAGES = ("run", "-S", "data.dataset=imagefolder", "-S", "data.path=my_images")  # a user's own image folder
+S = "-S"
+
+ROWS = [
+    # params.yaml and -S
+    Row("params-missing", "params file missing", ("run", "--params", "nope.yaml"), "params file not found"),
+    Row("yaml-syntax", "params.yaml is not valid YAML", ("run",), "invalid YAML at line 2, column 1",
+        params="train: {epochs: [\n", given="params.yaml: `train: {epochs: [`"),
+    Row("yaml-not-mapping", "params.yaml is a list, not sections", ("run",), "expected a mapping of sections",
+        params="- train\n- search\n", given="params.yaml: `- train` / `- search`"),
+    Row("unknown-section", "unknown section (typo)", ("run",), "trian: unknown key",
+        params="trian: {epochs: 3}\n", given="params.yaml: `trian: {epochs: 3}`"),
+    Row("unknown-key", "unknown key (typo)", ("run", S, "train.epoch=3"), "train.epoch: unknown key"),
+    Row("wrong-type", "wrong type", ("run", S, "train.epochs=many"), "train.epochs: Input should be a valid integer"),
+    Row("section-scalar", "a section given as a value", ("run",), "train: Input should be a valid dictionary",
+        params="train: 5\n", given="params.yaml: `train: 5`"),
+    Row("ratio-range", "pruning ratio out of range", ("run", S, "prune.ratio=1.5"),
+        "prune.ratio: Input should be less than 1"),
+    Row("search-bounds", "search bounds low > high", ("run", S, "search.ratio_low=0.8", S, "search.ratio_high=0.2"),
+        "ratio_low (0.8) is greater than ratio_high (0.2)"),
+    Row("search-space", "unknown search space", ("run", S, "search.space=diagonal"), "search.space: Input should be"),
+    Row("unknown-method", "unknown pruning method", ("run", S, "methods=[l1,l0]"), "unknown pruning method 'l0'"),
+    Row("method-param", "unknown method parameter", ("run", S, "methods.slimming.sparsty=1e-4"),
+        "slimming: sparsty: unknown key"),
+    Row("unknown-model", "unknown model", ("run", S, "model.name=resnet9000"), "unknown model 'resnet9000'"),
+    Row("unknown-dataset", "unknown dataset", ("run", S, "data.dataset=mnist9"), "unknown dataset 'mnist9'"),
+    Row("export-target", "unknown export target", ("run", S, "export.target=tpu"), "export.target: Input should be"),
+    Row("override-syntax", "`-S` without `=`", ("run", S, "train.epochs"), "malformed override 'train.epochs'"),
+    Row("override-yaml", "`-S` value is not YAML", ("run", S, "methods=[l1"),
+        "override methods: value '[l1' is not valid YAML"),
+    Row("override-into-value", "`-S` key goes below a value", ("run", S, "train.epochs.max=3"),
+        "train.epochs is not a section", params="train: {epochs: 3}\n", given="params.yaml: `train: {epochs: 3}`"),
+    # data
+    Row("imagefolder-no-path", "imagefolder without data.path", ("run", S, "data.dataset=imagefolder"),
+        "needs data.path"),
+    Row("data-path-missing", "data.path does not exist", IMAGES, "data.path: folder not found"),
+    Row("no-test-split", "no test/ folder", IMAGES, "has no test/ folder", given="my_images/ without test/",
+        setup=image_folder(lambda root: shutil.rmtree(root / "test"))),
+    Row("no-class-folders", "a split without class folders", IMAGES, "test has no class folders",
+        given="my_images/test/ empty",
+        setup=image_folder(lambda root: [shutil.rmtree(folder) for folder in (root / "test").iterdir()])),
+    Row("empty-class", "empty class folder", IMAGES, "class folder <project>/my_images/train/bird holds no images",
+        given="my_images/train/bird/ empty", setup=image_folder(lambda root: (root / "train" / "bird").mkdir())),
+    Row("non-image-file", "a file that is not an image", IMAGES, "train/cat/labels.csv is not an image file",
+        given="my_images/train/cat/labels.csv",
+        setup=image_folder(lambda root: (root / "train" / "cat" / "labels.csv").write_text("0,cat\n"))),
+    Row("class-mismatch", "train/ and test/ classes differ", IMAGES, "only in test/: dgo",
+        given="my_images/test/dog/ misspelt dgo/",
+        setup=image_folder(lambda root: (root / "test" / "dog").rename(root / "test" / "dgo"))),
+    Row("corrupt-image", "an image file that is not an image", IMAGES, "my_images/train/cat/0.png is not a readable image",
+        given="my_images/train/cat/0.png holds text",
+        setup=image_folder(lambda root: (root / "train" / "cat" / "0.png").write_text("not a png"))),
+    Row("truncated-image", "a truncated image", IMAGES,
+        "my_images/train/dog/1.png: unreadable image (image file is truncated)",
+        given="my_images/train/dog/1.png cut in half",
+        setup=image_folder(lambda root: truncate(root / "train" / "dog" / "1.png"))),
+    Row("mixed-sizes", "images of different sizes", IMAGES, "all images must share one size",
+        given="my_images/test/cat/big.png is 64x64, the others 32x32",
+        setup=image_folder(lambda root: Image.new("L", (64, 64)).save(root / "test" / "cat" / "big.png"))),
+    # models
+    Row("model-module-missing", "model module not importable", ("run", S, "model.name=my_modles:gru"),
+        "cannot import module 'my_modles'"),
+    Row("model-attribute-missing", "no such factory in the module", ("run", S, "model.name=my_models:resnet"),
+        "module 'my_models' has no attribute 'resnet'", given="my_models.py (below) in the project"),
+    Row("model-not-callable", "factory is not callable", ("run", S, "model.name=my_models:WIDTH"),
+        "'WIDTH' is not callable"),
+    Row("model-kwargs", "model.kwargs the factory rejects", ("run", S, "model.kwargs={widht: 2}"),
+        "unexpected keyword argument 'widht' (check model.kwargs)", digits=True),
+    Row("model-not-module", "factory returns no nn.Module", ("run", S, "model.name=my_models:layers"),
+        "the factory returned a dict, not a torch.nn.Module", digits=True),
+    Row("model-output-shape", "model ignores num_classes", ("run", S, "model.name=my_models:imagenet_head"),
+        "gives 2x1000, not 2x10 class scores", digits=True),
+    Row("model-forward", "model does not fit the data (RGB model, grey digits)", ("run", S, "model.name=my_models:rgb_only"),
+        "a forward pass on a 2x1x8x8 batch of the data failed", digits=True),
+    Row("model-unprunable-layer", "layer Torch-Pruning cannot prune (GRU)", ("run", S, "model.name=my_models:gru"),
+        "Torch-Pruning cannot prune it (IndexError", digits=True),
+    Row("model-onnx-op", "op ONNX export cannot convert (SVD)", ("run", S, "model.name=my_models:svd"),
+        "ONNX export (opset 18) fails", digits=True),
+    Row("torchvision-unknown", "unknown torchvision model", ("run", S, "model.name=torchvision:resnet9000"),
+        "torchvision has no classification model 'resnet9000'"),
+    Row("prune-unprunable-layer", "`pruneflow prune` of that GRU model",
+        ("prune", "--model", "my_models:gru", "--method", "l1"), "Torch-Pruning cannot prune it (IndexError", code=1, digits=True),
+    # tracking
+    Row("tracking-unreachable", "MLflow server not running", ("run", S, "project.tracking_uri=http://127.0.0.1:9"),
+        "no MLflow tracking server answers at http://127.0.0.1:9 ([Errno 111] Connection refused)", digits=True),
+    Row("tracking-env-unreachable", "$MLFLOW_TRACKING_URI unreachable", ("run",),
+        "$MLFLOW_TRACKING_URI: no MLflow tracking server answers", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+        digits=True),
+    Row("tracking-file-store", "a file store URI", ("run", S, "project.tracking_uri=file:./mlruns"),
+        "MLflow cannot use file:./mlruns", digits=True),
+    Row("export-no-store", "`export --run-id` before any run", ("export", "--run-id", RUN_ID),
+        "there is no MLflow store at", code=1),
+    Row("export-unknown-run", "`export --run-id` of an unknown run", ("export", "--run-id", RUN_ID),
+        f"run {RUN_ID} not found in sqlite:///<project>/mlflow.db", code=1, given="the project's mlflow.db",
+        setup=lambda project, shared: shutil.copy(shared.tracking_store, project / "mlflow.db"),
+        absent=("runs", "mlartifacts")),
+    # prune, stage
+    Row("checkpoint-missing", "`prune --checkpoint` file missing", ("prune", "--checkpoint", "model.pt", "--method", "l1"),
+        "Invalid value for '--checkpoint': file 'model.pt' does not exist"),
+    Row("checkpoint-foreign", "`prune --checkpoint` not a pruneflow model",
+        ("prune", "--checkpoint", "model.pt", "--method", "l1"), "model.pt: not a model file pruneflow wrote", code=1,
+        given="model.pt holds text", setup=lambda project, shared: (project / "model.pt").write_text("weights")),
+    Row("prune-ratio", "`prune --ratio` out of range", ("prune", "--model", "resnet20", "--method", "l1", "--ratio", "1"),
+        "--ratio must be in [0, 1)"),
+    Row("stage-method", "`stage` for a method not in params", ("stage", "search", "--method", "l2"),
+        "--method must be one of the configured methods"),
+    Row("stage-order", "`stage` before the stages it needs", ("stage", "prune", "--method", "l1"),
+        "search.json not found: run the stages before prune first", code=1),
+    Row("target-unreachable", "search target no ratio reaches",
+        ("stage", "search", "--method", "l1", S, "search.ratio_high=0.1", S, "search.target.value=0.9"),
+        "search.target unreachable", code=1, given="the data and baseline stages done", setup=baseline_ready,
+        absent=("runs/dvc/l1/search.json", "mlflow.db")),
+]
+
+
+# ---- running a row ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def inside(folder: Path, path_entry: Path) -> Iterator[None]:
+    """The project as working directory and the user's model module importable, as for a user in a shell."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    sys.path.insert(0, str(path_entry))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(path_entry))
+        os.chdir(cwd)
+
+
+def invoke(row: Row, project: Path, shared: Shared) -> Outcome:
+    """Run the row's command in ``project``; the flow is replaced by a failure, so a row that got past the checks
+    shows up as a wrong outcome instead of a pipeline run."""
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "params.yaml").write_text(row.params)
+    if row.setup:
+        row.setup(project, shared)
+    args = list(row.args)
+    if row.digits:
+        args += ["--data-dir", str(shared.data_dir)] if args[0] == "prune" else ["-S", f"project.data_dir={shared.data_dir}"]
+    with inside(project, shared.models_dir), mock.patch("flows.pipeline.prune_pipeline",
+                                                         side_effect=AssertionError("the flow started")):
+        result = CliRunner().invoke(app, args, env=row.env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        return Outcome(result.exit_code, f"unhandled {type(result.exception).__name__}: {result.exception}")
+    return Outcome(result.exit_code, error_line(result.stderr))
+
+
+def error_line(stderr: str) -> str:
+    """``error: ...`` (the last line; progress lines may precede it), or the message in a usage-error box."""
+    lines = [line.strip() for line in stderr.strip().splitlines()]
+    boxed = [line.strip("│ ") for line in lines if line.startswith("│")]
+    return " ".join(boxed) if boxed else (lines[-1] if lines else "")
+
+
+def left_behind(project: Path, row: Row) -> list[str]:
+    """What a failed command left that could pass for a result: a tracking store, run outputs, prepared data in
+    the making. Lock files under runs/locks are not results."""
+    if row.absent is not None:
+        return [name for name in row.absent if (project / name).exists()]
+    found = [name for name in ("mlflow.db", "mlartifacts") if (project / name).exists()]
+    found += [str(path.relative_to(project)) for path in (project / "runs").glob("*") if path.name != "locks"]
+    return found + [str(path.relative_to(project)) for path in (project / "data").glob("*.partial")]
+
+
+def normalise(text: str, project: Path) -> str:
+    """The message as the doc shows it: the project folder as ``<project>``, lists of known names elided."""
+    for folder in {str(project.resolve()), str(project)}:
+        text = text.replace(folder, "<project>")
+    return re.sub(r"known: [^;)]*", "known: …", text)
+
+
+def code(text: str) -> str:
+    fence = "``" if "`" in text else "`"
+    return f"{fence}{text}{fence}".replace("|", "\\|")
+
+
+def doc_row(number: int, row: Row, outcome: Outcome, project: Path) -> str:
+    env = "".join(f"{key}={value} " for key, value in row.env.items())
+    prefix = "PYTHONPATH=. " if "my_models" in " ".join(row.args) else ""
+    command = code(f"{prefix}{env}pruneflow {' '.join(row.args)}")
+    given = f"; {row.given}" if row.given else ""
+    return (f"| {number} | {row.bad_input} | {command}{given} | {code(normalise(outcome.error, project))} "
+            f"(exit {outcome.code}) | `test_bad_input[{row.id}]` |")
+
+
+# ---- the tests -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, digits_dir) -> Shared:
+    return Shared(tmp_path_factory.mktemp("reliability"), digits_dir.parent)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[row.id for row in ROWS])
+def test_bad_input(row: Row, shared: Shared, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    outcome = invoke(row, project, shared)
+    assert outcome.code == row.code, outcome.error
+    message = normalise(outcome.error, project)
+    assert row.expect in message
+    assert message.startswith("error: ") or message.startswith("Invalid value"), message
+    assert not left_behind(project, row), f"bad input left {left_behind(project, row)} behind"
+    documented = [line for line in DOC.read_text().splitlines() if f"`test_bad_input[{row.id}]`" in line]
+    assert len(documented) == 1 and code(message) in documented[0], \
+        "docs/reliability.md differs from the code: regenerate it with .venv/bin/python -m tests.test_reliability"
+
+
+def test_every_row_is_documented() -> None:
+    assert DOC.read_text().count("`test_bad_input[") == len(ROWS) == len({row.id for row in ROWS})
+
+
+HEADER = """# Bad input and the errors it gives
+
+Every kind of bad input below stops with a non-zero exit code and one line naming the problem (the key, the
+file, the setting), before anything trains or opens an MLflow run, and leaves nothing behind that looks like a
+result. Exit code 2 is bad input found before anything started (params, data, model, tracking store); 1 is a
+command that started and failed (`pruneflow prune`, `export`, `stage`).
+
+Params keys are checked when params.yaml is read; the data, the model and the tracking store by the checks
+`pruneflow run` makes before starting the flow (`pruneflow/preflight.py`, `tasks/tracking.py`): the dataset is
+prepared and decoded, the model built and run on it, and a model from outside the registry pruned once on a
+copy and exported to ONNX, as the pipeline would after training. The flow repeats the checks for its other
+callers (deployments).
+
+Each row is a case of `tests/test_reliability.py`, which runs the command and checks that the message below is
+the one the code gives. `<project>` is the project folder; `known: …` stands for the list of valid names the
+message gives. This file is generated from those runs: `.venv/bin/python -m tests.test_reliability`.
+
+| # | bad input | how to reproduce (in the project folder) | exact error the user sees (exit code) | test |
+|---|---|---|---|---|
+"""
+
+FOOTER = """
+A search target no ratio reaches is found by the search stage, after the baseline is trained (the MACs a ratio
+removes depend on the trained weights for some methods). `pruneflow run` then prints `error: pipeline failed:
+MethodsFailed: l1: SearchError: search.target unreachable: …` (exit 1); the method's MLflow run and the pipeline
+run end FAILED and no model is registered (checked by
+`tests/test_pipeline_e2e.py::test_a_failing_stage_marks_its_run_and_the_pipeline_failed`).
+
+`my_models.py`, the user module of the model rows:
+
+```python
+{models}```
+"""
+
+
+def main() -> None:
+    """Run every row in a scratch folder and write docs/reliability.md from what the commands printed."""
+    lines = []
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the rows expect the project's own store, as under pytest
+    with tempfile.TemporaryDirectory(prefix="pruneflow-reliability-") as scratch:
+        shared = Shared(Path(scratch) / "shared")
+        for number, row in enumerate(ROWS, 1):
+            project = Path(scratch) / row.id / "project"
+            lines.append(doc_row(number, row, invoke(row, project, shared), project))
+    DOC.write_text(HEADER + "\n".join(lines) + "\n" + FOOTER.format(models=MY_MODELS))
+    print(f"wrote {DOC} ({len(ROWS)} rows)")
+
+
+if __name__ == "__main__":
+    main()
