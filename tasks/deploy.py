@@ -22,7 +22,7 @@ from pruneflow.deploy import choose_champion, registered_model_name
 from pruneflow.export import predictor
 from pruneflow.layout import ProjectLayout
 from pruneflow.task import TASKS
-from tasks.tracking import Tracker, check_tracking, tracking_uri
+from tasks.tracking import Tracker, check_tracking, pinned_requirements, tracking_uri
 
 Info = dict[str, Any]
 CHECKPOINT = "retrained.pt"  # the method run's artifact a re-export rebuilds the model from
@@ -51,7 +51,8 @@ def register_champion(root: str, cfg: PipelineConfig, data: Info, baseline: Info
     signature = infer_signature(example, predictor(onnx_path)(example))
     with mlflow.start_run(run_id=run_id):  # log_model needs the fluent run; this thread owns it
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx", signature=signature,
-                                     input_example=example, registered_model_name=name)
+                                     input_example=example, registered_model_name=name,
+                                     pip_requirements=pinned_requirements("onnx", "onnxruntime", "numpy"))
     version = str(info.registered_model_version)
     lineage = {"pruneflow.data_md5": data["md5"], "pruneflow.baseline_run_id": baseline["run_id"],
                "pruneflow.method_run_id": run_id, "pruneflow.method": method, "pruneflow.parent_run_id": parent_run_id,

@@ -25,7 +25,7 @@ from pruneflow.layout import ProjectLayout
 from pruneflow.search import trial_ratios
 from pruneflow.export import ExportError
 from tasks.deploy import log_export
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, pinned_requirements
 
 Info = dict[str, Any]
 
@@ -196,7 +196,8 @@ def export_model(root: str, cfg: PipelineConfig, method: str, data: Info, retrai
         model, spec, _ = load_model(Path(retrained["path"]))
         with mlflow.start_run(run_id=method_run_id):  # log_model needs the fluent run; this thread owns it
             mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     input_example=spec.example_inputs(2).numpy())
+                                     input_example=spec.example_inputs(2).numpy(),
+                                     pip_requirements=pinned_requirements("torch", "cloudpickle", "numpy", "pruneflow"))
         tracker.finish(method_run_id)
     return result
 

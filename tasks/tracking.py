@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,6 +86,16 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
             else:
                 os.environ[key] = value
 
+
+
+def pinned_requirements(*packages: str) -> list[str]:
+    """``pkg==<installed version>`` for a logged model's ``pip_requirements``.
+
+    Without them MLflow infers the requirements by loading the model in a subprocess: 4.7 s per logged
+    model here, against 0.04 s. The packages that load a pruneflow model are known (the same ones inference
+    found), so name them.
+    """
+    return [f"{package}=={version(package)}" for package in packages]
 
 class Tracker:
     """One experiment in one tracking store; creates and finishes runs by id."""
