@@ -60,9 +60,6 @@ METHOD_PARAMS: dict[str, dict[str, Any]] = {
     "slimming": {"sparsity": 1e-5},  # METHODS.md: λ = 1e-5 for ResNets (1e-4 is the VGG value)
 }
 
-# Extra rows: a method with other params, run after the default rows on the same baseline, target and fine-tune.
-VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {}  # name -> (method, params, why); none at present
-
 # Published numbers from ../shared/docs/METHODS.md (other nets, lossless CIFAR-10, full schedules).
 PAPER = {
     "l1": "Li et al. 2017, ResNet-56: 93.04 → 93.06 at −27.6 % FLOPs; ResNet-110: 93.53 → 93.30 at −38.6 %",
@@ -206,10 +203,10 @@ def machine() -> dict[str, Any]:
 
 
 def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, baseline_dir: Path, data_path: Path,
-               out: Path, key: str | None = None) -> dict[str, Any]:
-    """One row: target, prune, fine-tune, evaluate. ``key`` names a variant row (and its folder)."""
+               out: Path) -> dict[str, Any]:
+    """One row: target, prune, fine-tune, evaluate."""
     splits = stages.load_data(cfg, data_path)
-    method_dir = out / (key or method)
+    method_dir = out / method
     row: dict[str, Any] = {"method": method, "structured": METHODS.get(method).structured,
                            "params": cfg.methods[method]}
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -365,9 +362,6 @@ def render(results: dict[str, Any], existing: str | None) -> str:
     lines += ["", f"Rows: structured methods within {100 * FAR_OFF:.0f} points of the target, by accuracy after "
               f"fine-tuning; then those further off (not comparable); then the unstructured row; then failures. "
               "⚠ = the MACs reduction is not within the tolerance of the target (see the targeting table).", ""]
-    for key, (method, params, why) in VARIANTS.items():
-        if key in rows:
-            lines += [f"`{key}` is {why}", ""]
     un = ok.get(UNSTRUCTURED_ROW)
     if un:
         lines += [f"`{UNSTRUCTURED_ROW}` is not structured: it zeroes {pct(un.get('weight_sparsity'))} of the "
@@ -569,23 +563,18 @@ def main(argv: list[str] | None = None) -> int:
                            "val_images": len(splits.val), "test_images": len(splits.test)}
     save()
 
-    jobs = [(method, method, cfg) for method in methods]
-    for key, (method, params, _) in VARIANTS.items():
-        if method in methods:  # same config but for this method's params (the baseline's hooks do not change)
-            jobs.append((key, method, cfg.model_copy(update={"methods": {**cfg.methods,
-                                                                          method: {**cfg.methods[method], **params}}})))
-    for index, (key, method, job_cfg) in enumerate(jobs, 1):
-        if results["methods"].get(key, {}).get("status") == "ok" and key not in args.redo:
-            log(f"[{index}/{len(jobs)}] {key}: done in an earlier run, skipped")
+    for index, method in enumerate(methods, 1):
+        if results["methods"].get(method, {}).get("status") == "ok" and method not in args.redo:
+            log(f"[{index}/{len(methods)}] {method}: done in an earlier run, skipped")
             continue
-        log(f"[{index}/{len(jobs)}] {key}")
+        log(f"[{index}/{len(methods)}] {method}")
         try:
-            results["methods"][key] = run_method(job_cfg, args, method, baseline_dir, data_path, out, key)
+            results["methods"][method] = run_method(cfg, args, method, baseline_dir, data_path, out)
         except Exception as err:  # one failing method must not cost the others
-            log(f"{key}: FAILED: {err!r}")
-            results["methods"][key] = {"method": method, "status": "failed", "error": traceback.format_exc(),
-                                       "structured": METHODS.get(method).structured,
-                                       "params": job_cfg.methods[method]}
+            log(f"{method}: FAILED: {err!r}")
+            results["methods"][method] = {"method": method, "status": "failed", "error": traceback.format_exc(),
+                                          "structured": METHODS.get(method).structured,
+                                          "params": cfg.methods[method]}
         save()
     joint_latency(cfg, args, results, baseline_dir, out, splits)
     save()
