@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -181,11 +180,10 @@ def _shared_baseline(cfg: PipelineConfig, layout: ProjectLayout, data_md5: str) 
     project train it once and the others reuse it.
     """
     from pruneflow import stages
-    from pruneflow.concurrency import file_lock
 
     key = stages.baseline_key(cfg, data_md5)
     out_dir = layout.baseline_dir(key)
-    with file_lock(layout.lock_file(f"baseline-{key}")):
+    with layout.baseline_lock(key):
         if not (out_dir / "metrics.json").is_file():
             _to_stderr(f"search-worker: training the baseline into {out_dir}")
             stages.train_baseline(cfg, layout.dataset_dir, out_dir, log=_to_stderr)
@@ -330,20 +328,16 @@ def export_run(
 
 @app.command()
 def ui(params: Path = PARAMS, port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
-    """Start the MLflow UI on 127.0.0.1 against the project's tracking store.
-
-    One server worker and no MLflow job runner (it runs GenAI scorers, which pruneflow does not use): for one
-    local user they change nothing but start-up, which on 2 cores drops from ~20 to ~5 CPU seconds.
-    """
+    """Start the MLflow UI on 127.0.0.1 against the project's tracking store (as ``make servers`` starts MLflow)."""
     cfg, root = _config(params, [])
+    from flows.servers import HOST, mlflow_command
     from pruneflow.layout import ProjectLayout
     from tasks.tracking import tracking_uri
 
     uri = tracking_uri(ProjectLayout(root, cfg))
-    typer.echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}  # the user's setting wins
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                      "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=env))
+    typer.echo(f"MLflow UI for {uri} at http://{HOST}:{port} (Ctrl-C stops it)")
+    command, env = mlflow_command("ui", uri, port)
+    raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))
 
 
 if __name__ == "__main__":

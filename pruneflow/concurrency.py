@@ -7,9 +7,11 @@ processes at once corrupts them, so those steps hold a ``flock`` lock; the OS dr
 dies, so a killed pipeline never leaves a lock behind.
 
 A process killed with SIGKILL (the OOM killer, a reboot) cannot close what it opened: its MLflow runs stay
-RUNNING and its Optuna trial stays RUNNING. The next process recognises them by their owner id (host, pid
-and the process's start time, since the OS reuses pids) and ends them, leaving alone those of processes
-that are still alive, and those of other hosts, which it cannot check.
+RUNNING and its Optuna trial stays RUNNING. The next process recognises them by who opened them and ends
+them, leaving alone those of processes that are still alive, and those of other hosts, which it cannot
+check. MLflow runs carry the owner id (host, pid and the process's start time, since the OS reuses pids);
+Optuna trials carry only the worker's host and pid (``search.worker_id``), so a trial whose pid has been
+reused by a live process is left to Optuna's heartbeats.
 """
 
 from __future__ import annotations

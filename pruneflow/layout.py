@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ContextManager
 
+from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
 
 BASELINE_FILES = ("model.pt", "model.onnx", "metrics.json")
@@ -53,9 +55,13 @@ class ProjectLayout:
     def baseline_dir(self, key: str) -> Path:
         return self.runs_dir / "baselines" / key
 
-    def lock_file(self, name: str) -> Path:
-        """runs/locks/<name>.lock: what pipelines running at once on this project take turns on (data, a baseline)."""
-        return self.runs_dir / "locks" / f"{name}.lock"
+    def data_lock(self) -> ContextManager[None]:
+        """Held while the data is prepared and versioned: pipelines and workers on this project take turns."""
+        return file_lock(self.runs_dir / "locks" / "data.lock")
+
+    def baseline_lock(self, key: str) -> ContextManager[None]:
+        """Held while a baseline is checked for and trained, so processes starting at once train it once."""
+        return file_lock(self.runs_dir / "locks" / f"baseline-{key}.lock")
 
     @staticmethod
     def method_dir(run_dir: Path, method: str) -> Path:

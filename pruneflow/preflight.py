@@ -21,7 +21,6 @@ from torch import nn
 
 from pruneflow import stages
 from pruneflow.checkpoint import ModelSpec
-from pruneflow.concurrency import file_lock
 from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
 from pruneflow.export import export_onnx
@@ -48,7 +47,7 @@ def check_data(cfg: PipelineConfig, layout: ProjectLayout, log: Callable[[str], 
     would otherwise replace each other's data folder.
     """
     try:
-        with file_lock(layout.lock_file("data")):
+        with layout.data_lock():
             path = prepare_dataset(cfg.data, layout.data_dir, log=log)
         return stages.load_data(cfg, path)
     except (ValueError, OSError) as err:

@@ -18,7 +18,6 @@ from prefect.cache_policies import NO_CACHE
 
 from pruneflow import stages, versioning
 from pruneflow.checkpoint import load_model
-from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
 from pruneflow.data import prepare_dataset
 from pruneflow.layout import ProjectLayout
@@ -44,7 +43,7 @@ def version_data(root: str, cfg: PipelineConfig) -> Info:
     """
     layout = ProjectLayout(Path(root), cfg)
     logger = get_run_logger()
-    with file_lock(layout.lock_file("data")):
+    with layout.data_lock():
         path = prepare_dataset(cfg.data, layout.data_dir, log=logger.info)
         md5 = versioning.add(layout.root, path)
     logger.info(f"data: {path} versioned by DVC, md5 {md5}")
@@ -61,7 +60,7 @@ def train_baseline(root: str, cfg: PipelineConfig, data: Info, parent_run_id: st
     logger = get_run_logger()
     key = stages.baseline_key(cfg, data["md5"])
     out_dir = layout.baseline_dir(key)
-    with file_lock(layout.lock_file(f"baseline-{key}")):
+    with layout.baseline_lock(key):
         reused = (out_dir / "metrics.json").is_file()
         run_id = tracker.start_run("baseline", parent_run_id, {"pruneflow.baseline_key": key,
                                                               "pruneflow.reused": str(reused).lower()})
@@ -175,8 +174,8 @@ def _retry_unless_check_failed(task, task_run, state) -> bool:
         state.result()
     except ExportError:
         return False
-    except Exception:
-        return True
+    except Exception:  # anything else (an upload, a full disk) may pass on a retry
+        pass
     return True
 
 

@@ -89,7 +89,7 @@ def project(tmp_path) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test`` runs two workers), keep every test that needs the Prefect server on one
+    """Under pytest-xdist (``make test`` runs ``-n auto``: two workers on two cores), keep every test that needs the Prefect server on one
     worker: the session fixtures (the server, the shared pipeline run) then start once, not once per worker."""
     for item in items:
         if {"prefect_server", "pipeline_run"} & set(getattr(item, "fixturenames", ())):

@@ -35,8 +35,8 @@ from pruneflow.layout import ProjectLayout
 from pruneflow.search import fail_stale, open_study
 from tasks.tracking import ENDED_BY_TAG, OWNER_TAG, Tracker
 from tests.conftest import write_params
+from tests.system_deps import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
 CRON = "0 2 * * *"
 TRIALS = 2  # per pipeline: a pipeline is still searching when its first trial is done
@@ -44,12 +44,6 @@ PARAMS = {"train": {"epochs": 1}, "methods": {"l1": {}}, "retrain": {"epochs": 1
           "search": {"n_trials": TRIALS, "ratio_low": 0.4, "ratio_high": 0.6, "finetune_epochs": 1,
                      "target": {"metric": "macs_reduction", "value": 0.3}},
           "evaluate": {"latency_repeats": 5, "latency_warmup": 2}}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
