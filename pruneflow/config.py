@@ -21,7 +21,6 @@ class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key or file at fault."""
 
 
-QUALITY_METRICS = ("accuracy", "psnr")  # each task's main metric (pruneflow.task): the search's first objective
 # (key path, value) a super-resolution config gets where it does not say otherwise; slimming, a default
 # method, needs BatchNorm, which ESPCN has none of
 SR_DEFAULTS = ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"), (("search", "objectives"), ["psnr"]),
@@ -119,8 +118,11 @@ class SearchConfig(Section):
     def _consistent(self) -> "SearchConfig":
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
-        if (self.objectives[0] not in QUALITY_METRICS or len(self.objectives) > 2
-                or any(name in QUALITY_METRICS for name in self.objectives[1:])):
+        from pruneflow.task import TASKS
+
+        quality = {task.metric for task in TASKS.values()}  # each task's main metric: the first objective
+        if (self.objectives[0] not in quality or len(self.objectives) > 2
+                or any(name in quality for name in self.objectives[1:])):
             raise ValueError(f"objectives must be [<metric>] or [<metric>, <cost>] with metric accuracy or psnr, "
                              f"got {self.objectives}")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):

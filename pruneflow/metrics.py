@@ -76,5 +76,18 @@ def zero_weight_share(model: nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in weights) / max(total, 1)
 
 
+def reductions(model: nn.Module, example: torch.Tensor, base_macs: float, base_params: float,
+               structured: bool) -> dict[str, float]:
+    """``macs_reduction`` and ``params_reduction`` of a pruned model, as fractions of the baseline's.
+
+    A mask-based (unstructured) method cannot lower dense MACs or parameters, so both then read as the share
+    of zeroed conv/linear weights: the quantity its targets and searches steer.
+    """
+    if not structured:
+        return dict.fromkeys(("macs_reduction", "params_reduction"), zero_weight_share(model))
+    macs, params = count_macs_params(model, example)
+    return {"macs_reduction": 1.0 - macs / base_macs, "params_reduction": 1.0 - params / base_params}
+
+
 def file_size_mb(path: Path) -> float:
     return path.stat().st_size / 2**20

@@ -26,7 +26,7 @@ from pruneflow.data import DataSplits, load_dataset
 from pruneflow.export import check_parity, export_onnx, measure_latency
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
-from pruneflow.metrics import count_macs_params, file_size_mb, zero_weight_share
+from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
 from pruneflow.methods.groups import channel_groups
 from pruneflow.search import (TrialCallback, TrialMeasure, TrialPlan, check_reachable, fail_stale, feasible_trials,
                               open_study, plot_search, run_trials, select, space_params, target_gap,
@@ -238,12 +238,8 @@ class TrialRunner:
     def pruned(self, plan: TrialPlan) -> tuple[torch.nn.Module, dict[str, float]]:
         model, spec, _ = load_model(self.baseline_dir / "model.pt")
         prune_with(self.cfg, self.pruner, model, spec, plan.ratio, self.splits, plan.layer_ratios)
-        macs, params = count_macs_params(model, spec.example_inputs(1))
-        if self.pruner.structured:
-            costs = {"macs_reduction": 1.0 - macs / self.baseline["macs"],
-                     "params_reduction": 1.0 - params / self.baseline["params"]}
-        else:  # dense MACs cannot drop; mask-based targets read as the share of zeroed weights
-            costs = dict.fromkeys(("macs_reduction", "params_reduction"), zero_weight_share(model))
+        costs = reductions(model, spec.example_inputs(1), self.baseline["macs"], self.baseline["params"],
+                           self.pruner.structured)
         search = self.cfg.search
         if search.measure_latency or "latency_ms" in (search.target.metric, *search.objectives):
             costs["latency_ms"] = self.latency(model, spec)

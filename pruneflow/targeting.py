@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pruneflow.methods.base import Batches, PruneTarget, PruningMethod
-from pruneflow.metrics import count_macs_params, zero_weight_share
+from pruneflow.metrics import count_macs_params, reductions
 
 
 @dataclass
@@ -123,7 +123,7 @@ def ratio_for_macs_reduction(method: PruningMethod, model: nn.Module, example_in
     """
     high = max_layer_ratio if high is None else high
     example = example_inputs[:1]
-    base_macs = count_macs_params(model, example)[0]
+    base_macs, base_params = count_macs_params(model, example)
 
     def reduction_at(ratio: float) -> float:
         trial = copy.deepcopy(model)
@@ -131,10 +131,7 @@ def ratio_for_macs_reduction(method: PruningMethod, model: nn.Module, example_in
             torch.manual_seed(seed)
         target = PruneTarget(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio)
         method.prune(trial, example_inputs, target, calib_batches)
-        if method.structured:
-            reduction = 1.0 - count_macs_params(trial, example)[0] / base_macs
-        else:
-            reduction = zero_weight_share(trial)
+        reduction = reductions(trial, example, base_macs, base_params, method.structured)["macs_reduction"]
         if log:
             log(f"{method.name}: ratio {ratio:.4f} -> reduction {reduction:.4f} (goal {goal:.3f})")
         return reduction

@@ -218,6 +218,17 @@ def test_io_bound_tasks_retry_and_compute_tasks_do_not():
         "evaluate_model": 0, "export_model": 1, "compare_methods": 2, "register_champion": 2}
 
 
+
+def test_export_retries_other_trouble_but_never_a_failed_check():
+    """A file that failed its parity check would fail again; an upload that broke may pass on a retry."""
+    from prefect.states import Failed
+
+    from pruneflow.export import ExportError
+    from tasks.stages import _retry_unless_check_failed
+
+    assert not _retry_unless_check_failed(None, None, Failed(data=ExportError("onnx parity 0.3 > atol 1e-4")))
+    assert _retry_unless_check_failed(None, None, Failed(data=OSError("connection reset during upload")))
+
 # --- end to end ---------------------------------------------------------------------------------------------
 
 

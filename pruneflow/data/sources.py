@@ -22,6 +22,20 @@ SPLITS = ("train", "test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image below ``folder``, in a stable order (by path)."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link the user's file into the prepared data (no second copy on disk), or copy it across devices."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 class DatasetSource:
     """A dataset that can be materialised as ``<dest>/{train,test}/<class>/*`` (super-resolution sources:
     ``<dest>/{train,test}/*``, the images themselves)."""
@@ -120,20 +134,14 @@ class ImageFolderSource(DatasetSource):
         root = self._root(cfg)
         first: tuple[Path, tuple[int, int, int]] | None = None
         for split in SPLITS:
-            for path in sorted((root / split).rglob("*")):
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                    shape = image_shape(path)
-                    if first is None:
-                        first = path, shape
-                    elif shape != first[1]:
-                        raise ValueError(f"data.path: {path} is {describe_shape(shape)} but {first[0]} is "
-                                         f"{describe_shape(first[1])}: all images must share one size and colour mode")
-                    target = dest / split / path.relative_to(root / split)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        os.link(path, target)
-                    except OSError:
-                        shutil.copy2(path, target)
+            for path in image_files(root / split):
+                shape = image_shape(path)
+                if first is None:
+                    first = path, shape
+                elif shape != first[1]:
+                    raise ValueError(f"data.path: {path} is {describe_shape(shape)} but {first[0]} is "
+                                     f"{describe_shape(first[1])}: all images must share one size and colour mode")
+                link_or_copy(path, dest / split / path.relative_to(root / split))
 
 
 DATASETS.register("digits")(Digits())

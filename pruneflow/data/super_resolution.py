@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import tarfile
 import urllib.request
@@ -33,7 +32,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pruneflow.data.loading import DataSplits, Split
-from pruneflow.data.sources import DATASETS, IMAGE_SUFFIXES, DatasetSource
+from pruneflow.data.sources import DATASETS, DatasetSource, image_files, link_or_copy
 from pruneflow.data.torchvision_sources import DOWNLOAD_TIMEOUT_S, socket_timeout
 
 if TYPE_CHECKING:
@@ -50,18 +49,6 @@ def patch_size(cfg: "DataConfig") -> int:
     """The side of crop_flip's random patches: ``data.patch`` or half the crop, rounded down to a multiple of r."""
     patch = cfg.patch or crop_size(cfg) // 2
     return patch - patch % cfg.scale
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 class SRSource(DatasetSource):
