@@ -254,7 +254,7 @@ def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, basel
     retrained, _, _ = load_model(method_dir / "retrained.pt")
     scratch = method_dir / "latency" / "model.onnx"  # evaluate_model's export of the retrained net
     row["onnx_max_abs_diff"] = check_parity(scratch, retrained, splits.loader("test", 64, max_batches=2),
-                                            atol=cfg.export.atol)
+                                            cfg.export.atol, cfg.export.rtol)
     row["evaluate_s"] = time.perf_counter() - tick
     row["total_s"], row["total_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
     row["status"] = "ok"

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pruneflow import strict_yaml
+
 
 class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key or file at fault."""
@@ -160,7 +162,9 @@ class ExportConfig(Section):
     target: Literal["cpu", "jetson", "generic-gpu"] = Field(
         "cpu", description="deployment profile: which formats are written, the opset, where latency is measured")
     opset: int = Field(18, ge=13, description="ONNX opset; null: the target's (jetson 17, else 18)")
-    atol: float = Field(1e-4, ge=0, description="max |onnx - torch| (fp32 ONNX, TorchScript) on real inputs")
+    atol: float = Field(1e-4, ge=0, description="parity of fp32 ONNX and TorchScript on real inputs: max |file - "
+                                                "torch| <= atol·min(1, S) + rtol·S, S the largest |torch output|")
+    rtol: float = Field(1e-5, ge=0, description="the relative part of that bound (large outputs err in proportion)")
     fp16_rtol: float = Field(1e-2, ge=0, description="max |fp16 onnx - torch| as a share of the largest |output|")
     parity_batches: int = Field(2, ge=1)
     int8_mode: Literal["static", "dynamic"] = Field("static", description="static: calibrated on training batches")
@@ -168,6 +172,15 @@ class ExportConfig(Section):
     registered_model: str | None = Field(None, description="MLflow registry name; null: pruneflow-<model name>")
     registry_max_drop: float = Field(1.0, ge=0, description="main-metric drop (accuracy points, PSNR dB) the "
                                                             "registered model may have")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        """What MLflow's registry refuses (empty, ``/``, ``:``), and ``@``, which ends the name in the
+        ``models:/<name>@champion`` URI: caught here instead of after every model has trained."""
+        if value is not None and (not value.strip() or any(char in value for char in "/:@") or value in (".", "..")):
+            raise ValueError(f"{value!r} is not a model registry name: give a non-empty name without '/', ':' or '@'")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -237,6 +250,15 @@ class PipelineConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _baseline_trains(self) -> "PipelineConfig":
+        """The baseline is trained here, from scratch, so ``train.epochs: 0`` would pass an untrained model down the
+        pipeline (and register it). This is the one place that decides when training may be skipped."""
+        if self.train.epochs == 0:
+            raise ValueError("train.epochs: 0 trains no baseline, so every later stage would prune an untrained "
+                             "model; give at least 1")
+        return self
+
+    @model_validator(mode="after")
     def _space_fits_methods(self) -> "PipelineConfig":
         from pruneflow.methods import METHODS, method_name
 
@@ -256,6 +278,10 @@ class PipelineConfig(Section):
         different params (``cascade-one: {drop: 1}``, ``cascade-both: {drop: 2}``).
         """
         if isinstance(value, list):
+            repeated = sorted({name for name in value if isinstance(name, str) and value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"{', '.join(repeated)} listed twice; to run a method twice with other params, "
+                                 "give each entry a label: <method>-<label> (l1-a, l1-b)")
             return {name: {} for name in value}
         if isinstance(value, dict):
             return {name: (params or {}) for name, params in value.items()}
@@ -313,7 +339,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"malformed override {text!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = strict_yaml.load(raw) if raw.strip() else None
+    except strict_yaml.YamlProblem as err:
+        raise ConfigError(f"override {key}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})") from None
     return key.strip().split("."), value
@@ -330,12 +358,27 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def read_params(path: Path) -> dict[str, Any]:
+    """The params file's sections. A file that holds no settings at all is refused rather than run on the code
+    defaults (which differ from the shipped params.yaml): ``{}`` says "the defaults" on purpose."""
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: a binary file, not YAML text (it holds NUL bytes)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "params files are UTF-8 YAML") from None
+    try:
+        tree = strict_yaml.load(text)
+    except strict_yaml.YamlProblem as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML{_yaml_problem(err)}") from None
+    if tree is None:
+        raise ConfigError(f"{path} holds no settings (it is empty or only comments): write the sections to change, "
+                          "or {} to run on every default")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return tree

@@ -86,14 +86,15 @@ def _write_and_check(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg:
         return splits.loader("test", 64, max_batches=export.parity_batches)
 
     files["onnx"] = export_onnx(model, spec.example_inputs(), folder / FILES["onnx"], export.opset)
-    deployment.metrics["onnx_max_abs_diff"] = check_parity(files["onnx"], model, parity(), export.atol)
+    deployment.metrics["onnx_max_abs_diff"] = check_parity(files["onnx"], model, parity(), export.atol, export.rtol)
     if "onnx_fp16" in profile.formats:
         files["onnx_fp16"] = convert_fp16(files["onnx"], folder / FILES["onnx_fp16"])
         deployment.metrics["fp16_max_abs_diff"] = check_parity(files["onnx_fp16"], model, parity(),
-                                                               rtol=export.fp16_rtol, key="export.fp16_rtol")
+                                                               rtol=export.fp16_rtol, keys=("", "export.fp16_rtol"))
     if "torchscript" in profile.formats:
         files["torchscript"] = export_torchscript(model, spec.example_inputs(), folder / FILES["torchscript"])
-        deployment.metrics["torchscript_max_abs_diff"] = check_parity(files["torchscript"], model, parity(), export.atol)
+        deployment.metrics["torchscript_max_abs_diff"] = check_parity(files["torchscript"], model, parity(),
+                                                                      export.atol, export.rtol)
     if "onnx_int8" in profile.formats:
         calibration = splits.loader("train", cfg.data.batch_size, max_batches=export.calib_batches)
         files["onnx_int8"] = quantize_int8(files["onnx"], folder / FILES["onnx_int8"], export.int8_mode, calibration)
@@ -143,14 +144,16 @@ def _measure_on_device(profile: TargetProfile, files: dict[str, Path], latency_i
 def report(deployment: Deployment, cfg: PipelineConfig) -> str:
     """export/<target>/report.md: each file, how it was checked, and where its latency was (or was not) measured."""
     m, task = deployment.metrics, TASKS[cfg.task]
+    exact = f"export.atol {cfg.export.atol:g}, export.rtol {cfg.export.rtol:g}"
+    int8_change = -m.get(f"int8_{task.metric}_drop", float("nan"))  # int8 − fp32: negative when int8 is worse
     checks = {
-        "onnx": f"max abs diff vs PyTorch {m.get('onnx_max_abs_diff', float('nan')):.3g} (export.atol {cfg.export.atol:g})",
+        "onnx": f"max abs diff vs PyTorch {m.get('onnx_max_abs_diff', float('nan')):.3g} ({exact})",
         "onnx_fp16": f"max abs diff vs PyTorch {m.get('fp16_max_abs_diff', float('nan')):.3g} "
                      f"(export.fp16_rtol {cfg.export.fp16_rtol:g} of the output scale)",
         "torchscript": f"max abs diff vs PyTorch {m.get('torchscript_max_abs_diff', float('nan')):.3g} "
-                       f"(export.atol {cfg.export.atol:g})",
+                       f"({exact})",
         "onnx_int8": f"{cfg.export.int8_mode}; test {task.metric} {m.get(f'int8_{task.metric}', float('nan')):.2f} "
-                     f"{task.unit} ({m.get(f'int8_{task.metric}_drop', float('nan')):+.2f} vs fp32 ONNX)",
+                     f"{task.unit} ({int8_change:+.2f} vs fp32 ONNX)",
     }
     lines = [f"# Export for target `{deployment.target}` (opset {cfg.export.opset})", "",
              "| file | format | check |", "|---|---|---|"]

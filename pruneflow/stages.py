@@ -132,7 +132,7 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
     model_path = save_model(out_dir / "model.pt", model, spec)
     onnx_path = export_onnx(model, spec.example_inputs(), out_dir / "model.onnx", cfg.export.opset)
     diff = check_parity(onnx_path, model, splits.loader("test", 64, max_batches=cfg.export.parity_batches),
-                        cfg.export.atol)
+                        cfg.export.atol, cfg.export.rtol)
     macs, params = count_macs_params(model, spec.example_inputs(1))
     metrics = {
         **evaluate_all(model, splits.loader("test", 256)),  # accuracy; psnr, ssim
