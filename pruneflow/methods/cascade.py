@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, remove_blocks
+from pruneflow.methods.base import Batches, MethodUnsuitable, PruneResult, PruneTarget, PruningMethod, remove_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
 from pruneflow.task import task_of
 
@@ -45,7 +45,7 @@ class CascadeParams(BaseModel):
 def declared_blocks(model: nn.Module) -> list[str]:
     declare = getattr(model, "removable_blocks", None)
     if not callable(declare):
-        raise ValueError(f"method cascade needs a model that declares removable_blocks(); "
+        raise MethodUnsuitable(f"method cascade needs a model that declares removable_blocks(); "
                          f"{type(model).__name__} does not")
     return list(declare())
 
