@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruneflow.files import replacing
 from pruneflow.methods.base import rebuild_pruned
-from pruneflow.models import build_model
+from pruneflow.models import MODELS, TORCHVISION_PREFIX, build_model
 
 
 @dataclass
@@ -36,11 +37,9 @@ class ModelSpec:
 
 def save_model(path: Path, model: nn.Module, spec: ModelSpec, history: list | None = None,
                removed_blocks: list[str] | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"spec": asdict(spec), "history": [list(step) for step in history or []],
-                "removed_blocks": list(removed_blocks or []), "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)  # a reader never sees half a checkpoint
+    with replacing(path) as tmp:  # a reader never sees half a checkpoint
+        torch.save({"spec": asdict(spec), "history": [list(step) for step in history or []],
+                    "removed_blocks": list(removed_blocks or []), "state_dict": model.state_dict()}, tmp)
     return path
 
 
@@ -57,16 +56,39 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
 
     A file that is no checkpoint of ``save_model``'s (another tool's weights, a truncated download) raises a
     ValueError naming it: the unpickler's own errors (``KeyError: 174812789``) say nothing about the file.
+    For the files a project's own stages wrote; a file a user hands over goes through ``load_foreign_model``.
     """
+    return _rebuild(_read(path))
+
+
+def load_foreign_model(path: Path, model_name: str | None = None) -> tuple[nn.Module, ModelSpec, Surgery]:
+    """``load_model`` for a file from elsewhere: its spec names the model factory pruneflow calls, so a
+    ``package.module:function`` there (which imports and runs any code) is built only when the user named that
+    model (``model_name``); registered models and ``torchvision:<name>`` are always fine."""
+    checkpoint = _read(path)
+    name = checkpoint["spec"].get("name")
+    if not isinstance(name, str) or (name not in MODELS and not name.startswith(TORCHVISION_PREFIX)
+                                     and name != model_name):
+        raise ValueError(f"{path}: its model {name!r} is neither registered nor torchvision:<name>, and building it "
+                         f"would import and run that code; if you trust the file, name the model: --model {name}")
+    return _rebuild(checkpoint)
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as err:  # the unpickler fails in many ways on foreign bytes; each means the same here
         raise ValueError(f"{path}: not a model file pruneflow wrote (torch.load: {type(err).__name__})") from None
-    if not isinstance(checkpoint, dict) or not {"spec", "history", "state_dict"} <= checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not {"spec", "history", "state_dict"} <= checkpoint.keys() \
+            or not isinstance(checkpoint["spec"], dict):
         raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
                          "as pruneflow's stages save them)")
+    return checkpoint
+
+
+def _rebuild(checkpoint: dict[str, Any]) -> tuple[nn.Module, ModelSpec, Surgery]:
     spec_fields = checkpoint["spec"]
     spec = ModelSpec(**{**spec_fields, "input_shape": tuple(spec_fields["input_shape"])})
     model = spec.build()

@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from pruneflow.files import replacing
 from pruneflow.task import mean_scores
 
 CPU = "CPUExecutionProvider"
@@ -53,25 +54,22 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path, opse
 
     The file's opset is checked, so a request the exporter cannot honour fails instead of shipping another one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    tmp = path.with_name(path.name + ".partial")
-    if opset >= DYNAMO_MIN_OPSET:
-        batch = torch.export.Dim("batch", min=1)
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-            program = torch.onnx.export(model, (example_inputs,), dynamic_shapes=({0: batch},), opset_version=opset,
-                                        dynamo=True, verbose=False)
-        program.save(str(tmp))
-    else:
-        with _deprecated_exporters():
-            torch.onnx.export(model, (example_inputs,), str(tmp), opset_version=opset, dynamo=False,
-                              input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    written = onnx_opset(tmp)
-    if written != opset:
-        tmp.unlink()
-        raise ExportError(f"{path}: asked for ONNX opset {opset}, the exporter wrote {written} (export.opset)")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        if opset >= DYNAMO_MIN_OPSET:
+            batch = torch.export.Dim("batch", min=1)
+            with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+                program = torch.onnx.export(model, (example_inputs,), dynamic_shapes=({0: batch},),
+                                            opset_version=opset, dynamo=True, verbose=False)
+            program.save(str(tmp))
+        else:
+            with _deprecated_exporters():
+                torch.onnx.export(model, (example_inputs,), str(tmp), opset_version=opset, dynamo=False,
+                                  input_names=["x"], output_names=["logits"],
+                                  dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        written = onnx_opset(tmp)
+        if written != opset:
+            raise ExportError(f"{path}: asked for ONNX opset {opset}, the exporter wrote {written} (export.opset)")
     return path
 
 
@@ -82,11 +80,8 @@ def onnx_opset(path: Path) -> int:
 
 def export_torchscript(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> Path:
     """``torch.jit.trace``: the nets here have no data-dependent control flow, so a trace is the whole model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with _deprecated_exporters(), torch.no_grad():
+    with replacing(path) as tmp, _deprecated_exporters(), torch.no_grad():
         torch.jit.trace(model.eval(), example_inputs).save(str(tmp))
-    tmp.replace(path)
     return path
 
 

@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneflow.checkpoint import ModelSpec, load_model
+from pruneflow import gates
+from pruneflow.checkpoint import ModelSpec, load_foreign_model
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
-from pruneflow.methods import PruneTarget, PruningMethod
+from pruneflow.methods import MethodUnsuitable, PruneTarget, PruningMethod
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import MODELS
-from pruneflow.preflight import build_checked, unprunable
+from pruneflow.preflight import build_checked, first_line, unprunable
 
 
 def fit_inputs(images: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -52,10 +53,13 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
     macs_before, params_before = count_macs_params(model, example[:1])
     try:
         result = pruner.prune(model, example, target, calib)
+    except MethodUnsuitable:  # the method's own rule (cascade's declared blocks): its message says what to do
+        raise
     except Exception as err:
         if model_name in MODELS:  # the registered models are tested with every method: a failure is a bug
             raise
-        raise unprunable(model_name, model, err) from None  # a user's layer Torch-Pruning cannot handle
+        raise unprunable(model_name, model, err, pruner.name) from None  # a user's layer Torch-Pruning cannot handle
+    gates.check_removed(pruner.name, pruner.structured, target, result, keys=("--ratio", "--round-to"))
     macs_after, params_after = count_macs_params(model, example[:1])
     return {
         "model": model_name,
@@ -91,7 +95,7 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
         DATASETS.get(data.dataset).check_config(data)
         splits = load_dataset(data, prepare_dataset(data, data_dir, log=log))
     if checkpoint is not None:
-        model, spec, _ = load_model(checkpoint)
+        model, spec, _ = load_foreign_model(checkpoint, model_name)
         if model_name is not None and model_name != spec.name:
             raise ValueError(f"model {model_name} differs from the checkpoint's model {spec.name}")
         model_name, shape = spec.name, spec.input_shape
@@ -104,6 +108,7 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
         raise ValueError("give a model name or a checkpoint")
     if input_size:
         shape = (shape[0], input_size, input_size)
+    check_input_fits(model_name, model, shape)
     calib = None
     if pruner.needs_calibration:
         if splits.input_shape != shape:
@@ -111,6 +116,18 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
                 f"fitted to the model's input {'x'.join(map(str, shape))}")
         calib = calibration_batches(splits, calib_batches, shape)
     return inspect_pruning(model_name, model, shape, pruner, target, calib)
+
+
+def check_input_fits(model_name: str, model: nn.Module, shape: tuple[int, ...]) -> None:
+    """A batch of the input shape goes through; else a ValueError that names the model, the input and the remedy
+    (an ImageNet net's pooling cannot shrink an 8x8 digit: "Calculated output size: (256x0x0)")."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except Exception as err:
+        raise ValueError(f"model {model_name!r} cannot run on a {'x'.join(map(str, shape))} input "
+                         f"({type(err).__name__}: {first_line(err)}); set the input side with --input-size (e.g. 32, "
+                         "or 224 for ImageNet models)") from None
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -19,11 +19,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pruneflow import deploy
+from pruneflow import deploy, gates
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import DataConfig, PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_dataset
 from pruneflow.export import check_parity, export_onnx, measure_latency
+from pruneflow.files import replacing
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
 from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
@@ -42,10 +43,8 @@ def say(message: str) -> None:
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -59,8 +58,11 @@ def _cached_splits(data_path: Path, data_json: str, seed: int) -> DataSplits:
 
 
 def load_data(cfg: PipelineConfig, data_path: Path) -> DataSplits:
-    """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders)."""
-    return _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
+    """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders); a
+    training split too small to train on raises ``gates.GateError``."""
+    splits = _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
+    gates.check_training_split(splits, cfg.data)
+    return splits
 
 
 def model_spec(cfg: PipelineConfig, splits: DataSplits) -> ModelSpec:
@@ -126,6 +128,7 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
     train(model, splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed),
           cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
+    gates.check_learned(model, splits, "the trained baseline", "check train.lr, train.epochs and the labels")
     for name, recorder in records.items():
         (out_dir / "records").mkdir(parents=True, exist_ok=True)
         torch.save(recorder.state(), out_dir / "records" / f"{name}.pt")
@@ -346,7 +349,9 @@ def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, chosen: dict[str
     model, spec, _ = load_model(baseline_dir / "model.pt")
     ratio, layer_ratios = chosen["ratio"], chosen.get("layer_ratios") or {}
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
-    result = prune_with(cfg, method_for(cfg, method, baseline_dir), model, spec, ratio, splits, layer_ratios)
+    pruner = method_for(cfg, method, baseline_dir)
+    result = prune_with(cfg, pruner, model, spec, ratio, splits, layer_ratios)
+    gates.check_removed(method, pruner.structured, PruneTarget(ratio, layer_ratios, round_to=cfg.prune.round_to), result)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
     save_model(out_dir / "pruned.pt", model, spec, result.history, result.removed_blocks)
     write_json(out_dir / "history.json", {"removed_blocks": result.removed_blocks,
@@ -370,6 +375,9 @@ def retrain(cfg: PipelineConfig, method: str, pruned_path: Path, data_path: Path
     metric = TASKS[cfg.task].metric
     val, progress = splits.loader("val", 256), epoch_logger(f"{method} retrain", cfg.retrain.epochs, log, metric)
     epochs = fine_tune(create_method(method, cfg.methods[method]), model, batches, val, cfg.retrain, progress)
+    if epochs:
+        gates.check_learned(model, splits, f"the retrained {method} model",
+                            "prune less (search.ratio_high, prune.ratio) or retrain longer (retrain.epochs)")
     save_model(out_dir / "retrained.pt", model, spec, surgery.history, surgery.removed_blocks)
     return {f"val_{metric}": epochs[-1].val_metric if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}

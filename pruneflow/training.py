@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from pruneflow import gates
 from pruneflow.config import TrainConfig
 from pruneflow.methods.base import Regularizer
 from pruneflow.task import mean_scores, task_of
@@ -38,12 +39,17 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: 
     ``on_epoch_end`` sees each epoch's result: it reports progress, records training-time statistics,
     or raises to stop (the search uses that to prune hopeless trials). Training runs on ``cfg.device``;
     the model always comes back on the CPU, where pruning, checkpoints and export expect it.
+
+    A loss or a weight that is NaN or infinite raises ``gates.GateError`` (the run diverged): nothing trained
+    here goes on to be saved, pruned or exported with broken weights.
     """
     regularizers = list(regularizers)
     device = resolve_device(cfg.device)
     model.to(device)
     try:
-        return _train_epochs(model, batches, cfg, device, val_batches, regularizers, on_epoch_end)
+        history = _train_epochs(model, batches, cfg, device, val_batches, regularizers, on_epoch_end)
+        gates.check_finite_weights(model, cfg.lr)
+        return history
     finally:
         model.to("cpu")
         model.eval()
@@ -65,16 +71,18 @@ def _train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, device: 
     for epoch in range(1, cfg.epochs + 1):
         start, total, count = time.perf_counter(), 0.0, 0
         model.train()
-        for images, labels in batches:
+        for batch, (images, labels) in enumerate(batches, 1):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = task_of(labels).loss(model(images), labels)
             for regularizer in regularizers:
                 loss = loss + regularizer(model)
+            value = loss.item()
+            gates.check_finite_loss(value, epoch, batch, cfg.lr)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item() * len(labels)
+            total += value * len(labels)
             count += len(labels)
         val_metric = evaluate(model, val_batches) if val_batches is not None else None
         result = EpochResult(epoch, total / max(count, 1), val_metric, time.perf_counter() - start)
