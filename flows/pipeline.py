@@ -70,9 +70,9 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
         **({"pruneflow.git_commit": commit} if (commit := git_commit(root)) else {}),
     })
     run_dir = layout.runs_dir / parent
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger.info(f"MLflow parent run {parent}; artifacts in {run_dir}")
     with tracker.failing(parent):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logger.info(f"MLflow parent run {parent}; artifacts in {run_dir}")
         log_config(tracker, parent, cfg)
         tracker.log_params(parent, {"model": cfg.model.name, "dataset": cfg.data.dataset,
                                     "methods": ",".join(cfg.methods)})
@@ -87,8 +87,9 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
         for start in range(0, len(methods), batch):
             for method in methods[start:start + batch]:
                 run_id = tracker.start_run(method, parent, {"pruneflow.method": method})
-                tracker.log_params(run_id, {"method": method,
-                                            **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
+                with tracker.failing(run_id):
+                    tracker.log_params(run_id, {"method": method,
+                                                **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
                 chosen = search_ratio.submit(str(root), cfg, method, data, baseline, str(run_dir), run_id)
                 pruned = prune_model.submit(str(root), cfg, method, data, baseline, chosen, str(run_dir), run_id)
                 retrained = retrain_model.submit(str(root), cfg, method, data, pruned, str(run_dir), run_id)

@@ -17,6 +17,7 @@ from typing import ContextManager
 
 from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
+from pruneflow.stores import in_project, sqlite_url
 
 BASELINE_FILES = ("model.pt", "model.onnx", "metrics.json")
 
@@ -48,9 +49,11 @@ class ProjectLayout:
 
     @property
     def study_storage(self) -> str:
-        """``search.storage``, else ``$PRUNEFLOW_SEARCH_STORAGE`` (e.g. a PostgreSQL URL), else runs/optuna.db."""
-        return (self.cfg.search.storage or os.environ.get("PRUNEFLOW_SEARCH_STORAGE")
-                or f"sqlite:///{self.runs_dir / 'optuna.db'}")
+        """``search.storage`` (a relative sqlite path is the project's), else ``$PRUNEFLOW_SEARCH_STORAGE`` (e.g. a
+        PostgreSQL URL), else runs/optuna.db."""
+        if self.cfg.search.storage:
+            return in_project(self.cfg.search.storage, self.root)
+        return os.environ.get("PRUNEFLOW_SEARCH_STORAGE") or sqlite_url(self.runs_dir / "optuna.db")
 
     def baseline_dir(self, key: str) -> Path:
         return self.runs_dir / "baselines" / key

@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pruneflow import stages, versioning
+from pruneflow.concurrency import sqlite_file
 from pruneflow.config import PipelineConfig
 from pruneflow.deploy import choose_champion, registered_model_name
 from pruneflow.export import predictor
@@ -77,7 +78,8 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
     layout = ProjectLayout(root, cfg)
     check_tracking(layout)
     uri = tracking_uri(layout)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():
         # opening it would create an empty store (and an experiment) just to report that the run is not there
         raise LookupError(f"run {run_id} not found: there is no MLflow store at {uri} (pruneflow run creates it)")
     tracker = Tracker.open(layout)
