@@ -12,12 +12,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import subprocess
+import sys
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
@@ -62,9 +65,20 @@ def run(params: Path = PARAMS, overrides: Optional[list[str]] = SET) -> None:
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    from flows.servers import STATE_DIR
+    from flows.watchdog import guard_children
+
+    guard_children(root / STATE_DIR)  # stops the temporary Prefect server whenever this process ends
     try:
-        result = prune_pipeline(params=str(params.resolve()), overrides=list(overrides or []))
+        with _sigterm_raises():
+            result = prune_pipeline(params=str(params.resolve()), overrides=list(overrides or []))
+    except Terminated:
+        _end_own_runs(cfg, root, "KILLED")
+        typer.echo("error: pipeline stopped by SIGTERM; its MLflow runs are marked KILLED", err=True)
+        sys.stderr.flush()
+        os._exit(143)  # not a normal exit: that would wait for the training threads to end
     except Exception as err:
+        _end_own_runs(cfg, root, "FAILED")
         typer.echo(f"error: pipeline failed: {type(err).__name__}: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo("\n" + (Path(result["run_dir"]) / "compare.md").read_text())
@@ -73,6 +87,34 @@ def run(params: Path = PARAMS, overrides: Optional[list[str]] = SET) -> None:
     typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} ({champion['method']})")
     typer.echo(f"MLflow run:   {result['parent_run_id']} in experiment '{cfg.project.experiment}' ({result['tracking_uri']})")
     typer.echo(f"Open the UI:  pruneflow ui --params {params}   (or: make ui), then browse http://127.0.0.1:5000")
+
+
+class Terminated(BaseException):
+    """SIGTERM, as an exception, so that the pipeline's runs are marked before the process goes."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_own_runs(cfg: PipelineConfig, root: Path, status: str) -> None:
+    """Mark the MLflow runs this process left RUNNING (method runs of tasks that were still going). A store that
+    cannot be written now (a full disk) is left alone: the next run on the project ends them as orphans."""
+    from mlflow.entities import RunStatus
+
+    from pruneflow.layout import ProjectLayout
+    from tasks.tracking import Tracker
+
+    with contextlib.suppress(Exception):
+        Tracker.open(ProjectLayout(root, cfg)).end_own_runs(RunStatus.from_string(status))
 
 
 @app.command()
@@ -93,12 +135,14 @@ def serve(
     _, root = _config(params, overrides)  # a bad key stops here, not in the first scheduled run at 2 a.m.
     from flows.servers import STATE_DIR, ServerError
     from flows.serving import deployment_schedules, serve_pipeline
+    from flows.watchdog import guard_children
 
     try:
         schedules = deployment_schedules(cron, interval, timezone)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    guard_children(root / STATE_DIR)  # a Prefect server started here stops with this command, even on SIGKILL
     try:
         serve_pipeline(params.resolve(), list(overrides or []), schedules, name, port, root / STATE_DIR, typer.echo)
     except ServerError as err:
@@ -121,12 +165,16 @@ class Stage(str, Enum):
 def stage(name: Stage = typer.Argument(..., help="which stage to run"), params: Path = PARAMS,
           overrides: Optional[list[str]] = SET,
           method: Optional[str] = typer.Option(None, "--method", "-m", help="the method, for per-method stages")) -> None:
-    """Run one stage alone, writing to runs/dvc/ (the fixed paths dvc.yaml declares); no Prefect, no MLflow."""
+    """Run one stage alone, writing to runs/dvc/ (the fixed paths dvc.yaml declares); no Prefect, no MLflow.
+
+    ``search`` starts a study of its own each time (runs/dvc/<method>/study.db), so `dvc repro` chooses the
+    same ratios from the same params and data whatever ran before."""
     cfg, root = _config(params, overrides)
     from pruneflow import stages, versioning
     from pruneflow.data import prepare_dataset
     from pruneflow.layout import ProjectLayout
     from pruneflow.preflight import check_model
+    from pruneflow.stores import sqlite_url
 
     layout = ProjectLayout(root, cfg)
     base_dir, data_path = layout.dvc_run_dir / "baseline", layout.dataset_dir
@@ -142,8 +190,12 @@ def stage(name: Stage = typer.Argument(..., help="which stage to run"), params: 
             check_model(cfg, stages.load_data(cfg, data_path))  # fails before training, not at its export
             stages.train_baseline(cfg, data_path, base_dir)
         elif name is Stage.search:
+            # The stage's own study, new at every run (DVC also removes it as an out): its choice then depends on
+            # params and data alone, not on the trials of earlier pipelines in runs/optuna.db.
+            storage = out_dir / "study.db"
+            storage.unlink(missing_ok=True)
             study = stages.study_name(cfg, method, versioning.read_md5(data_path))
-            stages.search(cfg, method, base_dir, data_path, out_dir, layout.study_storage, study)
+            stages.search(cfg, method, base_dir, data_path, out_dir, sqlite_url(storage), study)
         elif name is Stage.prune:
             stages.prune(cfg, method, base_dir, stages.read_json(out_dir / "search.json"), data_path, out_dir)
         elif name is Stage.retrain:
@@ -330,11 +382,17 @@ def export_run(
 def ui(params: Path = PARAMS, port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Start the MLflow UI on 127.0.0.1 against the project's tracking store (as ``make servers`` starts MLflow)."""
     cfg, root = _config(params, [])
-    from flows.servers import HOST, mlflow_command
+    from flows.servers import HOST, STATE_DIR, mlflow_command, port_free
+    from flows.watchdog import guard_children
     from pruneflow.layout import ProjectLayout
     from tasks.tracking import tracking_uri
 
+    if not port_free(port):
+        typer.echo(f"error: --port {port}: something already listens on {HOST}:{port} (another pruneflow ui?); stop "
+                   "it or choose another port", err=True)
+        raise typer.Exit(1)
     uri = tracking_uri(ProjectLayout(root, cfg))
+    guard_children(root / STATE_DIR)  # the MLflow server stops with this command, even on SIGKILL
     typer.echo(f"MLflow UI for {uri} at http://{HOST}:{port} (Ctrl-C stops it)")
     command, env = mlflow_command("ui", uri, port)
     raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))
