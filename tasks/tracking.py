@@ -51,7 +51,8 @@ def check_tracking(layout: ProjectLayout) -> None:
     other bad input stops before it starts.
     """
     uri = tracking_uri(layout)
-    source = "project.tracking_uri" if layout.cfg.project.tracking_uri else "$MLFLOW_TRACKING_URI"
+    from_env = not layout.cfg.project.tracking_uri and os.environ.get("MLFLOW_TRACKING_URI")
+    source = "$MLFLOW_TRACKING_URI" if from_env else "project.tracking_uri"
     if uri.startswith("sqlite:"):
         try:
             check_store(uri, "MLflow tracking store", source)
