@@ -110,11 +110,16 @@ def _end_own_runs(cfg: PipelineConfig, root: Path, status: str) -> None:
     cannot be written now (a full disk) is left alone: the next run on the project ends them as orphans."""
     from mlflow.entities import RunStatus
 
+    from pruneflow.concurrency import sqlite_file
     from pruneflow.layout import ProjectLayout
-    from tasks.tracking import Tracker
+    from tasks.tracking import Tracker, tracking_uri
 
+    layout = ProjectLayout(root, cfg)
+    store = sqlite_file(tracking_uri(layout))
+    if store is not None and not store.is_file():
+        return  # the flow failed before it opened the store: no runs, and no empty store to leave behind
     with contextlib.suppress(Exception):
-        Tracker.open(ProjectLayout(root, cfg)).end_own_runs(RunStatus.from_string(status))
+        Tracker.open(layout).end_own_runs(RunStatus.from_string(status))
 
 
 @app.command()
