@@ -201,8 +201,9 @@ def fail_stale(study: optuna.Study) -> None:
 def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Measure, probes: int = 5) -> None:
     """Fail before any fine-tuning if no ratio in the bounds meets the target.
 
-    ``ratio_high`` is tried first, then evenly spaced ratios below it: methods with one global threshold
-    (slimming, lamp) can remove *less* at a higher ratio, when a layer they would empty is left whole.
+    ``ratio_high`` is tried first, then evenly spaced ratios below it: a method that allocates per-layer ratios
+    itself (from data, or learnt masks) need not remove more at a higher ratio. (The global-threshold methods,
+    slimming and lamp, are monotone since ``PruningMethod.global_layer_ratios``.)
     """
     ratios = [cfg.ratio_high] + [cfg.ratio_low + (cfg.ratio_high - cfg.ratio_low) * i / probes for i in range(probes)]
     best = None
