@@ -1,6 +1,6 @@
 """Find the pruning ratio that removes a given share of MACs, for any method.
 
-Methods read ``PruneTarget.ratio`` differently (a uniform share per layer, a global share of channels, a cap
+Methods read ``PrunePlan.ratio`` differently (a uniform share per layer, a global share of channels, a cap
 on dead masks, a share of whole blocks), so equal ratios do not mean equal cost. To compare methods at one
 cost, bisect each method's ratio on prune-only trials until the measured MACs reduction is as close to the
 goal as channel rounding allows. Pruning is cheap next to training, so a few prunes per method are affordable.
@@ -15,8 +15,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruneflow.methods.base import Batches, PruneTarget, PruningMethod
+from pruneflow.methods.base import Batches, PruningMethod
 from pruneflow.metrics import count_macs_params, reductions
+from pruneflow.plan import PrunePlan
 
 
 @dataclass
@@ -108,7 +109,7 @@ def ratio_for_macs_reduction(method: PruningMethod, model: nn.Module, example_in
                              calib_batches: Batches | None = None, low: float = 0.0, high: float | None = None,
                              steps: int = 8, scan: int = 0, tolerance: float = 0.005, seed: int | None = 0,
                              log: Callable[[str], None] | None = None) -> RatioForTarget:
-    """The ``PruneTarget.ratio`` at which ``method`` removes ``goal`` of ``model``'s MACs (e.g. 0.5).
+    """The ``PrunePlan.ratio`` at which ``method`` removes ``goal`` of ``model``'s MACs (e.g. 0.5).
 
     Each trial prunes a deep copy of ``model`` (which is left untouched) with the same ``round_to`` and
     ``max_layer_ratio`` the real prune will use, and counts MACs with ``count_macs_params`` on one example
@@ -129,8 +130,8 @@ def ratio_for_macs_reduction(method: PruningMethod, model: nn.Module, example_in
         trial = copy.deepcopy(model)
         if seed is not None:
             torch.manual_seed(seed)
-        target = PruneTarget(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio)
-        method.prune(trial, example_inputs, target, calib_batches)
+        method.prune(trial, example_inputs, PrunePlan(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio),
+                     calib_batches)
         reduction = reductions(trial, example, base_macs, base_params, method.structured)["macs_reduction"]
         if log:
             log(f"{method.name}: ratio {ratio:.4f} -> reduction {reduction:.4f} (goal {goal:.3f})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,18 @@ DVC = [sys.executable, "-m", "dvc"]  # the dvc of this environment, whatever PAT
 
 class VersioningError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """A prepared dataset folder and the md5 DVC recorded for it (what identifies the data downstream)."""
+
+    path: Path
+    md5: str
+
+    @classmethod
+    def read(cls, path: Path) -> DataVersion:
+        return cls(path, read_md5(path))
 
 
 def _run(args: list[str], cwd: Path) -> str:

@@ -4,7 +4,7 @@ In a plain chain a layer's output channels belong to one conv; in a residual sta
 shortcut conv and of every block's last conv are one dependency group and can only go together. Methods
 that decide per layer (a ratio from a layer statistic, a precomputed score per channel) decide per group,
 so what they decide is exactly what the DependencyGraph can remove. A group is named by its root module:
-the name ``PruneTarget.layer_ratios`` takes.
+the name ``PrunePlan.layer_ratios`` and ``PrunePlan.kept_channels`` take.
 """
 
 from __future__ import annotations
@@ -108,11 +108,6 @@ def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
     if round_to:
         kept = min(channels, math.ceil(kept / round_to) * round_to)
     return kept
-
-
-def exact_ratio(channels: int, kept: int) -> float:
-    """The ratio for which Torch-Pruning keeps exactly ``kept`` channels (it keeps int(C·(1 − ratio)))."""
-    return max(0.0, (channels - kept - 0.5) / channels)
 
 
 class ScoreImportance(tp.importance.Importance):
