@@ -176,7 +176,7 @@ def search_worker(
     from pruneflow import stages
     from pruneflow.layout import ProjectLayout
     from pruneflow.search import worker_id
-    from pruneflow.versioning import DataVersion
+    from pruneflow.versioning import DataVersion, read_md5
 
     fixed = stages.fixed_plan(cfg, method)
     if fixed is not None:
@@ -184,7 +184,7 @@ def search_worker(
         raise typer.Exit(2)
     layout = ProjectLayout(root, cfg)
     try:
-        data = DataVersion.read(layout.dataset_dir)
+        data = DataVersion(layout.dataset_dir, read_md5(layout.dataset_dir))
         if not layout.dataset_dir.is_dir():
             raise FileNotFoundError(f"{layout.dataset_dir} is missing: `dvc pull` it or run `pruneflow stage data`")
         project = stages.project_run(layout, data, layout.runs_dir)  # a worker adds trials, it writes no run files

@@ -66,7 +66,7 @@ class ProjectLayout:
 
     def dvc_run(self) -> ProjectRun:
         """The run ``pruneflow stage`` (and so ``dvc repro``) makes: fixed paths under runs/dvc/, as DVC needs."""
-        return ProjectRun(self, DataVersion.read(self.dataset_dir), self.dvc_run_dir / "baseline", self.dvc_run_dir)
+        return ProjectRun(self, DataVersion(self.dataset_dir), self.dvc_run_dir / "baseline", self.dvc_run_dir)
 
 
 @dataclass(frozen=True)

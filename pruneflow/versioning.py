@@ -22,14 +22,18 @@ class VersioningError(RuntimeError):
 
 @dataclass(frozen=True)
 class DataVersion:
-    """A prepared dataset folder and the md5 DVC recorded for it (what identifies the data downstream)."""
+    """A prepared dataset folder and the md5 DVC recorded for it (what identifies the data downstream).
+
+    Without ``known_md5`` the md5 is read from ``<folder>.dvc`` when first asked for: only some stages need
+    it (the search names its study by it), and the others should fail on what they miss themselves.
+    """
 
     path: Path
-    md5: str
+    known_md5: str | None = None
 
-    @classmethod
-    def read(cls, path: Path) -> DataVersion:
-        return cls(path, read_md5(path))
+    @property
+    def md5(self) -> str:
+        return self.known_md5 if self.known_md5 is not None else read_md5(self.path)
 
 
 def _run(args: list[str], cwd: Path) -> str:

@@ -91,7 +91,7 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
     if method is None or parent_id is None or "pruneflow.trial" in logged.data.tags:
         raise LookupError(f"run {run_id} is not a pruneflow method run (a child of a pipeline run, tagged pruneflow.method)")
     used_md5 = tracker.client.get_run(parent_id).data.tags.get("pruneflow.data_md5")
-    data = DataVersion.read(layout.dataset_dir)
+    data = DataVersion(layout.dataset_dir)
     if used_md5 != data.md5:
         raise ValueError(f"run {run_id} used data {used_md5}, but {layout.dataset_dir} is now {data.md5}: "
                          "calibration and checks would run on other data")
