@@ -53,7 +53,7 @@ def preflight(cfg: PipelineConfig, root: Path, log: Callable[[str], None]) -> No
     check_inputs(cfg, root, log)
 
 
-def flat(outcome: dict | Any) -> dict:
+def flat(outcome: Any) -> dict[str, Any]:
     """A timed stage's result as the comparison and the champion's choice read it: metrics, or a result's fields."""
     return outcome if isinstance(outcome, dict) else outcome.as_dict()
 
