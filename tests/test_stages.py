@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 from torch import nn
+from typer.testing import CliRunner
 
+from flows.cli import app
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import PipelineConfig
 from pruneflow.layout import ProjectLayout
@@ -62,6 +64,12 @@ def test_dvc_yaml_declares_what_each_stage_of_the_table_reads_and_writes(tmp_pat
 
         assert covers(deps, relative(stage.reads)), (name, deps, relative(stage.reads))
         assert covers(outs, relative(stage.writes)), (name, outs, relative(stage.writes))
+
+
+def test_pruneflow_stage_runs_the_stages_of_the_table(project):
+    done = CliRunner().invoke(app, ["stage", "nope", "--params", str(project / "params.yaml")])
+    assert done.exit_code == 2
+    assert f"no stage nope: choose one of data, {', '.join(STAGES)}, compare" in done.output
 
 
 def test_a_plan_and_what_the_search_decided_round_trip_through_json():
