@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from pruneflow.image_quality import psnr_y, ssim_y
 
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (inputs, targets) pairs: a loader, or a plain list
 Scores = Callable[[torch.Tensor, torch.Tensor], dict[str, float]]
 
 
@@ -60,8 +61,7 @@ def task_of(targets: torch.Tensor) -> Task:
     return SUPER_RESOLUTION if targets.is_floating_point() else CLASSIFICATION
 
 
-def mean_scores(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                predict: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+def mean_scores(batches: Batches, predict: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
     """Every metric of the task, averaged over all samples of ``batches``, the main metric first; ``predict``
     maps inputs to outputs (a PyTorch model, or an exported file run the way it is deployed)."""
     sums: dict[str, float] = {}

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from pruneflow.config import TrainConfig
-from pruneflow.methods.base import Regularizer
-from pruneflow.task import mean_scores, task_of
+from pruneflow.task import Batches, mean_scores, task_of
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Regularizer = Callable[[nn.Module], torch.Tensor]  # a sparsity term added to the loss (pruning methods give them)
 
 
 @dataclass

@@ -16,9 +16,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pruneflow.metrics import PRUNABLE, LayerChange, layer_changes, layer_stats
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-Regularizer = Callable[[nn.Module], torch.Tensor]
+from pruneflow.task import Batches
+from pruneflow.training import Regularizer
 
 
 class NoParams(BaseModel):
