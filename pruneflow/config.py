@@ -118,13 +118,6 @@ class SearchConfig(Section):
     def _consistent(self) -> "SearchConfig":
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
-        from pruneflow.task import TASKS
-
-        quality = {task.metric for task in TASKS.values()}  # each task's main metric: the first objective
-        if (self.objectives[0] not in quality or len(self.objectives) > 2
-                or any(name in quality for name in self.objectives[1:])):
-            raise ValueError(f"objectives must be [<metric>] or [<metric>, <cost>] with metric accuracy or psnr, "
-                             f"got {self.objectives}")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
             raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
         return self
@@ -214,39 +207,6 @@ class PipelineConfig(Section):
                 node.setdefault(key, copy.deepcopy(value))
         return data
 
-    @model_validator(mode="after")
-    def _parts_fit_task(self) -> "PipelineConfig":
-        """Dataset, model, search objective and methods must all be of this task, or the run fails hours in."""
-        from pruneflow.data import DATASETS
-        from pruneflow.methods import METHODS, method_name
-        from pruneflow.models import accepts
-        from pruneflow.task import TASKS
-
-        task = TASKS[self.task]
-        dataset = DATASETS.get(self.data.dataset)
-        if dataset.task != self.task:
-            raise ValueError(f"data.dataset: {self.data.dataset} is a {dataset.task} dataset, not {self.task} (task)")
-        if self.search.objectives[0] != task.metric:
-            raise ValueError(f"search.objectives: task {self.task} optimises {task.metric}, got {self.search.objectives}")
-        wrong = [name for name in self.methods if self.task not in METHODS.get(method_name(name)).tasks]
-        if wrong:
-            raise ValueError(f"methods: {', '.join(wrong)} cannot prune {self.task} models")
-        needed = "upscale_factor" if self.task == "super_resolution" else "num_classes"
-        if not accepts(self.model.name, needed):
-            raise ValueError(f"model.name: {self.model.name} takes no {needed}, so it is not a {self.task} model")
-        return self
-
-    @model_validator(mode="after")
-    def _space_fits_methods(self) -> "PipelineConfig":
-        from pruneflow.methods import METHODS, method_name
-
-        if self.search.space != "global" and self.prune.ratio is None:
-            fixed = [name for name in self.methods if not METHODS.get(method_name(name)).accepts_layer_ratios]
-            if fixed:
-                raise ValueError(f"search.space {self.search.space}: {', '.join(fixed)} choose per-layer ratios "
-                                 "themselves; search them with space: global")
-        return self
-
     @field_validator("methods", mode="before")
     @classmethod
     def _methods_as_dict(cls, value: Any) -> Any:
@@ -263,38 +223,12 @@ class PipelineConfig(Section):
 
     @field_validator("methods")
     @classmethod
-    def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from pruneflow.methods import METHODS, method_name
-
+    def _method_entries(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not value:
             raise ValueError("at least one pruning method is required")
-        for name, params in value.items():
+        for name in value:
             if not METHOD_ENTRY.fullmatch(name):
                 raise ValueError(f"{name}: an entry is <method> or <method>-<label> (label: letters, digits, _ or -)")
-            try:
-                method = METHODS.get(method_name(name))  # raises with the list of known names
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}" if "-" in name else str(err)) from None
-            try:
-                method.Params.model_validate(params)
-            except ValidationError as err:
-                raise ValueError(f"{name}: {_describe(err)}") from None
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _model_known(cls, value: ModelConfig) -> ModelConfig:
-        from pruneflow.models import resolve_model
-
-        resolve_model(value.name)
-        return value
-
-    @field_validator("data")
-    @classmethod
-    def _dataset_known(cls, value: DataConfig) -> DataConfig:
-        from pruneflow.data import DATASETS
-
-        DATASETS.get(value.dataset).check_config(value)
         return value
 
     def fingerprint(self, *sections: str) -> str:
@@ -350,13 +284,21 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def validate(tree: dict[str, Any], source: str = "params") -> PipelineConfig:
+    """The schema's checks, then those of the names it holds against the registries (``pruneflow.registered``)."""
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+        raise ConfigError(f"{source}: {describe(err)}") from None
+    from pruneflow.registered import check_registered  # the registries import torch: the schema alone stays light
+
+    try:
+        check_registered(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
 
 
-def _describe(err: ValidationError) -> str:
+def describe(err: ValidationError) -> str:
     """One line per problem, each naming the dotted key: the form users can paste into ``-S``."""
     lines = []
     for problem in err.errors():
