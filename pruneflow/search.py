@@ -27,6 +27,7 @@ from typing import Callable
 import optuna
 import sqlalchemy.exc
 
+from pruneflow.bisection import bisect
 from pruneflow.concurrency import owner_alive, store_lock
 from pruneflow.config import SearchConfig
 
@@ -106,13 +107,11 @@ def fit_to_target(ratios: dict[str, float], params: dict[str, list[str]], cfg: S
     def meets(factor: float) -> bool:
         return target_gap(cfg, measure(plan_from(scaled(factor), params))) <= 0
 
-    low, high = 0.0, cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``high`` every ratio is ratio_high
-    if not meets(high):
-        return scaled(high)
-    for _ in range(steps):
-        middle = (low + high) / 2
-        low, high = (low, middle) if meets(middle) else (middle, high)
-    return scaled(high)
+    top = cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``top`` every ratio is ratio_high
+    if not meets(top):
+        return scaled(top)
+    _, smallest = bisect(lambda factor: 1 if meets(factor) else -1, 0.0, top, steps)
+    return scaled(smallest)
 
 
 def plan_from(ratios: dict[str, float], params: dict[str, list[str]]) -> TrialPlan:

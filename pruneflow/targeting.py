@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruneflow.bisection import bisect
 from pruneflow.methods.base import Batches, PruneTarget, PruningMethod
 from pruneflow.metrics import count_macs_params, reductions
 
@@ -75,6 +76,10 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     def close(reduction: float) -> bool:
         return abs(reduction - goal) <= tolerance
 
+    def side(ratio: float) -> int:
+        reduction = measure(ratio)
+        return 0 if close(reduction) else -1 if reduction < goal else 1
+
     if scan:
         previous = low
         for index in range(1, scan + 1):
@@ -94,12 +99,7 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
             return result()
         if low > 0.0 and measure(low) >= goal:
             return result()  # even the low end removes enough
-    for _ in range(steps):
-        middle = (low + high) / 2
-        reduction = measure(middle)
-        if close(reduction):
-            break
-        low, high = (middle, high) if reduction < goal else (low, middle)
+    bisect(side, low, high, steps)
     return result()
 
 

@@ -24,6 +24,7 @@ import torch_pruning as tp
 from pydantic import BaseModel
 from torch import nn
 
+from pruneflow.bisection import bisect
 from pruneflow.methods import register_method
 from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod
 from pruneflow.methods.grafting import GraftingParams, graft_retrain, weight_entropy
@@ -75,11 +76,9 @@ def allocate(groups: list[ChannelGroup], richness: list[float], target: PruneTar
         return [kept_channels(group.channels, min(lambda_min * top / max(value, 1e-12), cap), target.round_to)
                 for group, value in zip(groups, richness)]
 
-    low, high = 0.0, cap  # at λ_min = cap every layer is clipped to the cap
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if removed(kept_at(middle)) < goal else (low, middle)
-    best = min((low, high), key=lambda lambda_min: abs(removed(kept_at(lambda_min)) - goal))
+    # at λ_min = cap every layer is clipped to the cap
+    ends = bisect(lambda lambda_min: -1 if removed(kept_at(lambda_min)) < goal else 1, 0.0, cap, BISECTION_STEPS)
+    best = min(ends, key=lambda lambda_min: abs(removed(kept_at(lambda_min)) - goal))
     return kept_at(best), best
 
 
