@@ -49,9 +49,9 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     the bisection runs inside the first interval where the reduction crosses the goal. Use a scan when the
     reduction may not be monotone: Torch-Pruning's own ``round_to`` rounds each layer's kept channels *down*
     and skips a layer it would empty (with ``round_to=8`` a ratio in (0, 0.5] halves a 16-channel layer and a
-    larger one leaves it whole). pruneflow's uniform methods avoid that (``base.rounded_ratio``), but the
-    global-threshold methods (slimming, lamp) still meet it, and selection-based methods (adversarial's λ
-    grid) can jump.
+    larger one leaves it whole). The methods that count kept channels themselves avoid that
+    (``base.kept_channels``), but the global-threshold methods (slimming, lamp) still meet it, and
+    selection-based methods (adversarial's λ grid) can jump.
 
     Either phase stops as soon as a trial lands within ``tolerance`` of the goal. The result is the closest
     trial seen; on a tie the one at or above the goal wins, then the smaller ratio.

@@ -21,9 +21,10 @@ BCE(D(teacher), 1) + BCE(D(student), 0). Channels whose mask reaches 0 are remov
   loss's pull on it stays below λ, so λ ∈ (0, 1) is a threshold on the channel's importance: on that
   ResNet-20, five passes at lr 0.05 killed 1 / 15 / 85 / 331 / 424 of 432 masks at λ = 0.1 / 0.3 / 0.5 /
   0.7 / 0.9. A non-finite loss still stops the method with an error naming ``mask_lr``.
-- Where the ratio target enters: a layer loses at most ``target.ratio`` (and ``max_layer_ratio``) of its
-  channels, however many masks died, so the search's ratio still caps the cut; rounding to ``round_to``
-  keeps more channels, never removes a live one.
+- Where the ratio target enters: a layer loses the share of its channels whose masks died, at most
+  ``target.ratio`` (and ``max_layer_ratio``), so the search's ratio still caps the cut. The count kept is
+  rounded as every method rounds it (``base.kept_channels``), so rounding may keep a dead channel or remove
+  the live one with the lowest mask.
 - Selection: one candidate per λ in ``lambdas``; each is fine-tuned for ``finetune_epochs`` on all
   calibration batches but the last and scored on the last (on all of them when there is only one). The
   candidate that removes the most channels with accuracy ≥ the teacher's − δ wins, else the most accurate.
@@ -43,8 +44,8 @@ from torch import nn
 from pruneflow import training
 from pruneflow.config import TrainConfig
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, exact_ratio, kept_channels
+from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, exact_ratio, kept_channels
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
 
 LabelledBatches = list[tuple[torch.Tensor, torch.Tensor]]
 

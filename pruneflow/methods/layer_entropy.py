@@ -26,9 +26,9 @@ from torch import nn
 
 from pruneflow.bisection import bisect
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod
+from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, exact_ratio, kept_channels
 from pruneflow.methods.grafting import GraftingParams, graft_retrain, weight_entropy
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, exact_ratio, kept_channels
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
 from pruneflow.metrics import layer_stats
 
 BISECTION_STEPS = 50

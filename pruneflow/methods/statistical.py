@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, TrainingRecorder
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, exact_ratio, kept_channels
+from pruneflow.methods.base import (Batches, PruneResult, PruneTarget, PruningMethod, TrainingRecorder, exact_ratio,
+                                    kept_channels)
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
 from pruneflow.metrics import PRUNABLE
 
 
