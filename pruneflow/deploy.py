@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
+from tabulate import tabulate
 from torch import nn
 
 from pruneflow.checkpoint import ModelSpec
@@ -153,14 +154,14 @@ def report(deployment: Deployment, cfg: PipelineConfig) -> str:
                      f"{task.unit} ({m.get(f'int8_{task.metric}_drop', float('nan')):+.2f} vs fp32 ONNX)",
     }
     lines = [f"# Export for target `{deployment.target}` (opset {cfg.export.opset})", "",
-             "| file | format | check |", "|---|---|---|"]
-    lines += [f"| {Path(path).name} | {DESCRIPTIONS[fmt]} | {checks[fmt]} |" for fmt, path in deployment.files.items()]
+             tabulate([[Path(path).name, DESCRIPTIONS[fmt], checks[fmt]] for fmt, path in deployment.files.items()],
+                      ["file", "format", "check"], tablefmt="github", disable_numparse=True)]
     timings = {key: value for key, value in m.items() if "latency_ms" in key or "speedup" in key}
     if timings:
         lines += ["", f"Latency: ONNX Runtime, {cfg.evaluate.threads} threads, median of {cfg.evaluate.latency_repeats} "
                       "interleaved runs on real test images (int8_speedup: fp32 ONNX ÷ int8, same pruned model).", "",
-                  "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4g} |" for key, value in timings.items()]
+                  tabulate([[key, f"{value:.4g}"] for key, value in timings.items()], ["metric", "value"],
+                           tablefmt="github", disable_numparse=True)]
     lines += ["", f"Device latency: {deployment.device_latency}."]
     return "\n".join(lines) + "\n"
 
