@@ -21,10 +21,13 @@ class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key or file at fault."""
 
 
-# (key path, value) a super-resolution config gets where it does not say otherwise; slimming, a default
-# method, needs BatchNorm, which ESPCN has none of
-SR_DEFAULTS = ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"), (("search", "objectives"), ["psnr"]),
-               (("methods",), {"l1": {}, "layer_entropy": {}, "random": {}}))
+# (key path, value) a config of the task gets where it does not say otherwise (the schema's defaults are the
+# classification ones); slimming, a default method, needs BatchNorm, which ESPCN has none of
+TASK_DEFAULTS = {
+    "super_resolution": ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"),
+                         (("search", "objectives"), ["psnr"]),
+                         (("methods",), {"l1": {}, "layer_entropy": {}, "random": {}})),
+}
 # a methods entry: a registered method name (lowercase, digits, _), optionally -<label>; "@" would break DVC's
 # foreach stage names (search@<entry>), "." and "=" the -S overrides (methods.<entry>.<param>=value)
 METHOD_ENTRY = re.compile(r"[a-z0-9_]+(-[A-Za-z0-9_-]+)?")
@@ -194,10 +197,12 @@ class PipelineConfig(Section):
         """``task: super_resolution`` alone makes a working config: the dataset, model, search objective and
         methods not given default to the task's (built-in skimage images, ESPCN, PSNR, methods that work without
         BatchNorm) instead of the digits ones."""
-        if not isinstance(data, dict) or data.get("task") != "super_resolution":
+        task = data.get("task") if isinstance(data, dict) else None
+        if not isinstance(task, str) or task not in TASK_DEFAULTS:
             return data
+        defaults = TASK_DEFAULTS[task]
         data = copy.deepcopy(data)
-        for (*sections, key), value in SR_DEFAULTS:
+        for (*sections, key), value in defaults:
             node = data
             for section in sections:
                 if node.get(section) is None:

@@ -78,9 +78,8 @@ def _parts_fit_task(cfg: PipelineConfig) -> None:
     wrong = [name for name in cfg.methods if cfg.task not in METHODS.get(method_name(name)).tasks]
     if wrong:
         raise ValueError(f"methods: {', '.join(wrong)} cannot prune {cfg.task} models")
-    needed = "upscale_factor" if cfg.task == "super_resolution" else "num_classes"
-    if not accepts(cfg.model.name, needed):
-        raise ValueError(f"model.name: {cfg.model.name} takes no {needed}, so it is not a {cfg.task} model")
+    if not accepts(cfg.model.name, task.model_argument):
+        raise ValueError(f"model.name: {cfg.model.name} takes no {task.model_argument}, so it is not a {cfg.task} model")
 
 
 def _space_fits_methods(cfg: PipelineConfig) -> None:
