@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pruneflow.profiles import PROFILES
+
 
 class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key or file at fault."""
@@ -154,8 +156,9 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     target: Literal["cpu", "jetson", "generic-gpu"] = Field(
-        "cpu", description="deployment profile: which formats are written, the opset, where latency is measured")
-    opset: int = Field(18, ge=13, description="ONNX opset; null: the target's (jetson 17, else 18)")
+        "cpu", description="deployment profile (pruneflow.profiles): which formats are written, the opset, where "
+                           "latency is measured")
+    opset: int = Field(18, ge=13, description="ONNX opset; null: the target profile's (jetson 17, else 18)")
     atol: float = Field(1e-4, ge=0, description="max |onnx - torch| (fp32 ONNX, TorchScript) on real inputs")
     fp16_rtol: float = Field(1e-2, ge=0, description="max |fp16 onnx - torch| as a share of the largest |output|")
     parity_batches: int = Field(2, ge=1)
@@ -168,9 +171,11 @@ class ExportConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _target_opset(cls, data: Any) -> Any:
-        """No opset given: the target's. TensorRT 8.5 (JetPack 5) reads opset 17 at most; 18 elsewhere."""
+        """No opset given: the target profile's (an unknown target fails on its own key)."""
         if isinstance(data, dict) and data.get("opset") is None:
-            return {**data, "opset": 17 if data.get("target") == "jetson" else 18}
+            target = data.get("target", "cpu")
+            known = isinstance(target, str) and target in PROFILES
+            return {**data, "opset": PROFILES[target if known else "cpu"].opset}
         return data
 
 
