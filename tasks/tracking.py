@@ -92,9 +92,8 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def pinned_requirements(*packages: str) -> list[str]:
     """``pkg==<installed version>`` for a logged model's ``pip_requirements``.
 
-    Without them MLflow infers the requirements by loading the model in a subprocess: 4.7 s per logged
-    model here, against 0.04 s. The packages that load a pruneflow model are known (the same ones inference
-    found), so name them.
+    Without them MLflow infers the requirements by loading the model in a subprocess, seconds per logged
+    model. The packages that load a pruneflow model are known (the same ones inference found), so name them.
     """
     return [f"{package}=={version(package)}" for package in packages]
 
