@@ -26,7 +26,9 @@ from typing import Callable
 
 import optuna
 import sqlalchemy.exc
+from tabulate import tabulate
 
+from pruneflow.bisection import bisect
 from pruneflow.concurrency import owner_alive, store_lock
 from pruneflow.config import SearchConfig
 from pruneflow.plan import PlanOrigin, PrunePlan
@@ -119,13 +121,11 @@ def fit_to_target(ratios: dict[str, float], space: SearchSpace, cfg: SearchConfi
     def meets(factor: float) -> bool:
         return target_gap(cfg, measure(space.plan(scaled(factor)))) <= 0
 
-    low, high = 0.0, cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``high`` every ratio is ratio_high
-    if not meets(high):
-        return scaled(high)
-    for _ in range(steps):
-        middle = (low + high) / 2
-        low, high = (low, middle) if meets(middle) else (middle, high)
-    return scaled(high)
+    top = cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``top`` every ratio is ratio_high
+    if not meets(top):
+        return scaled(top)
+    _, smallest = bisect(lambda factor: 1 if meets(factor) else -1, 0.0, top, steps)
+    return scaled(smallest)
 
 
 def target_gap(cfg: SearchConfig, costs: dict[str, float]) -> float:
@@ -377,45 +377,51 @@ def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int, lim
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     done.sort(key=lambda t: (target_gap(cfg, t.user_attrs) <= 0, metric_of(t)), reverse=True)
     costs = [c for c in COST_METRICS if any(c in t.user_attrs for t in done)]
-    lines = [f"| trial | {cfg.objectives[0]} | {' | '.join(costs)} | meets target | ratios |",
-             "|" + "---|" * (len(costs) + 4)]
-    for t in done[:limit]:
-        mark = " (chosen)" if t.number == chosen else ""
-        cells = " | ".join(f"{t.user_attrs[c]:.3f}" if c in t.user_attrs else "" for c in costs)
-        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial_ratios(t).items())
-        lines.append(f"| {t.number}{mark} | {metric_of(t):.2f} | {cells} | {target_gap(cfg, t.user_attrs) <= 0} | {ratios} |")
-    return "\n".join(lines) + "\n"
+    rows = [[f"{t.number}{' (chosen)' if t.number == chosen else ''}", f"{metric_of(t):.2f}",
+             *(f"{t.user_attrs[c]:.3f}" if c in t.user_attrs else "" for c in costs),
+             str(target_gap(cfg, t.user_attrs) <= 0),
+             ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial_ratios(t).items())]
+            for t in done[:limit]]
+    headers = ["trial", cfg.objectives[0], *costs, "meets target", "ratios"]
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True) + "\n"
 
 
 def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) -> Path:
-    """Optimisation history and the metric vs the target metric (Pareto front joined), as one PNG."""
+    """One PNG: Optuna's optimisation history (trials that miss the target in grey) beside the metric vs the
+    target metric, with the Pareto front of the trials that meet it; the chosen trial starred in both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history
 
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    feasible = feasible_trials(study, cfg)
-    figure, (history, tradeoff) = plt.subplots(1, 2, figsize=(11, 4))
-    for group, style, label in ((done, "o", "completed"), (feasible, "s", "meets target")):
-        history.plot([t.number for t in group], [metric_of(t) for t in group], style, mfc="none", label=label)
-        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [metric_of(t) for t in group], style,
-                      mfc="none", label=label)
-    front = sorted(pareto_front(feasible, cfg), key=lambda t: t.user_attrs[cfg.target.metric]) if feasible else []
-    tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [metric_of(t) for t in front], "-",
-                  label="Pareto front")
-    for t in done:
-        if t.number == chosen:
-            history.plot([t.number], [metric_of(t)], "r*", ms=14, label="chosen")
-            tradeoff.plot([t.user_attrs[cfg.target.metric]], [metric_of(t)], "r*", ms=14, label="chosen")
-    tradeoff.axvline(cfg.target.value, color="grey", ls="--", label="target")
     label = f"validation {cfg.objectives[0]}"
-    history.set(xlabel="trial", ylabel=label, title="optimisation history")
-    tradeoff.set(xlabel=cfg.target.metric, ylabel=label, title=f"{cfg.objectives[0]} vs target metric")
-    history.legend(fontsize=8)
-    tradeoff.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
+    with matplotlib.rc_context(), warnings.catch_warnings():  # Optuna's plot sets a style: keep it to this figure
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        history = plot_optimization_history(study, target=metric_of if cfg.multi_objective else None,
+                                            target_name=label)
+        figure = history.figure
+        figure.set_size_inches(11, 4)
+        grid = figure.add_gridspec(1, 2)
+        history.set_subplotspec(grid[0])
+        tradeoff = figure.add_subplot(grid[1])
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        feasible = feasible_trials(study, cfg)
+        for group, style, name in ((done, "o", "completed"), (feasible, "s", "meets target")):
+            tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [metric_of(t) for t in group], style,
+                          mfc="none", label=name)
+        front = sorted(pareto_front(feasible, cfg), key=lambda t: t.user_attrs[cfg.target.metric]) if feasible else []
+        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [metric_of(t) for t in front], "-",
+                      label="Pareto front")
+        for t in done:
+            if t.number == chosen:
+                history.plot([t.number], [metric_of(t)], "r*", ms=14, label="chosen")
+                tradeoff.plot([t.user_attrs[cfg.target.metric]], [metric_of(t)], "r*", ms=14, label="chosen")
+        tradeoff.axvline(cfg.target.value, color="grey", ls="--", label="target")
+        tradeoff.set(xlabel=cfg.target.metric, ylabel=label, title=f"{cfg.objectives[0]} vs target metric")
+        history.legend(fontsize=8)
+        tradeoff.legend(fontsize=8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=90)
     plt.close(figure)
     return path

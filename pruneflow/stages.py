@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from pruneflow import deploy
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
@@ -510,15 +511,16 @@ EFFICIENCY_NOTE = ("speedup_efficiency = speedup ÷ (MACs before / MACs after): 
 
 
 def method_report(method: str, metrics: dict[str, Any], layers_path: Path) -> str:
-    lines = [f"# {method}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items()]
+    lines = [f"# {method}", "", tabulate([[key, f"{value:.4g}"] for key, value in metrics.items()],
+                                         ["metric", "value"], tablefmt="github", disable_numparse=True)]
     lines += ["", EFFICIENCY_NOTE]
     if layers_path.is_file():
         summary = PruneSummary.from_dict(read_json(layers_path))
+        columns = ["name", "channels_before", "channels_after", "macs_before", "macs_after"]
         lines += ["", f"Pruned {summary.plan.describe()}. {summary.notes}".rstrip(), "",
-                  "| layer | channels before | channels after | MACs before | MACs after |", "|---|---|---|---|---|"]
-        lines += [f"| {l['name']} | {l['channels_before']} | {l['channels_after']} | {l['macs_before']} | {l['macs_after']} |"
-                  for l in summary.layers]
+                  tabulate([[layer[c] for c in columns] for layer in summary.layers],
+                           ["layer", "channels before", "channels after", "MACs before", "MACs after"],
+                           tablefmt="github", disable_numparse=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -529,16 +531,14 @@ def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_
     quality = (*TASKS[task].metrics, TASKS[task].drop)
     columns = (*quality, "macs_reduction", "params_reduction", "size_mb", "latency_ms", "speedup",
                f"speedup_b{large_batch}", "speedup_efficiency")
-    header = "| model | " + " | ".join(columns) + " |"
-    rows = [header, "|" + "---|" * (len(columns) + 1)]
     # The baseline's latency is measured beside each method's (same session, interleaved); show their median.
     base_latency = sorted(m["baseline_latency_ms"] for m in methods.values() if "baseline_latency_ms" in m)
     base = {**baseline, TASKS[task].drop: 0.0, "macs_reduction": 0.0, "params_reduction": 0.0, "speedup": 1.0,
             f"speedup_b{large_batch}": 1.0, "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
-    for name, metrics in [("baseline", base), *methods.items()]:
-        cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join([*rows, "", EFFICIENCY_NOTE]) + "\n"
+    rows = [[name, *(f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns)]
+            for name, metrics in [("baseline", base), *methods.items()]]
+    table = tabulate(rows, ["model", *columns], tablefmt="github", disable_numparse=True)
+    return "\n".join([table, "", EFFICIENCY_NOTE]) + "\n"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruneflow.bisection import bisect
 from pruneflow.methods.base import Batches, PruningMethod
 from pruneflow.metrics import count_macs_params, reductions
 from pruneflow.plan import PrunePlan
@@ -49,9 +50,9 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     the bisection runs inside the first interval where the reduction crosses the goal. Use a scan when the
     reduction may not be monotone: Torch-Pruning's own ``round_to`` rounds each layer's kept channels *down*
     and skips a layer it would empty (with ``round_to=8`` a ratio in (0, 0.5] halves a 16-channel layer and a
-    larger one leaves it whole). pruneflow's uniform methods avoid that (``base.rounded_ratio``), but the
-    global-threshold methods (slimming, lamp) still meet it, and selection-based methods (adversarial's λ
-    grid) can jump.
+    larger one leaves it whole). The methods that count kept channels themselves avoid that
+    (``base.kept_channels``), but the global-threshold methods (slimming, lamp) still meet it, and
+    selection-based methods (adversarial's λ grid) can jump.
 
     Either phase stops as soon as a trial lands within ``tolerance`` of the goal. The result is the closest
     trial seen; on a tie the one at or above the goal wins, then the smaller ratio.
@@ -76,6 +77,10 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     def close(reduction: float) -> bool:
         return abs(reduction - goal) <= tolerance
 
+    def side(ratio: float) -> int:
+        reduction = measure(ratio)
+        return 0 if close(reduction) else -1 if reduction < goal else 1
+
     if scan:
         previous = low
         for index in range(1, scan + 1):
@@ -95,12 +100,7 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
             return result()
         if low > 0.0 and measure(low) >= goal:
             return result()  # even the low end removes enough
-    for _ in range(steps):
-        middle = (low + high) / 2
-        reduction = measure(middle)
-        if close(reduction):
-            break
-        low, high = (middle, high) if reduction < goal else (low, middle)
+    bisect(side, low, high, steps)
     return result()
 
 

@@ -17,9 +17,8 @@ from torch import nn
 
 from pruneflow.metrics import PRUNABLE, LayerChange, layer_changes, layer_stats
 from pruneflow.plan import PrunePlan
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-Regularizer = Callable[[nn.Module], torch.Tensor]
+from pruneflow.task import Batches
+from pruneflow.training import Regularizer
 
 
 class NoParams(BaseModel):
@@ -87,12 +86,16 @@ class PruningMethod:
 
     @staticmethod
     def layer_ratios(model: nn.Module, plan: PrunePlan) -> dict[nn.Module, float]:
-        """Per-layer ratios for uniform pruning: ``layer_ratios`` or ``ratio``, rounded as ``rounded_ratio`` says,
-        and the exact ratio of each group listed in ``kept_channels``."""
-        return {module: exact_ratio(module.weight.shape[0], plan.kept_channels[name]) if name in plan.kept_channels
-                else rounded_ratio(module.weight.shape[0], min(plan.layer_ratios.get(name, plan.ratio),
-                                                               plan.max_layer_ratio), plan.round_to)
-                for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
+        """Per-layer ratios for uniform pruning: the exact ratio of each group listed in ``kept_channels``, else
+        ``layer_ratios`` or ``ratio`` with the channels kept rounded as ``kept_channels`` says."""
+        ratios = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PRUNABLE):
+                channels = module.weight.shape[0]
+                ratio = min(plan.layer_ratios.get(name, plan.ratio), plan.max_layer_ratio)
+                kept = plan.kept_channels.get(name, kept_channels(channels, ratio, plan.round_to))
+                ratios[module] = exact_ratio(channels, kept)
+        return ratios
 
     def calibrate(self, model: nn.Module, batches: Batches) -> None:
         """Data-driven methods gather what their importance needs (gradients, activations) here."""
@@ -140,24 +143,26 @@ class TrainingRecorder:
         raise NotImplementedError
 
 
-def rounded_ratio(channels: int, ratio: float, round_to: int | None) -> float:
-    """The ratio at which Torch-Pruning keeps ``channels·(1−ratio)`` rounded to the *nearest* multiple of
-    ``round_to`` (at least one multiple).
+def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
+    """The channels a layer keeps when ``ratio`` of them go: ``channels·(1 − ratio)`` rounded to the nearest
+    multiple of ``round_to`` (of 1 without it), at least one multiple, so a layer of ``round_to`` channels or
+    fewer stays whole.
 
-    Torch-Pruning itself rounds the kept count *down* and leaves a layer whole when that would empty it:
-    a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, so the MACs removed jump
-    and even fall as the ratio grows. Searches and bisections need a reduction that grows with the ratio,
-    so uniform pruning asks Torch-Pruning for exactly the rounded count (it keeps ``int(C·(1−r))``).
+    Every method that decides how many channels a layer keeps uses this rule and hands Torch-Pruning the count
+    (``exact_ratio``). Torch-Pruning's own ``round_to`` rounds the kept count *down* and leaves a layer whole when
+    that would empty it: a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, so the MACs
+    removed jump and even fall as the ratio grows. Searches and bisections need a reduction that grows with
+    the ratio, which this rule gives.
     """
-    if not round_to or channels <= round_to:
-        return ratio
-    kept = min(channels, max(round_to, round_to * round(channels * (1.0 - ratio) / round_to)))
-    return 0.0 if kept == channels else 1.0 - (kept + 0.5) / channels
+    step = round_to or 1
+    return min(channels, max(step, step * round(channels * (1.0 - ratio) / step)))
 
 
 def exact_ratio(channels: int, kept: int) -> float:
-    """The ratio for which Torch-Pruning keeps exactly ``kept`` channels (it keeps int(C·(1 − ratio)))."""
-    return max(0.0, (channels - kept - 0.5) / channels)
+    """The ratio at which exactly ``kept`` channels stay: C·(1 − ratio) is ``kept`` and a quarter, which both
+    Torch-Pruning's count (it keeps int(C·(1 − ratio))) and ``kept_channels`` (the nearest count) turn into
+    ``kept``, so uniform pruning keeps what a method computed."""
+    return max(0.0, (channels - kept - 0.25) / channels)
 
 
 def ignored_layers(model: nn.Module) -> list[nn.Module]:

@@ -28,7 +28,7 @@ from pruneflow.methods import register_method
 from pruneflow.methods.base import Batches, PruneResult, PruningMethod, remove_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
 from pruneflow.plan import PrunePlan
-from pruneflow.task import task_of
+from pruneflow.task import Task, task_of
 
 
 class CascadeParams(BaseModel):
@@ -53,12 +53,12 @@ def declared_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]], task: Task) -> float:
     """Mean loss over ``batches`` of a copy of ``model`` with ``block`` removed."""
     trial = remove_blocks(copy.deepcopy(model), [block]).eval()
     total = count = 0
     for inputs, targets in batches:
-        loss = task_of(targets).loss(trial(inputs), targets)
+        loss = task.loss(trial(inputs), targets)
         total, count = total + loss.item() * len(inputs), count + len(inputs)
     return total / count
 
@@ -88,8 +88,8 @@ class Cascade(PruningMethod):
         if self.params.drop is not None and self.params.drop > len(declared):
             raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} declares only "
                              f"{len(declared)} removable blocks ({', '.join(declared)})")
-        batches = list(calib_batches)
-        losses = {block: loss_without(model, block, batches) for block in declared}
+        task, batches = task_of(calib_batches), list(calib_batches)
+        losses = {block: loss_without(model, block, batches, task) for block in declared}
         order = sorted(declared, key=losses.__getitem__)
         note = "loss without each block: " + ", ".join(f"{block}={losses[block]:.4f}" for block in order)
         if self.params.drop is not None:

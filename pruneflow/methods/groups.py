@@ -9,7 +9,6 @@ the name ``PrunePlan.layer_ratios`` and ``PrunePlan.kept_channels`` take.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,16 +97,6 @@ def following_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str,
             norms = [n.module for n in graph.module2node[module].outputs if isinstance(n.module, _BatchNorm)]
             pairs[name] = names[norms[0]] if norms else None
     return pairs
-
-
-def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
-    """Channels a group keeps when ``ratio`` of them go: at least one, and rounded *up* to a multiple of
-    ``round_to`` (Torch-Pruning rounds the kept count down, which could remove more than the ratio allows).
-    """
-    kept = max(1, channels - math.floor(ratio * channels + 1e-9))
-    if round_to:
-        kept = min(channels, math.ceil(kept / round_to) * round_to)
-    return kept
 
 
 class ScoreImportance(tp.importance.Importance):

@@ -20,6 +20,7 @@ from pruneflow.methods import register_method
 from pruneflow.methods.base import Batches, PruneResult, PruningMethod, ignored_layers
 from pruneflow.metrics import PRUNABLE, layer_changes, layer_stats, zero_weight_share
 from pruneflow.plan import PrunePlan
+from pruneflow.training import train
 
 
 def masked_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -51,8 +52,6 @@ class MagnitudeUnstructured(PruningMethod):
     def retrain(self, model: nn.Module, train_batches: Batches, val_batches: Batches, cfg,
                 on_epoch_end: Callable | None = None) -> list:
         """The standard loop with the zeros held at zero (``prune.custom_from_mask``), removed again after."""
-        from pruneflow.training import train  # not at the top: pruneflow.training imports this package
-
         weights = masked_weights(model)
         for module, name in weights:
             prune.custom_from_mask(module, name, getattr(module, name) != 0)

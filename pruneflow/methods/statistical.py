@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruningMethod, TrainingRecorder, exact_ratio
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, kept_channels
+from pruneflow.methods.base import Batches, PruneResult, PruningMethod, TrainingRecorder, exact_ratio, kept_channels
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
 from pruneflow.metrics import PRUNABLE
 from pruneflow.plan import PrunePlan
 
