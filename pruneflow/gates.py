@@ -28,7 +28,8 @@ from pruneflow.metrics import zero_weight_share
 if TYPE_CHECKING:
     from pruneflow.config import DataConfig
     from pruneflow.data import DataSplits
-    from pruneflow.methods import PruneResult, PruneTarget
+    from pruneflow.methods import PruneResult
+    from pruneflow.plan import PrunePlan
 
 MIN_TRAIN_IMAGES = 2
 CHANCE_SAMPLE = 2048  # training images the learning gate scores: enough for a 3-sigma margin of about 2 points
@@ -104,29 +105,30 @@ def check_learned(model: nn.Module, splits: "DataSplits", what: str, remedy: str
                         f"> {100 * bound:.1f} %): {remedy}")
 
 
-def check_removed(method: str, structured: bool, target: "PruneTarget", result: "PruneResult",
+def check_removed(method: str, structured: bool, plan: "PrunePlan", result: "PruneResult",
                   keys: tuple[str, str] = ("prune.ratio", "prune.round_to")) -> None:
     """Fail a pruning step that was asked for a reduction and removed nothing: no channel, no block, or (for a
     mask method, ``structured`` False) no weight. ``keys`` name the ratio and rounding settings the way the
     caller's user sets them (params keys, or ``pruneflow prune``'s options)."""
-    asked = target.ratio > 0 or any(ratio > 0 for ratio in target.layer_ratios.values()) or bool(target.macs_reduction)
+    asked = (plan.ratio > 0 or any(ratio > 0 for ratio in plan.layer_ratios.values()) or bool(plan.macs_reduction)
+             or bool(plan.removed_blocks))
     changed = (result.removed_blocks or any(layer.channels_after < layer.channels_before for layer in result.layers)
                or (not structured and zero_weight_share(result.model) > 0))
     if not asked or changed:
         return
-    from pruneflow.methods.base import rounded_ratio  # the methods import training, which imports this module
+    from pruneflow.methods.base import kept_channels  # the methods import training, which imports this module
 
     ratio_key, round_key = keys
     inner = [layer.channels_before for layer in result.layers[1:-1]]  # the stem and the output layer stay whole
     widest = max(inner, default=0)
-    if target.round_to and target.round_to >= widest:
-        why = (f"{round_key}={target.round_to} is not below any prunable layer's channel count (the widest has "
+    if plan.round_to and plan.round_to >= widest:
+        why = (f"{round_key}={plan.round_to} is not below any prunable layer's channel count (the widest has "
                f"{widest}), so no layer can keep a smaller multiple of it; lower {round_key}")
-    elif not any(rounded_ratio(channels, target.ratio, target.round_to) > 0 for channels in inner):
+    elif not any(kept_channels(channels, plan.ratio, plan.round_to) < channels for channels in inner):
         why = (f"at this ratio every layer keeps its full width once kept channels are rounded to the nearest "
-               f"multiple of {target.round_to}; raise {ratio_key} or lower {round_key}")
+               f"multiple of {plan.round_to}; raise {ratio_key} or lower {round_key}")
     else:
         why = ("Torch-Pruning found no channel it could remove: the layers feed an operation its dependency graph "
                "cannot follow, or the method scored every channel equally")
     macs = sum(layer.macs_before for layer in result.layers)
-    raise GateError(f"{method} at ratio {target.ratio:g} removed nothing ({macs} MACs before and after): {why}")
+    raise GateError(f"{method} at ratio {plan.ratio:g} removed nothing ({macs} MACs before and after): {why}")

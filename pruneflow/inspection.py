@@ -17,9 +17,10 @@ from pruneflow import gates
 from pruneflow.checkpoint import ModelSpec, load_foreign_model
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
-from pruneflow.methods import MethodUnsuitable, PruneTarget, PruningMethod
+from pruneflow.methods import MethodUnsuitable, PruningMethod
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import MODELS
+from pruneflow.plan import PrunePlan
 from pruneflow.preflight import build_checked, first_line, unprunable
 
 
@@ -47,25 +48,25 @@ def calibration_batches(splits: DataSplits, batches: int, input_shape: tuple[int
 
 
 def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, ...], pruner: PruningMethod,
-                    target: PruneTarget, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, Any]:
+                    plan: PrunePlan, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Prune ``model`` in place; return cost before/after and the per-layer report, as plain JSON-able types."""
     example = torch.zeros(2, *input_shape)
     macs_before, params_before = count_macs_params(model, example[:1])
     try:
-        result = pruner.prune(model, example, target, calib)
+        result = pruner.prune(model, example, plan, calib)
     except MethodUnsuitable:  # the method's own rule (cascade's declared blocks): its message says what to do
         raise
     except Exception as err:
         if model_name in MODELS:  # the registered models are tested with every method: a failure is a bug
             raise
         raise unprunable(model_name, model, err, pruner.name) from None  # a user's layer Torch-Pruning cannot handle
-    gates.check_removed(pruner.name, pruner.structured, target, result, keys=("--ratio", "--round-to"))
+    gates.check_removed(pruner.name, pruner.structured, plan, result, keys=("--ratio", "--round-to"))
     macs_after, params_after = count_macs_params(model, example[:1])
     return {
         "model": model_name,
         "method": pruner.name,
-        "ratio": target.ratio,
-        "round_to": target.round_to,
+        "ratio": plan.ratio,
+        "round_to": plan.round_to,
         "input_shape": list(input_shape),
         "macs_before": macs_before,
         "macs_after": macs_after,
@@ -80,7 +81,7 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
     }
 
 
-def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | None = None,
+def prune_once(pruner: PruningMethod, plan: PrunePlan, model_name: str | None = None,
                checkpoint: Path | None = None, data: DataConfig | None = None, data_dir: Path = Path("data"),
                calib_batches: int = 4, input_size: int | None = None,
                log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
             log(f"calibrating on {data.dataset} images {'x'.join(map(str, splits.input_shape))} "
                 f"fitted to the model's input {'x'.join(map(str, shape))}")
         calib = calibration_batches(splits, calib_batches, shape)
-    return inspect_pruning(model_name, model, shape, pruner, target, calib)
+    return inspect_pruning(model_name, model, shape, pruner, plan, calib)
 
 
 def check_input_fits(model_name: str, model: nn.Module, shape: tuple[int, ...]) -> None:

@@ -25,8 +25,9 @@ from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
 from pruneflow.export import export_onnx
 from pruneflow.layout import ProjectLayout
-from pruneflow.methods import MethodUnsuitable, PruneTarget, PruningMethod, create_method
+from pruneflow.methods import MethodUnsuitable, PruningMethod, create_method
 from pruneflow.models import MODELS
+from pruneflow.plan import PrunePlan
 from pruneflow.stores import StoreError, check_store
 
 _checked: set[str] = set()  # models that passed, so the flow does not redo the CLI's check in the same process
@@ -139,13 +140,13 @@ def _prune_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example:
     """
     ratio, ratio_key = ((cfg.prune.ratio, "prune.ratio") if cfg.prune.ratio is not None
                         else (cfg.search.ratio_high, "search.ratio_high"))
-    target = PruneTarget(ratio=ratio, round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio)
+    plan = PrunePlan.from_config(cfg.prune, ratio=ratio)
     pruner = create_method(method, cfg.methods[method])
     pruned = _as_trained(copy.deepcopy(model), pruner)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped parameters; the error says more
-            result = pruner.prune(pruned, example, target, calibration if pruner.needs_calibration else None)
+            result = pruner.prune(pruned, example, plan, calibration if pruner.needs_calibration else None)
             with torch.no_grad():
                 pruned.eval()(example)
     except MethodUnsuitable as err:
@@ -155,7 +156,7 @@ def _prune_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example:
     if export:
         _export(cfg, spec, pruned, example)
     try:
-        gates.check_removed(method, pruner.structured, target, result, keys=(ratio_key, "prune.round_to"))
+        gates.check_removed(method, pruner.structured, plan, result, keys=(ratio_key, "prune.round_to"))
     except gates.GateError as err:
         raise ConfigError(f"model {spec.name!r}: {err}") from None
 

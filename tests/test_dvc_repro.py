@@ -57,7 +57,9 @@ def test_search_stage_chooses_the_same_whatever_ran_before(tmp_path, digits_dir)
     from flows.cli import app
     from pruneflow import stages
     from pruneflow.config import load_config
-    from pruneflow.layout import ProjectLayout
+    from pruneflow.layout import ProjectLayout, ProjectRun
+    from pruneflow.stores import sqlite_url
+    from pruneflow.versioning import DataVersion
     from tests.test_reliability import Shared, baseline_ready, inside
 
     params = {"methods": {"l1": {}}, "search": {"n_trials": 2, "ratio_low": 0.3, "ratio_high": 0.7,
@@ -73,13 +75,15 @@ def test_search_stage_chooses_the_same_whatever_ran_before(tmp_path, digits_dir)
         study = stages.study_name(cfg, "l1", "0" * 32 + ".dir")
         if earlier_trials:  # what `pruneflow run` leaves: the same study, more trials
             more = cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_trials": earlier_trials})})
-            stages.search(more, "l1", project / "runs" / "dvc" / "baseline", project / "data" / "digits",
-                          project / "runs" / "pipeline" / "l1", ProjectLayout(project, cfg).study_storage, study,
-                          log=lambda _: None)
+            layout = ProjectLayout(project, more)
+            pipeline = ProjectRun(layout, DataVersion(layout.dataset_dir), layout.dvc_run_dir / "baseline",
+                                  layout.runs_dir / "pipeline").method("l1")
+            assert pipeline.study_storage == layout.study_storage  # runs/optuna.db, which `pruneflow run` resumes
+            stages.search(pipeline, log=lambda _: None)
         with inside(project, tmp_path):
             done = CliRunner().invoke(app, ["stage", "search", "--method", "l1"])
         assert done.exit_code == 0, done.output
         chosen[name] = json.loads((project / "runs" / "dvc" / "l1" / "search.json").read_text())
-        own = f"sqlite:///{project / 'runs' / 'dvc' / 'l1' / 'study.db'}"
+        own = sqlite_url(project / "runs" / "dvc" / "l1" / "study.db")
         assert len(optuna.load_study(study_name=study, storage=own).trials) == 2
     assert chosen["clean"] == chosen["after-a-pipeline"]

@@ -32,9 +32,10 @@ from pruneflow.deploy import Deployment, report
 from pruneflow.export import ExportError, check_parity, export_torchscript
 from pruneflow.files import replacing
 from pruneflow.layout import ProjectLayout
-from pruneflow.methods import PruneTarget, create_method
+from pruneflow.methods import create_method
 from pruneflow.metrics import count_macs_params
 from pruneflow.models import build_model
+from pruneflow.plan import PrunePlan
 from pruneflow.stores import in_project, sqlite_url
 from pruneflow.training import train
 from tasks.tracking import Tracker, tracking_uri
@@ -107,13 +108,13 @@ def test_the_data_gate_needs_two_images_and_two_classes():
 def test_a_pruning_step_that_removes_nothing_fails_and_says_why():
     x = torch.zeros(2, 1, 8, 8)
     pruner = create_method("l1")
-    for target, why in ((PruneTarget(ratio=0.5, round_to=1000), "prune.round_to=1000 is not below"),
-                        (PruneTarget(ratio=0.02, round_to=8), "every layer keeps its full width")):
+    for plan, why in ((PrunePlan(ratio=0.5, round_to=1000), "prune.round_to=1000 is not below"),
+                      (PrunePlan(ratio=0.02, round_to=8), "every layer keeps its full width")):
         model = build_model("small_cnn", 1, 10)
-        result = pruner.prune(model, x, target)
+        result = pruner.prune(model, x, plan)
         with pytest.raises(gates.GateError, match=why):
-            gates.check_removed("l1", True, target, result)
-    gates.check_removed("l1", True, PruneTarget(ratio=0.0), result)  # nothing asked, nothing removed: fine
+            gates.check_removed("l1", True, plan, result)
+    gates.check_removed("l1", True, PrunePlan(ratio=0.0), result)  # nothing asked, nothing removed: fine
 
 
 def macs_removed(method: str, ratio: float, round_to: int | None, max_layer_ratio: float = 0.9) -> float:
@@ -125,7 +126,7 @@ def macs_removed(method: str, ratio: float, round_to: int | None, max_layer_rati
         if isinstance(norm, nn.BatchNorm2d):
             norm.weight.data = torch.rand(norm.num_features, generator=generator) ** 3
     before = count_macs_params(model, x[:1])[0]
-    create_method(method).prune(model, x, PruneTarget(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio))
+    create_method(method).prune(model, x, PrunePlan(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio))
     return 1 - count_macs_params(model, x[:1])[0] / before
 
 
@@ -146,7 +147,7 @@ def test_uniform_pruning_without_rounding_never_leaves_a_layer_whole_at_high_rat
 
 def test_slimming_refuses_a_model_whose_scales_are_all_equal():
     with pytest.raises(ValueError, match="every γ of this model is 1"):
-        create_method("slimming").prune(build_model("resnet20", 3, 10), torch.zeros(2, 3, 8, 8), PruneTarget())
+        create_method("slimming").prune(build_model("resnet20", 3, 10), torch.zeros(2, 3, 8, 8), PrunePlan())
 
 
 # ---- parity ----------------------------------------------------------------------------------------------------

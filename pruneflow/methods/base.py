@@ -8,7 +8,7 @@ residual adds, concatenations and depthwise groups stay consistent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Iterable
 
 import torch
@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pruneflow.metrics import PRUNABLE, LayerChange, layer_changes, layer_stats
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-Regularizer = Callable[[nn.Module], torch.Tensor]
+from pruneflow.plan import PrunePlan
+from pruneflow.task import Batches
+from pruneflow.training import Regularizer
 
 
 class MethodUnsuitable(ValueError):
@@ -32,27 +32,19 @@ class NoParams(BaseModel):
 
 
 @dataclass
-class PruneTarget:
-    """What to remove: a global channel ratio, optionally overridden per layer (module name -> ratio).
-
-    ``macs_reduction`` is for methods that allocate per-layer ratios themselves (e.g. by bisection):
-    when set they aim at that share of MACs instead of reading ``ratio`` literally.
-    """
-
-    ratio: float = 0.5
-    layer_ratios: dict[str, float] = field(default_factory=dict)
-    macs_reduction: float | None = None
-    round_to: int | None = 8
-    max_layer_ratio: float = 0.9
-
-
-@dataclass
 class PruneResult:
     model: nn.Module
     history: list  # Torch-Pruning's pruning history: replaying it on the baseline rebuilds the pruned net
     layers: list[LayerChange]
-    removed_blocks: list[str] = field(default_factory=list)  # submodules replaced by identity, before the history
+    # What was really pruned: the plan given, with what the method decided itself (its per-group ratios, the
+    # blocks it removed)
+    plan: PrunePlan
     notes: str = ""
+
+    @property
+    def removed_blocks(self) -> list[str]:
+        """Submodules replaced by identity (or removed by the model's ``remove_block``), before the history."""
+        return self.plan.removed_blocks
 
 
 class PruningMethod:
@@ -63,7 +55,7 @@ class PruningMethod:
     Params: ClassVar[type[BaseModel]] = NoParams
     needs_calibration: ClassVar[bool] = False
     # True: one threshold over every layer's scores decides how many channels each layer keeps
-    # (``global_layer_ratios``); False: every layer loses the same share.
+    # (``global_kept_channels``); False: every layer loses the same share.
     global_pruning: ClassVar[bool] = False
     # False for mask-based methods: they zero weights but keep every channel, so dense MACs do not drop and
     # the search measures their reduction as the share of zeroed conv/linear weights instead.
@@ -101,56 +93,65 @@ class PruningMethod:
         raise NotImplementedError
 
     @staticmethod
-    def layer_ratios(model: nn.Module, target: PruneTarget) -> dict[nn.Module, float]:
-        """Per-layer ratios for uniform pruning: ``layer_ratios`` or ``ratio``, rounded as ``rounded_ratio`` says."""
-        return {module: rounded_ratio(module.weight.shape[0],
-                                      min(target.layer_ratios.get(name, target.ratio), target.max_layer_ratio),
-                                      target.round_to)
-                for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
+    def layer_ratios(model: nn.Module, plan: PrunePlan) -> dict[nn.Module, float]:
+        """Per-layer ratios for uniform pruning: the exact ratio of each group listed in ``kept_channels``, else
+        ``layer_ratios`` or ``ratio`` with the channels kept rounded as ``kept_channels`` says."""
+        ratios = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PRUNABLE):
+                channels = module.weight.shape[0]
+                ratio = min(plan.layer_ratios.get(name, plan.ratio), plan.max_layer_ratio)
+                kept = plan.kept_channels.get(name, kept_channels(channels, ratio, plan.round_to))
+                ratios[module] = exact_ratio(channels, kept)
+        return ratios
 
     def calibrate(self, model: nn.Module, batches: Batches) -> None:
         """Data-driven methods gather what their importance needs (gradients, activations) here."""
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
-        """Prune ``model`` in place and report what changed, layer by layer."""
+        """Prune ``model`` in place as ``plan`` says and report what changed, layer by layer."""
         before = layer_stats(model, example_inputs)
+        remove_blocks(model, plan.removed_blocks)
         modules = dict(model.named_modules())
-        unknown = sorted(set(target.layer_ratios) - set(modules))
+        unknown = sorted({*plan.layer_ratios, *plan.kept_channels} - set(modules))
         if unknown:
-            raise ValueError(f"layer_ratios name layers the model lacks: {', '.join(unknown)}")
+            raise ValueError(f"the plan names layers the model lacks: {', '.join(unknown)}")
         if self.needs_calibration:
             if calib_batches is None:
                 raise ValueError(f"method {self.name} is data-driven and needs calibration batches")
             self.calibrate(model, calib_batches)
-        if self.global_pruning:
-            target = replace(target, ratio=0.0, layer_ratios=self.global_layer_ratios(model, example_inputs, target))
+        if self.global_pruning:  # one threshold across groups, decided here as each group's kept count
+            plan = replace(plan, kept_channels={**self.global_kept_channels(model, example_inputs, plan),
+                                                **plan.kept_channels})
         pruner = tp.pruner.MetaPruner(
             model,
             example_inputs,
             importance=self.importance(),
-            pruning_ratio=target.ratio,
-            pruning_ratio_dict=self.layer_ratios(model, target),
-            max_pruning_ratio=target.max_layer_ratio,
+            pruning_ratio=plan.ratio,
+            pruning_ratio_dict=self.layer_ratios(model, plan),
+            max_pruning_ratio=plan.max_layer_ratio,
             ignored_layers=ignored_layers(model),
-            round_to=target.round_to,
+            round_to=plan.round_to,
         )
         pruner.step()
         model.zero_grad(set_to_none=True)
-        return PruneResult(model, pruner.pruning_history(), layer_changes(before, layer_stats(model, example_inputs)))
+        return PruneResult(model, pruner.pruning_history(), layer_changes(before, layer_stats(model, example_inputs)),
+                           plan)
 
-    def global_layer_ratios(self, model: nn.Module, example_inputs: torch.Tensor,
-                            target: PruneTarget) -> dict[str, float]:
-        """One threshold across layers, as one ratio per layer group (named by its root, as ``layer_ratios``).
+    def global_kept_channels(self, model: nn.Module, example_inputs: torch.Tensor,
+                             plan: PrunePlan) -> dict[str, int]:
+        """One threshold across layers, as the channels each layer group keeps (named by its root).
 
-        The ``target.ratio`` share of all channels with the lowest scores is marked, ties in a fixed order; each
-        group loses its marked channels, at most ``max_layer_ratio`` of them and never the last one. Torch-Pruning's
-        own global pruning instead leaves a group whole when the threshold would empty it, so a higher ratio could
-        remove *less* (slimming: 93 % of the MACs at 0.56, 9 % at 0.62). Here the marked set only grows with the
-        ratio, so every group's kept count, and the MACs removed, are monotone in it. Groups named in
-        ``target.layer_ratios`` keep their own ratio and take no part in the ranking.
+        The ``plan.ratio`` share of all channels with the lowest scores is marked, ties in a fixed order; each
+        group loses its marked channels, at most ``max_layer_ratio`` of them and never the last one, and keeps a
+        count rounded as ``kept_channels`` says. Torch-Pruning's own global pruning instead leaves a group whole
+        when the threshold would empty it, so a higher ratio could remove *less* (slimming: 93 % of the MACs at
+        0.56, 9 % at 0.62). Here the marked set only grows with the ratio, so every group's kept count, and the
+        MACs removed, are monotone in it. Groups the plan names (``layer_ratios``, ``kept_channels``) keep their
+        own setting and take no part in the ranking.
         """
-        from pruneflow.methods.groups import build_graph, exact_ratio  # groups imports this module
+        from pruneflow.methods.groups import build_graph  # groups imports this module
 
         graph = build_graph(model, example_inputs)
         ignored = [sub for layer in ignored_layers(model) for sub in layer.modules()]
@@ -159,22 +160,21 @@ class PruningMethod:
         ranked: list[tuple[str, torch.Tensor]] = []  # group name, its channels' scores
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=PRUNABLE):
             name = names[group[0].dep.target.module]
-            scores = None if name in target.layer_ratios else importance(group)
-            if scores is not None:
-                ranked.append((name, scores.detach().float().flatten().cpu()))
-        ratios = dict(target.layer_ratios)
+            if name not in plan.layer_ratios and name not in plan.kept_channels:
+                ranked.append((name, importance(group).detach().float().flatten().cpu()))
         if not ranked:
-            return ratios
+            return {}
         sizes = torch.tensor([len(scores) for _, scores in ranked])
         total = int(sizes.sum())
         order = torch.argsort(torch.cat([scores for _, scores in ranked]), stable=True)
-        marked = order[:total - int(total * (1 - target.ratio))]  # as many as Torch-Pruning's threshold would take
+        marked = order[:total - int(total * (1 - plan.ratio))]  # as many as Torch-Pruning's threshold would take
         owners = torch.repeat_interleave(torch.arange(len(ranked)), sizes)
+        kept = {}
         for (name, scores), count in zip(ranked, torch.bincount(owners[marked], minlength=len(ranked)).tolist()):
             channels = len(scores)
-            kept = max(channels - count, math.ceil(channels * (1 - target.max_layer_ratio) - 1e-9), 1)
-            ratios[name] = exact_ratio(channels, kept) if kept < channels else 0.0
-        return ratios
+            left = max(channels - count, math.ceil(channels * (1 - plan.max_layer_ratio) - 1e-9), 1)
+            kept[name] = kept_channels(channels, 1.0 - left / channels, plan.round_to)
+        return kept
 
 
 class TrainingRecorder:
@@ -187,22 +187,26 @@ class TrainingRecorder:
         raise NotImplementedError
 
 
-def rounded_ratio(channels: int, ratio: float, round_to: int | None) -> float:
-    """The ratio at which Torch-Pruning keeps ``channels·(1−ratio)`` rounded to the *nearest* multiple of
-    ``round_to`` (at least one multiple), or without ``round_to`` at least one channel.
+def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
+    """The channels a layer keeps when ``ratio`` of them go: ``channels·(1 − ratio)`` rounded to the nearest
+    multiple of ``round_to`` (of 1 without it), at least one multiple, so a layer of ``round_to`` channels or
+    fewer stays whole.
 
-    Torch-Pruning itself rounds the kept count *down* and leaves a layer whole when that would empty it:
-    a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, and at ratio 0.99 a 64-channel
-    layer stays whole while 128-channel ones drop to one, so the MACs removed jump and even fall as the ratio
-    grows. Searches and bisections need a reduction that grows with the ratio, so uniform pruning asks
-    Torch-Pruning for exactly the count it should keep (it keeps ``int(C·(1−r))``).
+    Every method that decides how many channels a layer keeps uses this rule and hands Torch-Pruning the count
+    (``exact_ratio``). Torch-Pruning's own ``round_to`` rounds the kept count *down* and leaves a layer whole when
+    that would empty it: a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, so the MACs
+    removed jump and even fall as the ratio grows. Searches and bisections need a reduction that grows with
+    the ratio, which this rule gives.
     """
-    if not round_to or round_to == 1:
-        return ratio if int(channels * (1.0 - ratio)) >= 1 else 1.0 - 1.5 / channels
-    if channels <= round_to:
-        return ratio
-    kept = min(channels, max(round_to, round_to * round(channels * (1.0 - ratio) / round_to)))
-    return 0.0 if kept == channels else 1.0 - (kept + 0.5) / channels
+    step = round_to or 1
+    return min(channels, max(step, step * round(channels * (1.0 - ratio) / step)))
+
+
+def exact_ratio(channels: int, kept: int) -> float:
+    """The ratio at which exactly ``kept`` channels stay: C·(1 − ratio) is ``kept`` and a quarter, which both
+    Torch-Pruning's count (it keeps int(C·(1 − ratio))) and ``kept_channels`` (the nearest count) turn into
+    ``kept``, so uniform pruning keeps what a method computed."""
+    return max(0.0, (channels - kept - 0.25) / channels)
 
 
 def ignored_layers(model: nn.Module) -> list[nn.Module]:

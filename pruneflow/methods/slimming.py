@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, MethodUnsuitable, PruneResult, PruneTarget, PruningMethod, Regularizer
+from pruneflow.methods.base import MethodUnsuitable, PruneResult, PruningMethod
+from pruneflow.plan import PrunePlan
+from pruneflow.task import Batches
+from pruneflow.training import Regularizer
 
 
 class SlimmingParams(BaseModel):
@@ -40,7 +43,7 @@ class Slimming(PruningMethod):
         # Raw |γ| (no per-layer normalisation): slimming's one threshold compares channels across layers.
         return tp.importance.BNScaleImportance(normalizer=None)
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         """Refuse a model whose γ cannot rank channels: with none, or all equal (as BatchNorm initialises them, in a
         model trained without the sparsity term), every channel would tie and the threshold remove nothing."""
@@ -55,4 +58,4 @@ class Slimming(PruningMethod):
                                    f"this model is {values[0].item():g}: it was not trained with slimming's sparsity "
                                    "term; prune a baseline trained with methods.slimming in params (pruneflow run "
                                    "trains it so)")
-        return super().prune(model, example_inputs, target, calib_batches)
+        return super().prune(model, example_inputs, plan, calib_batches)
