@@ -80,7 +80,11 @@ def run(params: Path = PARAMS, overrides: Optional[list[str]] = SET) -> None:
     typer.echo("\n" + (Path(result["run_dir"]) / "compare.md").read_text())
     typer.echo(f"Artifacts:    {result['run_dir']}")
     champion = result["champion"]
-    typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} ({champion['method']})")
+    if champion["method"] is None:
+        typer.echo(f"Registered:   nothing: {champion['reason']}")
+    else:
+        typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} "
+                   f"({champion['method']})")
     typer.echo(f"MLflow run:   {result['parent_run_id']} in experiment '{cfg.project.experiment}' ({result['tracking_uri']})")
     typer.echo(f"Open the UI:  pruneflow ui --params {params}   (or: make ui), then browse http://127.0.0.1:5000")
 

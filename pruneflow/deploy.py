@@ -211,16 +211,24 @@ def report(deployment: Deployment, cfg: PipelineConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def choose_champion(results: dict[str, dict[str, Any]], max_drop: float, metric: str = "accuracy") -> str:
-    """The method whose model is registered: the fastest (``speedup``) of those within ``max_drop`` of the
-    baseline's ``metric`` (accuracy points, PSNR dB), else (none is) the best by ``metric``. Ties go to the
-    method listed first."""
+def choose_champion(results: dict[str, dict[str, Any]], max_drop: float,
+                    metric: str = "accuracy") -> tuple[str | None, str]:
+    """The method whose model is registered, and why, in one line: the fastest (``speedup``) of those within
+    ``max_drop`` of the baseline's ``metric`` (accuracy points, PSNR dB); ties go to the method listed first.
+
+    None when no model is within ``max_drop`` (a NaN drop is not): a model that lost more is no champion, however
+    the others did, so nothing is registered and the registry's ``champion`` stays where it was. ``results`` hold
+    only methods whose every stage, and so every sanity gate, passed.
+    """
     if not results:
         raise ValueError("no method results to choose a model from")
     within = [method for method, metrics in results.items() if metrics[f"{metric}_drop"] <= max_drop]
     if within:
-        return max(within, key=lambda method: results[method]["speedup"])
-    return max(results, key=lambda method: results[method][metric])
+        method = max(within, key=lambda method: results[method]["speedup"])
+        return method, f"the fastest of {len(within)} model(s) within export.registry_max_drop={max_drop:g}"
+    drops = ", ".join(f"{method} {metrics[f'{metric}_drop']:.2f}" for method, metrics in results.items())
+    return None, (f"no model is within export.registry_max_drop={max_drop:g} of the baseline's {metric} (drops: "
+                  f"{drops}), so none is registered: prune less, retrain longer or raise export.registry_max_drop")
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:

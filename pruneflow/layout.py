@@ -103,6 +103,11 @@ class ProjectRun:
         """Written last by the baseline stage: its presence marks a complete baseline."""
         return self.baseline_dir / "metrics.json"
 
+    @property
+    def baseline_checksums(self) -> Path:
+        """The sha256 of each file the baseline stage wrote, recorded when it trained: what a reuse verifies."""
+        return self.baseline_dir / "checksums.json"
+
     def baseline_records(self, method: str) -> Path:
         """What a method's recorder kept during baseline training (``PruningMethod.recorder``)."""
         return self.baseline_dir / "records" / f"{method}.pt"

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -155,6 +156,8 @@ def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
         "onnx_max_abs_diff": diff,
         "train_seconds": seconds,
     }
+    written = [model_path, onnx_path, *(run.baseline_records(name) for name in records)]
+    write_json(run.baseline_checksums, {path.relative_to(run.baseline_dir).as_posix(): sha256(path) for path in written})
     write_json(run.baseline_metrics, metrics)  # written last: its presence marks a complete baseline
     log(f"baseline: test {task.metric} {metrics[task.metric]:.2f} {task.unit}, {macs / 1e6:.2f} M MACs, "
         f"{params / 1e3:.1f} k params")
@@ -180,13 +183,54 @@ def ensure_baseline(run: ProjectRun, log: Log = say) -> Baseline:
 
     The one place where a pipeline or a search worker gets its baseline (``project_run`` says where), so all
     score the same model. Under the baseline's lock, so processes starting at once (pipelines, workers) train
-    it once and the others reuse it.
+    it once and the others reuse it. A baseline is reused only if ``baseline_problem`` finds none; else it is
+    removed and trained again, or, if it cannot be removed, the error names the folder to delete.
     """
     with run.layout.baseline_lock(run.baseline_dir.name):
         if run.baseline_metrics.is_file():
-            log(f"baseline: reusing {run.baseline_dir} (same data, model and training params)")
-            return Baseline(read_json(run.baseline_metrics), reused=True)
+            problem = baseline_problem(run)
+            if problem is None:
+                log(f"baseline: reusing {run.baseline_dir} (same data, model and training params; files verified)")
+                return Baseline(read_json(run.baseline_metrics), reused=True)
+            log(f"baseline: not reusing {run.baseline_dir}: {problem}; training it again")
+            try:
+                shutil.rmtree(run.baseline_dir)
+            except OSError as err:
+                raise RuntimeError(f"the baseline in {run.baseline_dir} cannot be reused ({problem}) nor removed "
+                                   f"({err.strerror}): delete that folder, then run again") from None
         return Baseline(train_baseline(run, log), reused=False)
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def baseline_problem(run: ProjectRun) -> str | None:
+    """Why the complete-looking baseline in ``run.baseline_dir`` must not be reused, or None when it may.
+
+    Each file must still be the one trained there (its sha256 as ``checksums.json`` recorded it then), and the
+    checkpoint must load into its model: a damaged, truncated, deleted or swapped file would otherwise pass on to
+    every later stage, each failing with a message that never says what to delete.
+    """
+    try:
+        read_json(run.baseline_metrics)
+        recorded = read_json(run.baseline_checksums)
+    except FileNotFoundError as err:
+        return f"{err.filename} is missing (no record of the files it trained)"
+    except (OSError, ValueError) as err:
+        return f"its records do not read ({type(err).__name__}: {str(err).splitlines()[0]})"
+    for name, digest in recorded.items():
+        path = run.baseline_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256(path) != digest:
+            return f"{path} is not the file trained there (its sha256 differs from {run.baseline_checksums.name}'s)"
+    try:
+        load_model(run.baseline_model)
+    except (OSError, ValueError, RuntimeError) as err:
+        return f"{run.baseline_model} does not load ({str(err).splitlines()[0]})"
+    return None
 
 
 def method_for(run: MethodRun) -> PruningMethod:

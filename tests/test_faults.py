@@ -24,20 +24,21 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.watchdog import stop_orphans
-from pruneflow import gates
+from pruneflow import gates, stages
 from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import PipelineConfig, TrainConfig
 from pruneflow.data.loading import DataSplits, Split
 from pruneflow.deploy import Deployment, report
 from pruneflow.export import ExportError, check_parity, export_torchscript
 from pruneflow.files import replacing
-from pruneflow.layout import ProjectLayout
+from pruneflow.layout import ProjectLayout, ProjectRun
 from pruneflow.methods import create_method
 from pruneflow.metrics import count_macs_params
 from pruneflow.models import build_model
 from pruneflow.plan import PrunePlan
 from pruneflow.stores import in_project, sqlite_url
 from pruneflow.training import train
+from pruneflow.versioning import DataVersion
 from tasks.tracking import Tracker, tracking_uri
 from tests.system_deps import ROOT, free_port
 
@@ -278,6 +279,91 @@ def test_a_run_is_never_left_running_by_a_failure_even_when_the_store_refuses_th
     del tracker.finish
     assert tracker.end_own_runs() == [refused]  # what `pruneflow run` does before it exits
     assert tracker.client.get_run(refused).info.status == "FAILED"
+
+
+# ---- baseline reuse and the registry --------------------------------------------------------------------------
+
+def baseline_run(folder: Path, digits_dir: Path) -> ProjectRun:
+    cfg = PipelineConfig(train={"epochs": 2})
+    return ProjectRun(ProjectLayout(folder, cfg), DataVersion(digits_dir, "0" * 32 + ".dir"), folder / "baseline", folder)
+
+
+@pytest.fixture(scope="module")
+def trained_baseline(tmp_path_factory, digits_dir) -> Path:
+    """A baseline the stage trained (small_cnn on digits, two epochs: seconds), copied by the tests that damage it."""
+    folder = tmp_path_factory.mktemp("trained")
+    stages.train_baseline(baseline_run(folder, digits_dir), log=lambda _: None)
+    return folder
+
+
+def garbage_with_its_checksum(folder: Path) -> None:
+    """A model.pt that does not load, its checksum recorded as if it had been trained so (model code that changed)."""
+    (folder / "model.pt").write_bytes(b"not a checkpoint")
+    (folder / "checksums.json").write_text(json.dumps({"model.pt": stages.sha256(folder / "model.pt")}))
+
+
+DAMAGES = [
+    ("a truncated checkpoint", lambda folder: folder.joinpath("model.pt").write_bytes(
+        folder.joinpath("model.pt").read_bytes()[:1000]), "model.pt is not the file trained there"),
+    ("a deleted ONNX file", lambda folder: folder.joinpath("model.onnx").unlink(), "model.onnx is missing"),
+    ("no record of its files", lambda folder: folder.joinpath("checksums.json").unlink(),
+     "checksums.json is missing (no record of the files it trained)"),
+    ("a checkpoint that does not load", garbage_with_its_checksum, "model.pt does not load"),
+]
+
+
+def test_a_damaged_baseline_is_trained_again_not_reused(trained_baseline, digits_dir, tmp_path, monkeypatch):
+    retrained = []
+    for name, damage, why in DAMAGES:
+        project = tmp_path / name.replace(" ", "-")
+        shutil.copytree(trained_baseline, project)
+        run, logs = baseline_run(project, digits_dir), []
+        assert stages.ensure_baseline(run, logs.append).reused, name  # intact: reused, no training
+        assert "files verified" in logs[-1]
+        damage(run.baseline_dir)
+        with monkeypatch.context() as patched:
+            patched.setattr(stages, "train_baseline", lambda run, log: retrained.append(run.baseline_dir.exists()) or {})
+            assert not stages.ensure_baseline(run, logs.append).reused, name
+        assert logs[-1].startswith(f"baseline: not reusing {run.baseline_dir}: ") and why in logs[-1], logs[-1]
+        assert logs[-1].endswith("; training it again")
+    assert retrained == [False] * len(DAMAGES)  # each damaged folder was removed before training
+
+
+def test_a_damaged_baseline_that_cannot_be_removed_names_the_folder_to_delete(trained_baseline, digits_dir, tmp_path,
+                                                                              monkeypatch):
+    shutil.copytree(trained_baseline, tmp_path, dirs_exist_ok=True)
+    run = baseline_run(tmp_path, digits_dir)
+    (run.baseline_dir / "model.onnx").unlink()
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(stages.shutil, "rmtree", refuse)
+    with pytest.raises(RuntimeError, match=rf"the baseline in {run.baseline_dir} cannot be reused \(.*model.onnx is "
+                                           r"missing\) nor removed \(Permission denied\): delete that folder"):
+        stages.ensure_baseline(run, lambda _: None)
+
+
+def test_no_model_is_registered_when_every_method_lost_more_than_registry_max_drop(tmp_path, tracking_store):
+    """The run that lost 79 points was registered as champion by the old "else the most accurate" rule."""
+    from prefect.logging import disable_run_logger
+
+    from tasks.deploy import register_champion
+
+    shutil.copy(tracking_store, tmp_path / "mlflow.db")
+    layout = ProjectLayout(tmp_path, PipelineConfig())
+    tracker = Tracker.open(layout)
+    parent = tracker.start_run("pipeline")
+    run = ProjectRun(layout, DataVersion(tmp_path / "data" / "digits", "0" * 32 + ".dir"), tmp_path, tmp_path)
+    results = {"l1": {"accuracy": 18.0, "accuracy_drop": 79.0, "speedup": 3.0, "files": {"onnx": "model.onnx"}}}
+    with disable_run_logger():
+        champion = register_champion.fn(run, "baseline-run", results, {"l1": "l1-run"}, parent)
+    assert champion["method"] is None
+    tags = tracker.client.get_run(parent).data.tags
+    assert tags["pruneflow.champion"] == "none"
+    assert tags["pruneflow.champion_reason"] == champion["reason"]
+    assert "drops: l1 79.00), so none is registered" in champion["reason"]
+    assert tracker.client.search_registered_models() == []
 
 
 # ---- child processes -------------------------------------------------------------------------------------------

@@ -473,6 +473,21 @@ FAULTS = [
     Fault("int8 worse than fp32", "an export whose int8 loses 1.17 dB",
           "report.md: `test psnr 23.68 dB (-1.17 vs fp32 ONNX)`",
           "tests/test_faults.py::test_the_int8_report_shows_a_loss_as_a_negative_change"),
+    Fault("a baseline damaged, deleted or replaced after training",
+          "`model.pt` truncated, `model.onnx` deleted, `checksums.json` gone, or a checkpoint that no longer loads",
+          "`baseline: not reusing runs/baselines/<key>: <file> is not the file trained there (its sha256 differs from "
+          "checksums.json's); training it again`: each file's sha256, recorded at training, is checked and the "
+          "checkpoint loaded before a reuse",
+          "tests/test_faults.py::test_a_damaged_baseline_is_trained_again_not_reused"),
+    Fault("a damaged baseline that cannot be removed", "as above, in a folder the user may not write",
+          "`the baseline in <folder> cannot be reused (...) nor removed (Permission denied): delete that folder, then "
+          "run again`; the run FAILED",
+          "tests/test_faults.py::test_a_damaged_baseline_that_cannot_be_removed_names_the_folder_to_delete"),
+    Fault("every method lost more than `export.registry_max_drop`", "l1 at ratio 0.5 without retraining (−79 points)",
+          "nothing is registered: `registry: no model is within export.registry_max_drop=1 of the baseline's accuracy "
+          "(drops: l1 79.00), so none is registered: prune less, retrain longer or raise export.registry_max_drop`, "
+          "also the parent run's tag `pruneflow.champion_reason`",
+          "tests/test_faults.py::test_no_model_is_registered_when_every_method_lost_more_than_registry_max_drop"),
     Fault("a project folder named with URL characters", "a project in `x%41y a?b#c/`",
           "mlflow.db and runs/optuna.db inside it, no file beside it (MLflow 3 itself leaves an empty folder named with "
           "the escaped path)",
