@@ -284,13 +284,13 @@ def test_a_run_is_never_left_running_by_a_failure_even_when_the_store_refuses_th
 # ---- baseline reuse and the registry --------------------------------------------------------------------------
 
 def baseline_run(folder: Path, digits_dir: Path) -> ProjectRun:
-    cfg = PipelineConfig(train={"epochs": 2})
+    cfg = PipelineConfig(train={"epochs": 1})
     return ProjectRun(ProjectLayout(folder, cfg), DataVersion(digits_dir, "0" * 32 + ".dir"), folder / "baseline", folder)
 
 
 @pytest.fixture(scope="module")
 def trained_baseline(tmp_path_factory, digits_dir) -> Path:
-    """A baseline the stage trained (small_cnn on digits, two epochs: seconds), copied by the tests that damage it."""
+    """A baseline the stage trained (small_cnn on digits, one epoch: seconds), copied by the tests that damage it."""
     folder = tmp_path_factory.mktemp("trained")
     stages.train_baseline(baseline_run(folder, digits_dir), log=lambda _: None)
     return folder
@@ -312,6 +312,7 @@ DAMAGES = [
 ]
 
 
+@pytest.mark.xdist_group("trained_baseline")  # one worker trains it for both tests
 def test_a_damaged_baseline_is_trained_again_not_reused(trained_baseline, digits_dir, tmp_path, monkeypatch):
     retrained = []
     for name, damage, why in DAMAGES:
@@ -329,6 +330,7 @@ def test_a_damaged_baseline_is_trained_again_not_reused(trained_baseline, digits
     assert retrained == [False] * len(DAMAGES)  # each damaged folder was removed before training
 
 
+@pytest.mark.xdist_group("trained_baseline")
 def test_a_damaged_baseline_that_cannot_be_removed_names_the_folder_to_delete(trained_baseline, digits_dir, tmp_path,
                                                                               monkeypatch):
     shutil.copytree(trained_baseline, tmp_path, dirs_exist_ok=True)
@@ -468,8 +470,9 @@ def test_ui_exits_non_zero_when_its_port_is_taken(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-@SIGNALS
-def test_ui_leaves_no_mlflow_server_behind(tmp_path, sig, tracking_store):
+def test_ui_leaves_no_mlflow_server_behind(tmp_path, tracking_store):
+    """SIGTERM, as the drill found it; ui handles no signal, so SIGKILL ends it the same way (one MLflow server
+    start is the cost of this test: the watchdog's handling of both signals is tested above)."""
     from flows.servers import answers
 
     (tmp_path / "params.yaml").write_text("{}\n")
@@ -482,7 +485,7 @@ def test_ui_leaves_no_mlflow_server_behind(tmp_path, sig, tracking_store):
         time.sleep(0.5)
     pids = tree_of(ui, 1)
     recorded(tmp_path / ".servers", pids)
-    os.kill(ui.pid, sig)
+    os.kill(ui.pid, signal.SIGTERM)
     ui.wait(timeout=30)
     assert gone(pids), f"left running: {[pid for pid in pids if running(pid)]}"
     assert not answers(f"http://127.0.0.1:{port}/health")
