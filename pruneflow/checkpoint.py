@@ -52,19 +52,34 @@ class Surgery:
     removed_blocks: list[str] = field(default_factory=list)
 
 
+def read_checkpoint(path: Path) -> Any:
+    """What ``torch.load`` reads from ``path`` (tensors and plain types only: no code runs).
+
+    The unpickler fails in many ways on foreign bytes (``KeyError: 174812789``); each becomes one ValueError
+    naming the file. A whole pickled ``nn.Module`` is refused the same way: unpickling it would run its code.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path}: not a model file pruneflow wrote nor a state_dict of tensors (torch.load: "
+                         f"{type(err).__name__}; a pickled model object? save model.state_dict() instead)") from None
+
+
+def is_model_file(checkpoint: Any) -> bool:
+    """Whether what ``read_checkpoint`` read is a model file of ``save_model``'s (else: a state_dict, maybe)."""
+    return isinstance(checkpoint, dict) and {"spec", "history", "state_dict"} <= checkpoint.keys()
+
+
 def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
     """Rebuild the model a checkpoint holds; returns it in eval mode with its spec and surgery.
 
     A file that is no checkpoint of ``save_model``'s (another tool's weights, a truncated download) raises a
-    ValueError naming it: the unpickler's own errors (``KeyError: 174812789``) say nothing about the file.
+    ValueError naming it.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # the unpickler fails in many ways on foreign bytes; each means the same here
-        raise ValueError(f"{path}: not a model file pruneflow wrote (torch.load: {type(err).__name__})") from None
-    if not isinstance(checkpoint, dict) or not {"spec", "history", "state_dict"} <= checkpoint.keys():
+    checkpoint = read_checkpoint(path)
+    if not is_model_file(checkpoint):
         raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
                          "as pruneflow's stages save them)")
     spec_fields = checkpoint["spec"]
@@ -74,3 +89,48 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
     rebuild_pruned(model, spec.example_inputs(), surgery.history, surgery.removed_blocks)
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), spec, surgery
+
+
+def load_trained(path: Path, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
+    """A trained model to start from: a model file pruneflow wrote, or a plain ``state_dict`` for ``spec``'s model.
+
+    ``spec`` is the model the config and the data describe. A model file must hold that model (same name,
+    input channels and classes); its own normalisation comes back in the returned spec. A state_dict must fit
+    ``spec.build()`` key for key and shape for shape (keys saved from ``nn.DataParallel``, all prefixed
+    ``module.``, are read without it); otherwise one ValueError names the first keys that do not fit.
+    """
+    checkpoint = read_checkpoint(path)
+    if is_model_file(checkpoint):
+        model, saved, _ = load_model(path)
+        found = (saved.name, saved.in_channels, saved.num_classes)
+        if found != (spec.name, spec.in_channels, spec.num_classes):
+            raise ValueError(f"{path}: holds model {saved.name} for {saved.in_channels} input channels and "
+                             f"{saved.num_classes} classes, not {spec.name} for {spec.in_channels} and {spec.num_classes}")
+        return model, saved
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise ValueError(f"{path}: neither a model file pruneflow wrote nor a state_dict (a dict of tensors)")
+    state = checkpoint
+    if state and all(key.startswith("module.") for key in state):
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+    model = spec.build()
+    problem = state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        hint = ("was it saved from another model?" if state.keys() != model.state_dict().keys() else
+                "was it trained with other classes, input channels or model kwargs?")
+        raise ValueError(f"{path}: the state_dict does not fit model {spec.name} ({problem}); {hint}")
+    model.load_state_dict(state)
+    return model.eval(), spec
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """The first keys the model lacks, that the file lacks and whose shapes differ; '' when every key fits."""
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    shapes = [f"{key} {tuple(found[key].shape)} vs the model's {tuple(value.shape)}"
+              for key, value in expected.items() if key in found and found[key].shape != value.shape]
+    parts = [f"{label}: {first(names)}" for label, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                             ("shape mismatches", shapes)) if names]
+    return "; ".join(parts)

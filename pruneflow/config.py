@@ -67,6 +67,28 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class BaselineConfig(Section):
+    """A trained model to start from instead of training one from scratch."""
+
+    checkpoint: str | None = Field(
+        None, description="a model file pruneflow wrote, or a state_dict for model.name (relative to the params file)")
+    mean: list[float] | None = Field(None, description="per-channel input mean it was trained with; null: the model "
+                                                       "file's, else the data's")
+    std: list[float] | None = Field(None, description="per-channel input std it was trained with (with mean)")
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> "BaselineConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std: give both or neither")
+        if self.mean is not None:
+            if self.checkpoint is None:
+                raise ValueError("mean and std describe a checkpoint's training; without baseline.checkpoint the "
+                                 "baseline is trained on the data's own statistics")
+            if len(self.mean) != len(self.std) or min(self.std) <= 0:
+                raise ValueError(f"mean and std need one value per input channel and std > 0, got {self.mean}, {self.std}")
+        return self
+
+
 class TrainConfig(Section):
     epochs: int = Field(12, ge=0)
     lr: float = Field(0.05, gt=0)
@@ -184,6 +206,7 @@ class PipelineConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"l1": {}, "slimming": {}, "random": {}},
@@ -213,6 +236,26 @@ class PipelineConfig(Section):
             if isinstance(node, dict):  # a section given as a model instance is taken as it is
                 node.setdefault(key, copy.deepcopy(value))
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_defaults(cls, data: Any) -> Any:
+        """With ``baseline.checkpoint`` the baseline is trained already: ``train.epochs`` defaults to 0 (evaluate it
+        as it is); more epochs fine-tune it on the data."""
+        baseline = data.get("baseline") if isinstance(data, dict) else None
+        if not isinstance(baseline, dict) or not baseline.get("checkpoint"):
+            return data
+        train = data.get("train")
+        if train is None or (isinstance(train, dict) and "epochs" not in train):
+            data = {**data, "train": {**(train or {}), "epochs": 0}}
+        return data
+
+    @model_validator(mode="after")
+    def _baseline_is_trained(self) -> "PipelineConfig":
+        if self.train.epochs == 0 and self.baseline.checkpoint is None and not self.model.kwargs.get("weights"):
+            raise ValueError("train.epochs: 0 leaves the baseline untrained; give baseline.checkpoint (a trained "
+                             "model) or pretrained model.kwargs.weights, or train for some epochs")
+        return self
 
     @model_validator(mode="after")
     def _parts_fit_task(self) -> "PipelineConfig":
@@ -374,7 +417,8 @@ def load_config(params_path: str | Path, overrides: list[str] | tuple[str, ...] 
     tree = read_params(path)
     for text in overrides:
         apply_override(tree, *parse_override(text))
-    data = tree.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = str((path.parent / Path(data["path"]).expanduser()).resolve())
+    for section, key in (("data", "path"), ("baseline", "checkpoint")):  # paths in the file: relative to it
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str((path.parent / Path(node[key]).expanduser()).resolve())
     return validate(tree, source=path.name), path.parent
