@@ -100,6 +100,18 @@ class TrainConfig(Section):
         "auto", description="where training runs (auto: a CUDA GPU if there is one); pruning and export stay on CPU")
 
 
+class DistillConfig(Section):
+    """Knowledge distillation while retraining a pruned net: it learns from the baseline's outputs as well."""
+
+    weight: float = Field(0.0, ge=0, le=1, description="share of the loss taken from the baseline's outputs "
+                                                        "(0: off; the rest is the task's loss on the labels)")
+    temperature: float = Field(4.0, gt=0, description="classification: softmax temperature of Hinton's KD term")
+
+
+class RetrainConfig(TrainConfig):
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
 class TargetConfig(Section):
     """What a chosen configuration must reach: a share of MACs or params removed, or a latency ceiling."""
 
@@ -214,7 +226,7 @@ class PipelineConfig(Section):
     )
     search: SearchConfig = Field(default_factory=SearchConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
-    retrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=0.01))
+    retrain: RetrainConfig = Field(default_factory=lambda: RetrainConfig(epochs=4, lr=0.01))
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
