@@ -63,8 +63,10 @@ def read_checkpoint(path: Path) -> Any:
     except OSError:
         raise
     except Exception as err:
-        raise ValueError(f"{path}: not a model file pruneflow wrote nor a state_dict of tensors (torch.load: "
-                         f"{type(err).__name__}; a pickled model object? save model.state_dict() instead)") from None
+        objects = "Weights only load failed" in str(err)  # valid pickle, but of objects (a whole model), not tensors
+        hint = "; it holds pickled objects: save model.state_dict() instead" if objects else ""
+        raise ValueError(f"{path}: not a model file pruneflow wrote nor a state_dict (torch.load: "
+                         f"{type(err).__name__}{hint})") from None
 
 
 def is_model_file(checkpoint: Any) -> bool:
@@ -82,6 +84,11 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
     if not is_model_file(checkpoint):
         raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
                          "as pruneflow's stages save them)")
+    return rebuild(checkpoint)
+
+
+def rebuild(checkpoint: dict) -> tuple[nn.Module, ModelSpec, Surgery]:
+    """The model of a model file's contents (``read_checkpoint``'s), in eval mode, with its spec and surgery."""
     spec_fields = checkpoint["spec"]
     spec = ModelSpec(**{**spec_fields, "input_shape": tuple(spec_fields["input_shape"])})
     model = spec.build()
@@ -101,7 +108,7 @@ def load_trained(path: Path, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
     """
     checkpoint = read_checkpoint(path)
     if is_model_file(checkpoint):
-        model, saved, _ = load_model(path)
+        model, saved, _ = rebuild(checkpoint)
         found = (saved.name, saved.in_channels, saved.num_classes)
         if found != (spec.name, spec.in_channels, spec.num_classes):
             raise ValueError(f"{path}: holds model {saved.name} for {saved.in_channels} input channels and "
@@ -123,7 +130,8 @@ def load_trained(path: Path, spec: ModelSpec) -> tuple[nn.Module, ModelSpec]:
 
 
 def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], shown: int = 3) -> str:
-    """The first keys the model lacks, that the file lacks and whose shapes differ; '' when every key fits."""
+    """The first keys the file lacks (missing), holds beyond the model's (unexpected) and holds at another shape;
+    '' when every key fits."""
     def first(names: list[str]) -> str:
         return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
 
