@@ -48,10 +48,11 @@ from pruneflow.checkpoint import ModelSpec, load_trained  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
 from pruneflow.data import load_splits  # noqa: E402
 from pruneflow.data.loading import Split  # noqa: E402
-from pruneflow.methods import PruneTarget, create_method  # noqa: E402
+from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.metrics import count_macs_params, reductions  # noqa: E402
 from pruneflow.proxy import recalibrate_batchnorm  # noqa: E402
-from pruneflow.search import TrialPlan, fit_to_target  # noqa: E402
+from pruneflow.plan import PrunePlan  # noqa: E402
+from pruneflow.search import fit_to_target  # noqa: E402
 from pruneflow.training import evaluate, train  # noqa: E402
 
 # The checkpoint's input normalisation (its README): the per-channel statistics of the CIFAR-10 training set.
@@ -113,26 +114,22 @@ class Study:
         self.example = self.spec.example_inputs()
         self.macs, self.params = count_macs_params(self.baseline, self.example[:1])
         self.pruner = create_method("l1")
-        self.space = stages.search_params(self.cfg, self.baseline, self.spec)
+        self.space = stages.search_space(self.cfg, self.baseline, self.spec)
 
-    def pruned(self, plan: TrialPlan) -> torch.nn.Module:
+    def pruned(self, plan: PrunePlan) -> torch.nn.Module:
         model = copy.deepcopy(self.baseline)
-        self.pruner.prune(model, self.example, PruneTarget(plan.ratio, plan.layer_ratios, round_to=8))
+        self.pruner.prune(model, self.example, plan)
         return model
 
-    def costs(self, plan: TrialPlan) -> dict[str, float]:
+    def costs(self, plan: PrunePlan) -> dict[str, float]:
         return reductions(self.pruned(plan), self.example[:1], self.macs, self.params, structured=True)
 
     def candidate(self, index: int) -> dict[str, float]:
         """Random ratios of the space's parameters (seeded by ``index``), fitted to the target."""
         rng = random.Random(f"{self.args.seed}-{index}")
         search = self.cfg.search
-        sampled = {name: rng.uniform(search.ratio_low, search.ratio_high) for name in self.space}
+        sampled = {name: rng.uniform(search.ratio_low, search.ratio_high) for name in self.space.params}
         return fit_to_target(sampled, self.space, search, self.costs)
-
-    def plan(self, ratios: dict[str, float]) -> TrialPlan:
-        layer_ratios = {layer: ratios[name] for name, layers in self.space.items() for layer in layers}
-        return TrialPlan(sum(ratios.values()) / len(ratios), layer_ratios)
 
     def loaders(self):
         return (self.splits.loader("train", BATCH, shuffle=True, augment="crop_flip", seed=self.args.seed),
@@ -145,7 +142,7 @@ class Study:
 
     def judge(self, index: int) -> dict:
         ratios = self.candidate(index)
-        plan = self.plan(ratios)
+        plan = self.space.plan(ratios)
         model = self.pruned(plan)
         row = {"candidate": index, "ratios": ratios, **reductions(model, self.example[:1], self.macs, self.params, True)}
         _, val = self.loaders()
@@ -233,7 +230,7 @@ def main() -> int:
     study = Study(args)
     baseline = {"accuracy": evaluate(study.baseline, study.splits.loader("test", 256)),
                 "val": evaluate(study.baseline, study.splits.loader("val", 256))}
-    log(f"baseline: test {baseline['accuracy']:.2f} %, val {baseline['val']:.2f} %; parameters: {', '.join(study.space)}")
+    log(f"baseline: test {baseline['accuracy']:.2f} %, val {baseline['val']:.2f} %; parameters: {', '.join(study.space.params)}")
     for index in range(len(rows), args.candidates):
         row = study.judge(index)
         rows.append(row)

@@ -18,9 +18,10 @@ from pruneflow.checkpoint import (ModelSpec, Surgery, is_model_file, load_model,
                                   save_model)
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
-from pruneflow.methods import PruneResult, PruneTarget, PruningMethod
+from pruneflow.methods import PruneResult, PruningMethod
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import MODELS
+from pruneflow.plan import PrunePlan
 from pruneflow.preflight import build_checked, unprunable
 
 
@@ -48,14 +49,14 @@ def calibration_batches(splits: DataSplits, batches: int, input_shape: tuple[int
 
 
 def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, ...], pruner: PruningMethod,
-                    target: PruneTarget, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    plan: PrunePlan, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                     ) -> tuple[dict[str, Any], PruneResult]:
     """Prune ``model`` in place; return cost before/after and the per-layer report, as plain JSON-able types,
     and the pruning's result (its history rebuilds the pruned net)."""
     example = torch.zeros(2, *input_shape)
     macs_before, params_before = count_macs_params(model, example[:1])
     try:
-        result = pruner.prune(model, example, target, calib)
+        result = pruner.prune(model, example, plan, calib)
     except Exception as err:
         if model_name in MODELS:  # the registered models are tested with every method: a failure is a bug
             raise
@@ -64,8 +65,8 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
     return {
         "model": model_name,
         "method": pruner.name,
-        "ratio": target.ratio,
-        "round_to": target.round_to,
+        "ratio": plan.ratio,
+        "round_to": plan.round_to,
         "input_shape": list(input_shape),
         "macs_before": macs_before,
         "macs_after": macs_after,
@@ -90,7 +91,7 @@ def sized_spec(name: str, splits: DataSplits | None, in_channels: int | None, nu
                      splits.model_kwargs, splits.mean, splits.std)
 
 
-def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | None = None,
+def prune_once(pruner: PruningMethod, plan: PrunePlan, model_name: str | None = None,
                checkpoint: Path | None = None, data: DataConfig | None = None, data_dir: Path = Path("data"),
                calib_batches: int = 4, input_size: int | None = None,
                log: Callable[[str], None] = print, *, in_channels: int | None = None,
@@ -135,7 +136,7 @@ def prune_once(pruner: PruningMethod, target: PruneTarget, model_name: str | Non
             log(f"calibrating on {data.dataset} images {'x'.join(map(str, splits.input_shape))} "
                 f"fitted to the model's input {'x'.join(map(str, shape))}")
         calib = calibration_batches(splits, calib_batches, shape)
-    report, result = inspect_pruning(spec.name, model, shape, pruner, target, calib)
+    report, result = inspect_pruning(spec.name, model, shape, pruner, plan, calib)
     if out is not None:
         if surgery.history and result.removed_blocks:
             raise ValueError(f"{checkpoint}: a pruned model cannot lose blocks too (its history would not replay)")

@@ -10,15 +10,12 @@ hundreds. Models without BatchNorm (ESPCN) have nothing to recalibrate: their sc
 
 from __future__ import annotations
 
-from typing import Iterable
-
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from pruneflow.task import Batches
 from pruneflow.training import evaluate
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()

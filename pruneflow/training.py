@@ -1,6 +1,6 @@
 """The one training loop (baseline, search fine-tunes and retraining all use it) and evaluation, for every task.
 
-The loss and the metrics follow the task of the targets (``pruneflow.task.task_of``): cross-entropy and accuracy
+The loss and the metrics are those of the batches' task (``pruneflow.task.task_of``): cross-entropy and accuracy
 for class labels, MSE and PSNR/SSIM for super-resolution images. Retraining a pruned net may also learn from
 the baseline's outputs (``Distillation``).
 """
@@ -17,10 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneflow.config import DistillConfig, TrainConfig
-from pruneflow.methods.base import Regularizer
-from pruneflow.task import mean_scores, task_of
+from pruneflow.task import CLASSIFICATION, Batches, Task, mean_scores, task_of
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Regularizer = Callable[[nn.Module], torch.Tensor]  # a sparsity term added to the loss (pruning methods give them)
 
 
 @dataclass
@@ -46,12 +45,11 @@ class Distillation:
     weight: float
     temperature: float = 4.0
 
-    def loss(self, outputs: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, task: Task, outputs: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The loss of one batch: (1 − weight)·the task's loss on the targets + weight·the teacher term."""
-        task = task_of(targets)
         with torch.no_grad():
             taught = self.teacher(inputs)
-        if task.name == "classification":
+        if task is CLASSIFICATION:
             t = self.temperature
             term = F.kl_div(F.log_softmax(outputs / t, dim=1), F.log_softmax(taught / t, dim=1), reduction="batchmean",
                             log_target=True) * t * t
@@ -109,6 +107,7 @@ def _train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, device: 
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, (lambda step: 1.0) if cfg.schedule == "constant" else
         (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))))
+    task = task_of(batches)
     history = []
     for epoch in range(1, cfg.epochs + 1):
         start, total, count = time.perf_counter(), 0.0, 0
@@ -116,7 +115,7 @@ def _train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, device: 
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             outputs = model(images)
-            loss = distill.loss(outputs, images, labels) if distill else task_of(labels).loss(outputs, labels)
+            loss = distill.loss(task, outputs, images, labels) if distill else task.loss(outputs, labels)
             for regularizer in regularizers:
                 loss = loss + regularizer(model)
             optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneflow.config import DistillConfig, TrainConfig, validate
+from pruneflow.task import CLASSIFICATION, SUPER_RESOLUTION
 from pruneflow.training import Distillation, distillation, train
 
 CFG = TrainConfig(epochs=15, lr=0.05, device="cpu")
@@ -55,12 +56,12 @@ def test_loss_mixes_the_task_loss_and_the_teacher_term() -> None:
     teacher = net(seed=7)
     outputs = teacher(x).detach()
     kd = Distillation(teacher, weight=0.25, temperature=3.0)
-    assert torch.allclose(kd.loss(outputs, x, y), 0.75 * F.cross_entropy(outputs, y))  # agreeing: no KD term
+    assert torch.allclose(kd.loss(CLASSIFICATION, outputs, x, y), 0.75 * F.cross_entropy(outputs, y))  # agreeing: no KD term
     x, images = batches("images")[0]  # super-resolution-like float targets: MSE to the teacher's output
     teacher = net(seed=7, outputs=2)
     student = torch.zeros(32, 2)
     expected = 0.75 * F.mse_loss(student, images) + 0.25 * F.mse_loss(student, teacher(x))
-    assert torch.allclose(Distillation(teacher, 0.25).loss(student, x, images), expected)
+    assert torch.allclose(Distillation(teacher, 0.25).loss(SUPER_RESOLUTION, student, x, images), expected)
 
 
 def test_distillation_is_off_by_default_and_needs_a_teacher_when_on() -> None:

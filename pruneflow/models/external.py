@@ -24,7 +24,7 @@ def torchvision_factory(name: str) -> ModelFactory:
     The weights are downloaded into torch's hub cache, or read from it: on a machine without internet, copy the
     file there, or load your own weights with ``baseline.checkpoint``.
     """
-    import torchvision  # imported on demand: it costs ~1.5 s and most runs never use it
+    import torchvision  # imported on demand: it is slow to import and most runs never use it
 
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in known:
