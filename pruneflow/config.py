@@ -137,7 +137,15 @@ class SearchConfig(Section):
     n_workers: int = Field(1, ge=1, description="trials run at once, each in its own process")
     ratio_low: float = Field(0.1, ge=0, lt=1)
     ratio_high: float = Field(0.8, ge=0, lt=1)
-    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored")
+    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored (finetune "
+                                                      "proxy), or per top-k trial (adaptive_bn)")
+    proxy: Literal["finetune", "adaptive_bn"] = Field(
+        "finetune", description="how a trial is scored: finetune_epochs of fine-tuning; or adaptive_bn: BatchNorm "
+                                "statistics re-estimated on calib_batches training batches, no gradient step, so "
+                                "many more trials fit a budget; then the top_k are fine-tuned and one is chosen")
+    calib_batches: int = Field(10, ge=1, description="adaptive_bn: training batches the BN statistics are re-estimated on")
+    top_k: int = Field(5, ge=1, description="adaptive_bn: feasible trials with the best proxy score that are then "
+                                            "fine-tuned for finetune_epochs before the selection policy picks one")
     target: TargetConfig = Field(default_factory=TargetConfig)
     objectives: list[Literal["accuracy", "psnr", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
         default_factory=lambda: ["accuracy"],
@@ -159,6 +167,9 @@ class SearchConfig(Section):
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
             raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
+        if self.proxy == "adaptive_bn" and self.pruner not in ("auto", "none"):
+            raise ValueError(f"pruner {self.pruner}: adaptive_bn trials train no epochs, so there is nothing to prune "
+                             "early; use pruner: none")
         return self
 
     @property
