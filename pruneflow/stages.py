@@ -262,8 +262,11 @@ def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
         unchanging |= {"proxy", "calib_batches"}
     search = cfg.search.model_dump(exclude=unchanging)
     parts = {"method": cfg.methods[method], "search": search, "prune": cfg.prune.model_dump(),
-             "retrain": cfg.retrain.model_dump(), "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+             "retrain": cfg.retrain.model_dump(exclude={"distill"}),  # trials fine-tune without a teacher
+             "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
              "data": cfg.data.model_dump(exclude={"path"}), "seed": cfg.project.seed}
+    if cfg.baseline.checkpoint is not None:  # trials prune that checkpoint (its content, not its path)
+        parts["baseline"] = baseline_key(cfg, data_md5)
     digest = hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return f"{method}-{cfg.model.name}-{data_md5[:8]}-{digest}"
 
@@ -622,7 +625,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json",)),
     Stage("prune", prune_model, reads=("data_dir", "baseline_dir", "search_json"),
           writes=("pruned", "history_json", "layers_json")),
-    Stage("retrain", retrain_model, reads=("data_dir", "pruned"), writes=("retrained",)),
+    Stage("retrain", retrain_model, reads=("data_dir", "baseline_dir", "pruned"), writes=("retrained",)),  # the teacher
     Stage("evaluate", evaluate_model, reads=("data_dir", "baseline_dir", "retrained", "layers_json"),
           writes=("metrics_json", "report_md", "latency_dir"), timed=True),
     Stage("export", export_model, reads=("data_dir", "retrained"), writes=("export_dir",), timed=True),
