@@ -13,9 +13,11 @@ Each candidate is scored by
 - ``finetune``: validation accuracy after ``--proxy-epochs`` of fine-tuning (the search's proxy until now),
 
 and then fine-tuned from the pruned state for ``--final-epochs`` on the same training images and scored on the
-test split: its *final* accuracy. The report gives Spearman's ρ between each proxy and the final accuracy, and
-the time each proxy costs per candidate. Results are appended to ``<out>/candidates.json`` as each candidate
-finishes, and a rerun resumes from it.
+test split: its *final* accuracy. The proxies are scored on ``--val-images`` test images and the final accuracy on
+``--test-images`` others (the checkpoint was trained on every training image). The report gives Spearman's ρ
+between each proxy and the final accuracy, and the time each proxy costs per candidate. Results are appended to
+``<out>/candidates-<i>of<n>.json`` as each candidate finishes, a rerun resumes from them, and ``--shard i/n``
+lets n processes share the candidates (the last one to finish writes the report).
 
     nice -n 5 .venv/bin/python benchmarks/proxy_correlation.py                       # the documented run
     .venv/bin/python benchmarks/proxy_correlation.py --candidates 2 --train-images 256 --val-images 256 \\
@@ -47,7 +49,7 @@ from pruneflow import stages  # noqa: E402
 from pruneflow.checkpoint import ModelSpec, load_trained  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
 from pruneflow.data import load_splits  # noqa: E402
-from pruneflow.data.loading import Split  # noqa: E402
+from pruneflow.data.loading import Split, TensorLoader, read_split  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.metrics import count_macs_params, reductions  # noqa: E402
 from pruneflow.proxy import recalibrate_batchnorm  # noqa: E402
@@ -76,11 +78,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.5, help="MACs reduction of every candidate")
     parser.add_argument("--space", default="per_layer", choices=("per_stage", "per_layer"))
     parser.add_argument("--train-images", type=int, default=1280, help="drawn from the training split")
-    parser.add_argument("--val-images", type=int, default=1000, help="drawn from the training split, for the proxies")
+    parser.add_argument("--val-images", type=int, default=1000,
+                        help="drawn from the test split (images the baseline never saw), for the proxies")
     parser.add_argument("--calib-batches", type=int, default=10, help="adaptive BN: training batches of 128")
     parser.add_argument("--proxy-epochs", type=int, default=1)
     parser.add_argument("--final-epochs", type=int, default=4)
-    parser.add_argument("--test-images", type=int, default=2000, help="N random images of the test split (all: 10000)")
+    parser.add_argument("--test-images", type=int, default=2000,
+                        help="N other random images of the test split, for the final accuracy")
+    parser.add_argument("--fit-steps", type=int, default=10, help="bisection steps fitting a candidate to --target")
+    parser.add_argument("--shard", default="0/1", help="i/n: judge candidates i, i+n, ... (n processes share a run)")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the candidates judged so far")
     parser.add_argument("--threads", type=int, default=1, help="PyTorch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -98,17 +105,45 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     })
 
 
+def held_out(test: Split, args: argparse.Namespace) -> tuple[Split, Split]:
+    """``--val-images`` test images for the proxies and ``--test-images`` others for the final accuracy: the
+    checkpoint was trained on all 50 000 training images, so no training image is held out from it."""
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+    val, final = order[:args.val_images], order[args.val_images:args.val_images + args.test_images]
+    return Split(test.images[val], test.labels[val]), Split(test.images[final], test.labels[final])
+
+
+def baseline_accuracy(model: torch.nn.Module, val: Split, test: Split) -> dict[str, float]:
+    return {"accuracy": evaluate(model, TensorLoader(test, 256, MEAN, STD)),
+            "val": evaluate(model, TensorLoader(val, 256, MEAN, STD))}
+
+
+def report_only(args: argparse.Namespace) -> dict[str, float]:
+    """The baseline's accuracies for the report, decoding only the test split (kept in ``<out>/baseline.json``
+    for these held-out images, so a later report costs nothing)."""
+    key = {"checkpoint": args.checkpoint, "seed": args.seed, "val_images": args.val_images,
+           "test_images": args.test_images}
+    cached = Path(args.out) / "baseline.json"
+    if cached.is_file() and json.loads(cached.read_text())["key"] == key:
+        return json.loads(cached.read_text())["accuracy"]
+    test, _ = read_split(Path(args.data) / "test", progress=log)
+    val, final = held_out(test, args)
+    model, _ = load_trained(Path(args.checkpoint), ModelSpec(args.model, 3, 10, (3, *test.images.shape[2:]),
+                                                             mean=MEAN, std=STD))
+    accuracy = baseline_accuracy(model, val, final)
+    stages.write_json(cached, {"key": key, "accuracy": accuracy})
+    return accuracy
+
+
 class Study:
     """The baseline, the data and the pruning the candidates share."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.cfg = args, pipeline_config(args)
-        subset = args.train_images + args.val_images
-        self.splits = load_splits(Path(args.data), args.val_images / subset, subset, args.seed, progress=log)
+        subset = args.train_images + 1  # the training split's own validation share (one image) goes unused
+        self.splits = load_splits(Path(args.data), 1 / subset, subset, args.seed, progress=log)
         self.splits.mean, self.splits.std = MEAN, STD
-        test = self.splits.test
-        order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.test_images]
-        self.splits.test = Split(test.images[order], test.labels[order])
+        self.splits.val, self.splits.test = held_out(self.splits.test, args)
         self.spec = ModelSpec(args.model, 3, 10, self.splits.input_shape, mean=MEAN, std=STD)
         self.baseline, _ = load_trained(Path(args.checkpoint), self.spec)
         self.example = self.spec.example_inputs()
@@ -129,7 +164,7 @@ class Study:
         rng = random.Random(f"{self.args.seed}-{index}")
         search = self.cfg.search
         sampled = {name: rng.uniform(search.ratio_low, search.ratio_high) for name in self.space.params}
-        return fit_to_target(sampled, self.space, search, self.costs)
+        return fit_to_target(sampled, self.space, search, self.costs, steps=self.args.fit_steps)
 
     def loaders(self):
         return (self.splits.loader("train", BATCH, shuffle=True, augment="crop_flip", seed=self.args.seed),
@@ -179,17 +214,17 @@ class timed:
 
 def render(args: argparse.Namespace, rows: list[dict], baseline: dict) -> str:
     finals = [row["final"] for row in rows]
-    command = "nice -n 5 .venv/bin/python benchmarks/proxy_correlation.py " + shlex.join(sys.argv[1:])
+    shown = [arg for arg in sys.argv[1:] if arg != "--report-only"]  # the command that judges them, in one process
+    command = "nice -n 5 .venv/bin/python benchmarks/proxy_correlation.py " + shlex.join(shown)
     lines = [
         "# Ranking pruned candidates: adaptive BN vs a short fine-tune (ResNet-56, CIFAR-10 JPEG)", "",
         f"Regenerate: `{command.strip()}` (CPU, {args.threads} PyTorch thread(s), a machine shared with other jobs).",
         "",
         f"Baseline: the trained ResNet-56 `{args.checkpoint}` ({baseline['accuracy']:.2f} % on the {args.test_images} "
-        f"test images used here; {baseline['val']:.2f} % on the validation images, which it saw in training). "
+        f"test images of the final accuracy, {baseline['val']:.2f} % on the {args.val_images} others the proxies use). "
         f"{len(rows)} candidates, each l1-pruned with random {args.space.replace('_', '-')} ratios scaled onto −{args.target:.0%} MACs "
         f"(round_to 8; reached: {min(r['macs_reduction'] for r in rows):.1%}–{max(r['macs_reduction'] for r in rows):.1%}). "
-        f"Data: {args.train_images} training images (crop + flip) and {args.val_images} validation images drawn "
-        f"from the training split (seed {args.seed}), the proxies scored on the validation images; adaptive BN on "
+        f"Data: {args.train_images} training images (crop + flip), drawn with seed {args.seed}; adaptive BN on "
         f"{args.calib_batches} batches of 128 training images; the fine-tune proxy {args.proxy_epochs} epoch(s) and the "
         f"final fine-tune {args.final_epochs} epochs over the training images (SGD lr 0.01, cosine), final accuracy on "
         f"the test images. CPU-sized: a short final fine-tune on a subset, not a full retrain.", "",
@@ -225,19 +260,33 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "candidates.json"
-    rows = json.loads(results.read_text()) if results.is_file() else []
-    study = Study(args)
-    baseline = {"accuracy": evaluate(study.baseline, study.splits.loader("test", 256)),
-                "val": evaluate(study.baseline, study.splits.loader("val", 256))}
-    log(f"baseline: test {baseline['accuracy']:.2f} %, val {baseline['val']:.2f} %; parameters: {', '.join(study.space.params)}")
-    for index in range(len(rows), args.candidates):
-        row = study.judge(index)
-        rows.append(row)
-        stages.write_json(results, rows)
-        log(f"candidate {index}: MACs -{row['macs_reduction']:.1%} plain {row['plain']:.2f} adaptive_bn "
-            f"{row['adaptive_bn']:.2f} ({row['adaptive_bn_seconds']:.0f} s) finetune {row['finetune']:.2f} "
-            f"({row['finetune_seconds']:.0f} s) final {row['final']:.2f} ({row['final_seconds']:.0f} s)")
+    if args.report_only:
+        baseline = report_only(args)
+    else:
+        shard, shards = map(int, args.shard.split("/"))
+        results = out / f"candidates-{shard}of{shards}.json"
+        rows = json.loads(results.read_text()) if results.is_file() else []
+        study = Study(args)
+        baseline = baseline_accuracy(study.baseline, study.splits.val, study.splits.test)
+        log(f"baseline: test {baseline['accuracy']:.2f} %, val {baseline['val']:.2f} %; parameters: "
+            f"{', '.join(study.space.params)}")
+        done = {row["candidate"] for row in rows}
+        for index in range(shard, args.candidates, shards):
+            if index in done:
+                continue
+            row = study.judge(index)
+            rows.append(row)
+            stages.write_json(results, rows)
+            log(f"candidate {index}: MACs -{row['macs_reduction']:.1%} plain {row['plain']:.2f} adaptive_bn "
+                f"{row['adaptive_bn']:.2f} ({row['adaptive_bn_seconds']:.0f} s) finetune {row['finetune']:.2f} "
+                f"({row['finetune_seconds']:.0f} s) final {row['final']:.2f} ({row['final_seconds']:.0f} s)")
+    rows = sorted((row for path in out.glob("candidates-*.json") for row in json.loads(path.read_text())),
+                  key=lambda row: row["candidate"])
+    if args.report_only:
+        args.candidates = len(rows)
+    if len(rows) < args.candidates:
+        log(f"{len(rows)} of {args.candidates} candidates judged: the report waits for the other shards")
+        return 0
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
     analysis = doc.read_text().partition(ANALYSIS)[2] if doc.is_file() else ""  # hand-written: kept
