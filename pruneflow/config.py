@@ -77,8 +77,8 @@ class BaselineConfig(Section):
 
     checkpoint: str | None = Field(
         None, description="a model file pruneflow wrote, or a state_dict for model.name (relative to the params file)")
-    mean: list[float] | None = Field(None, description="per-channel input mean it was trained with; null: the model "
-                                                       "file's, else the data's")
+    mean: list[float] | None = Field(None, description="per-channel input mean it was trained with, which every stage "
+                                                       "then feeds it; null: the data's own statistics")
     std: list[float] | None = Field(None, description="per-channel input std it was trained with (with mean)")
 
     @model_validator(mode="after")
