@@ -275,15 +275,20 @@ def prune(
     data_path: Optional[Path] = typer.Option(None, help="the dataset's data.path (imagefolder root, torchvision files)"),
     data_dir: Path = typer.Option(Path("data"), help="where prepared datasets live (project.data_dir)"),
     checkpoint: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
-                                              help="prune this model file (save_model's) instead of a fresh model"),
+                                              help="prune trained weights: a model file pruneflow wrote, or a "
+                                                   "state_dict for --model"),
     calib_batches: int = typer.Option(4, min=1, help="training batches given to data-driven methods"),
     round_to: int = typer.Option(8, min=1, help="round kept channels to a multiple (1: no rounding)"),
     input_size: Optional[int] = typer.Option(None, min=1, help="side of the square input; default: the data's or checkpoint's"),
+    channels: Optional[int] = typer.Option(None, min=1, help="input channels; default: the data's"),
+    classes: Optional[int] = typer.Option(None, min=1, help="classes; default: the data's"),
+    out: Optional[Path] = typer.Option(None, dir_okay=False, help="write the pruned model here (a model file)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """Prune a fresh (or --checkpoint) model once and print MACs/params before and after, layer by layer.
 
-    No project, training or tracking: a quick look at what a method does to a model. Data-driven methods
+    No project, training or tracking: a quick look at what a method does to a model. With --channels, --classes
+    and --input-size a model needs no dataset; else --dataset sizes what they leave open. Data-driven methods
     calibrate on --dataset, fitted to the model's input (grey repeated to RGB, images resized).
     """
     import json
@@ -316,7 +321,8 @@ def prune(
     try:
         report = prune_once(pruner, PrunePlan(ratio=ratio, round_to=round_to), model, checkpoint,
                             DataConfig(dataset=dataset, path=str(data_path) if data_path else None), data_dir,
-                            calib_batches, input_size, log=lambda line: typer.echo(line, err=True))  # stdout: report only
+                            calib_batches, input_size, log=lambda line: typer.echo(line, err=True),  # stdout: report
+                            in_channels=channels, num_classes=classes, out=out)
     except (OSError, ValueError, RuntimeError) as err:
         fail(err, 1)
     typer.echo(json.dumps(report) if as_json else format_report(report))

@@ -73,6 +73,28 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class BaselineConfig(Section):
+    """A trained model to start from instead of training one from scratch."""
+
+    checkpoint: str | None = Field(
+        None, description="a model file pruneflow wrote, or a state_dict for model.name (relative to the params file)")
+    mean: list[float] | None = Field(None, description="per-channel input mean it was trained with, which every stage "
+                                                       "then feeds it; null: the data's own statistics")
+    std: list[float] | None = Field(None, description="per-channel input std it was trained with (with mean)")
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> "BaselineConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std: give both or neither")
+        if self.mean is not None:
+            if self.checkpoint is None:
+                raise ValueError("mean and std describe a checkpoint's training; without baseline.checkpoint the "
+                                 "baseline is trained on the data's own statistics")
+            if len(self.mean) != len(self.std) or min(self.std) <= 0:
+                raise ValueError(f"mean and std need one value per input channel and std > 0, got {self.mean}, {self.std}")
+        return self
+
+
 class TrainConfig(Section):
     epochs: int = Field(12, ge=0)
     lr: float = Field(0.05, gt=0)
@@ -82,6 +104,18 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate over the epochs")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where training runs (auto: a CUDA GPU if there is one); pruning and export stay on CPU")
+
+
+class DistillConfig(Section):
+    """Knowledge distillation while retraining a pruned net: it learns from the baseline's outputs as well."""
+
+    weight: float = Field(0.0, ge=0, le=1, description="share of the loss taken from the baseline's outputs "
+                                                        "(0: off; the rest is the task's loss on the labels)")
+    temperature: float = Field(4.0, gt=0, description="classification: softmax temperature of Hinton's KD term")
+
+
+class RetrainConfig(TrainConfig):
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class TargetConfig(Section):
@@ -104,7 +138,15 @@ class SearchConfig(Section):
     n_workers: int = Field(1, ge=1, description="trials run at once, each in its own process")
     ratio_low: float = Field(0.1, ge=0, lt=1)
     ratio_high: float = Field(0.8, ge=0, lt=1)
-    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored")
+    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored (finetune "
+                                                      "proxy), or per top-k trial (adaptive_bn)")
+    proxy: Literal["finetune", "adaptive_bn"] = Field(
+        "finetune", description="how a trial is scored: finetune_epochs of fine-tuning; or adaptive_bn: BatchNorm "
+                                "statistics re-estimated on calib_batches training batches, no gradient step, so "
+                                "many more trials fit a budget; then the top_k are fine-tuned and one is chosen")
+    calib_batches: int = Field(10, ge=1, description="adaptive_bn: training batches the BN statistics are re-estimated on")
+    top_k: int = Field(5, ge=1, description="adaptive_bn: feasible trials with the best proxy score that are then "
+                                            "fine-tuned for finetune_epochs before the selection policy picks one")
     target: TargetConfig = Field(default_factory=TargetConfig)
     objectives: list[Literal["accuracy", "psnr", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
         default_factory=lambda: ["accuracy"],
@@ -126,6 +168,9 @@ class SearchConfig(Section):
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
             raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
+        if self.proxy == "adaptive_bn" and self.pruner not in ("auto", "none"):
+            raise ValueError(f"pruner {self.pruner}: adaptive_bn trials train no epochs, so there is nothing to prune "
+                             "early; use pruner: none")
         return self
 
     @property
@@ -197,6 +242,7 @@ class PipelineConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"l1": {}, "slimming": {}, "random": {}},
@@ -204,7 +250,7 @@ class PipelineConfig(Section):
     )
     search: SearchConfig = Field(default_factory=SearchConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
-    retrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=0.01))
+    retrain: RetrainConfig = Field(default_factory=lambda: RetrainConfig(epochs=4, lr=0.01))
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -229,13 +275,24 @@ class PipelineConfig(Section):
                 node.setdefault(key, copy.deepcopy(value))
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_defaults(cls, data: Any) -> Any:
+        """With ``baseline.checkpoint`` the baseline is trained already: ``train.epochs`` defaults to 0 (evaluate it
+        as it is); more epochs fine-tune it on the data."""
+        baseline = data.get("baseline") if isinstance(data, dict) else None
+        if not isinstance(baseline, dict) or not baseline.get("checkpoint"):
+            return data
+        train = data.get("train")
+        if train is None or (isinstance(train, dict) and "epochs" not in train):
+            data = {**data, "train": {**(train or {}), "epochs": 0}}
+        return data
+
     @model_validator(mode="after")
-    def _baseline_trains(self) -> "PipelineConfig":
-        """The baseline is trained here, from scratch, so ``train.epochs: 0`` would pass an untrained model down the
-        pipeline (and register it). This is the one place that decides when training may be skipped."""
-        if self.train.epochs == 0:
-            raise ValueError("train.epochs: 0 trains no baseline, so every later stage would prune an untrained "
-                             "model; give at least 1")
+    def _baseline_is_trained(self) -> "PipelineConfig":
+        if self.train.epochs == 0 and self.baseline.checkpoint is None and not self.model.kwargs.get("weights"):
+            raise ValueError("train.epochs: 0 leaves the baseline untrained; give baseline.checkpoint (a trained "
+                             "model) or pretrained model.kwargs.weights, or train for some epochs")
         return self
 
     @field_validator("methods", mode="before")
@@ -368,7 +425,8 @@ def load_config(params_path: str | Path, overrides: list[str] | tuple[str, ...] 
     tree = read_params(path)
     for text in overrides:
         apply_override(tree, *parse_override(text))
-    data = tree.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = str((path.parent / Path(data["path"]).expanduser()).resolve())
+    for section, key in (("data", "path"), ("baseline", "checkpoint")):  # paths in the file: relative to it
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str((path.parent / Path(node[key]).expanduser()).resolve())
     return validate(tree, source=path.name), path.parent

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,7 @@ import torch
 from tabulate import tabulate
 
 from pruneflow import deploy, gates
-from pruneflow.checkpoint import ModelSpec, load_model, save_model
+from pruneflow.checkpoint import ModelSpec, load_model, load_trained, save_model
 from pruneflow.config import DataConfig, PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_dataset
 from pruneflow.deploy import Deployment
@@ -36,11 +36,12 @@ from pruneflow.methods import PruneResult, PruningMethod, create_method
 from pruneflow.methods.groups import channel_groups
 from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
 from pruneflow.plan import PlanOrigin, PrunePlan
+from pruneflow.proxy import adaptive_bn_score
 from pruneflow.search import (SearchOutcome, SearchSpace, TrialCallback, TrialMeasure, check_reachable, fail_stale,
-                              feasible_trials, open_study, plot_search, run_trials, select, target_gap,
-                              top_trials_markdown, trial_ratios)
+                              feasible_trials, finetune_top, open_study, plot_search, run_trials, select,
+                              target_gap, top_trials_markdown, trial_ratios)
 from pruneflow.task import TASKS
-from pruneflow.training import EpochResult, evaluate, evaluate_all, train
+from pruneflow.training import Distillation, EpochResult, distillation, evaluate, evaluate_all, train
 from pruneflow.versioning import DataVersion
 
 Log = Callable[[str], None]
@@ -66,10 +67,13 @@ def _cached_splits(data_path: Path, data_json: str, seed: int) -> DataSplits:
 
 
 def load_data(cfg: PipelineConfig, data_path: Path) -> DataSplits:
-    """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders); a
+    """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders), served
+    with the normalisation a trained baseline expects (``baseline.mean``/``std``) when the params give one; a
     training split too small to train on raises ``gates.GateError``."""
     splits = _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
     gates.check_training_split(splits, cfg.data)
+    if cfg.baseline.mean is not None:
+        splits = replace(splits, mean=cfg.baseline.mean, std=cfg.baseline.std)
     return splits
 
 
@@ -112,17 +116,33 @@ def baseline_key(cfg: PipelineConfig, data_md5: str) -> str:
         "seed": cfg.project.seed,
         "training_hooks": training_hooked_methods(cfg),
     }
+    if cfg.baseline.checkpoint is not None:  # the file's content, not its path, is what the baseline starts from
+        parts["baseline"] = {**cfg.baseline.model_dump(exclude={"checkpoint"}),
+                             "checkpoint_md5": file_md5(Path(cfg.baseline.checkpoint))}
     return hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
-    """Train the model from scratch into the run's baseline folder, export it to ONNX (parity-checked) and write
-    its metrics."""
+    """Train the model into the run's baseline folder — from scratch, or from ``baseline.checkpoint`` for
+    ``train.epochs`` more epochs (0 by default: it is evaluated as it is) — export it to ONNX (parity-checked)
+    and write its metrics."""
     cfg = run.cfg
     torch.manual_seed(cfg.project.seed)
     splits = load_data(cfg, run.data_dir)
     spec = model_spec(cfg, splits)
-    model = spec.build()
+    if cfg.baseline.checkpoint is not None:
+        model, spec = load_trained(Path(cfg.baseline.checkpoint), spec)
+        log(f"baseline: starting from {cfg.baseline.checkpoint}, {cfg.train.epochs} epoch(s) of training on the data")
+    else:
+        model = spec.build()
     task = TASKS[cfg.task]
     terms, records = regularizers(cfg), recorders(cfg)
     if terms or records:
@@ -245,11 +265,12 @@ def method_for(run: MethodRun) -> PruningMethod:
 
 
 def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batches, cfg: TrainConfig,
-              on_epoch_end: Callable[[EpochResult], None]) -> list[EpochResult]:
-    """The method's own retraining recipe if it has one (grafting, masks kept at zero), else the standard loop."""
+              on_epoch_end: Callable[[EpochResult], None], distill: Distillation | None = None) -> list[EpochResult]:
+    """The method's own retraining recipe if it has one (grafting, masks kept at zero), else the standard loop,
+    learning from the baseline's outputs too when ``distill`` is given (a method's own recipe ignores it)."""
     epochs = pruner.retrain(model, batches, val_batches, cfg, on_epoch_end)
     if epochs is None:
-        epochs = train(model, batches, cfg, val_batches=val_batches, on_epoch_end=on_epoch_end)
+        epochs = train(model, batches, cfg, val_batches=val_batches, on_epoch_end=on_epoch_end, distill=distill)
     return epochs
 
 
@@ -282,10 +303,16 @@ def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
     How many trials run, where, and how one is picked afterwards do not change a trial's result, so they
     are left out: asking for more trials or another selection policy reuses the finished ones.
     """
-    search = cfg.search.model_dump(exclude={"n_trials", "n_workers", "storage", "selection", "tolerance"})
+    unchanging = {"n_trials", "n_workers", "storage", "selection", "tolerance", "top_k"}
+    if cfg.search.proxy == "finetune":  # the adaptive-BN settings do not touch its trials (and older names stay)
+        unchanging |= {"proxy", "calib_batches"}
+    search = cfg.search.model_dump(exclude=unchanging)
     parts = {"method": cfg.methods[method], "search": search, "prune": cfg.prune.model_dump(),
-             "retrain": cfg.retrain.model_dump(), "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+             "retrain": cfg.retrain.model_dump(exclude={"distill"}),  # trials fine-tune without a teacher
+             "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
              "data": cfg.data.model_dump(exclude={"path"}), "seed": cfg.project.seed}
+    if cfg.baseline.checkpoint is not None:  # trials prune that checkpoint (its content, not its path)
+        parts["baseline"] = baseline_key(cfg, data_md5)
     digest = hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return f"{method}-{cfg.model.name}-{data_md5[:8]}-{digest}"
 
@@ -356,14 +383,31 @@ class TrialRunner:
         return self.pruned(plan)[1]
 
     def score(self, plan: PrunePlan, report: Callable[[int, float], None]) -> TrialMeasure:
+        """The trial's validation metric by ``search.proxy``; infeasible trials skip the proxy."""
         model, costs = self.pruned(plan)
         val = self.splits.loader("val", 256)
-        if target_gap(self.cfg.search, costs) > 0 or self.finetune.epochs == 0:
-            return TrialMeasure(evaluate(model, val), costs)  # infeasible trials skip the fine-tune
+        if target_gap(self.cfg.search, costs) > 0:
+            return TrialMeasure(evaluate(model, val), costs)
+        if self.cfg.search.proxy == "adaptive_bn":
+            calib = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, seed=self.cfg.project.seed,
+                                       max_batches=self.cfg.search.calib_batches)  # the same images for every trial
+            return TrialMeasure(adaptive_bn_score(model, calib, val), costs)
+        return self.fine_tuned(model, costs, report)
+
+    def fine_tuned(self, model: torch.nn.Module, costs: dict[str, float],
+                   report: Callable[[int, float], None]) -> TrialMeasure:
+        """The validation metric after ``search.finetune_epochs`` of fine-tuning (none: as pruned)."""
+        val = self.splits.loader("val", 256)
+        if self.finetune.epochs == 0:
+            return TrialMeasure(evaluate(model, val), costs)
         torch.manual_seed(self.cfg.project.seed)
         batches = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, augment=self.cfg.data.augment)
         history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_metric))
         return TrialMeasure(history[-1].val_metric, costs, len(history))
+
+    def fine_tuned_metric(self, plan: PrunePlan) -> float:
+        """``fine_tuned`` for a plan (the top-k rung of an adaptive-BN search)."""
+        return self.fine_tuned(*self.pruned(plan), lambda epoch, metric: None).metric
 
 
 def trial_progress(method: str, log: Log) -> TrialCallback:
@@ -432,7 +476,15 @@ def search(run: MethodRun, log: Log) -> SearchOutcome:
                     for i, share in enumerate(shares) if share]
             for job in jobs:
                 job.result()
-    outcome = select(study, cfg.search, runner.space, runner.baseline[f"val_{runner.metric}"])
+    baseline_metric = runner.baseline[f"val_{runner.metric}"]
+    if cfg.search.proxy == "adaptive_bn" and cfg.search.finetune_epochs:
+        log(f"{method}: fine-tuning the top {cfg.search.top_k} trials by adaptive BN for "
+            f"{cfg.search.finetune_epochs} epoch(s)")
+        rung = open_study(storage, f"{name}-finetuned", cfg.search, cfg.project.seed)
+        outcome = finetune_top(study, rung, cfg.search, runner.space, runner.fine_tuned_metric, baseline_metric,
+                               lambda line: log(f"{method}: {line}"))
+    else:
+        outcome = select(study, cfg.search, runner.space, baseline_metric)
     run.trials_md.parent.mkdir(parents=True, exist_ok=True)
     run.trials_md.write_text(top_trials_markdown(study, cfg.search, outcome.trial_number))
     plot_search(study, cfg.search, outcome.trial_number, run.search_png)
@@ -485,7 +537,8 @@ def prune_model(run: MethodRun, log: Log = say) -> PruneSummary:
 
 
 def retrain_model(run: MethodRun, log: Log = say) -> dict[str, float]:
-    """Fine-tune the pruned model: the method's own recipe if it has one, else the ``retrain`` schedule."""
+    """Fine-tune the pruned model: the method's own recipe if it has one, else the ``retrain`` schedule (with the
+    baseline as teacher when ``retrain.distill.weight`` is set)."""
     cfg = run.cfg
     splits = load_data(cfg, run.data_dir)
     model, spec, surgery = load_model(run.pruned)
@@ -494,7 +547,9 @@ def retrain_model(run: MethodRun, log: Log = say) -> dict[str, float]:
     batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
     metric = TASKS[cfg.task].metric
     val, progress = splits.loader("val", 256), epoch_logger(f"{run.method} retrain", cfg.retrain.epochs, log, metric)
-    epochs = fine_tune(create_method(run.method, run.params), model, batches, val, cfg.retrain, progress)
+    teacher = load_model(run.baseline_model)[0] if cfg.retrain.distill.weight else None
+    epochs = fine_tune(create_method(run.method, run.params), model, batches, val, cfg.retrain, progress,
+                       distillation(cfg.retrain.distill, teacher))
     if epochs:
         gates.check_learned(model, splits, f"the retrained {run.method} model",
                             "prune less (search.ratio_high, prune.ratio) or retrain longer (retrain.epochs)")
@@ -625,7 +680,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json", "own_study")),
     Stage("prune", prune_model, reads=("data_dir", "baseline_dir", "search_json"),
           writes=("pruned", "history_json", "layers_json")),
-    Stage("retrain", retrain_model, reads=("data_dir", "pruned"), writes=("retrained",)),
+    Stage("retrain", retrain_model, reads=("data_dir", "baseline_dir", "pruned"), writes=("retrained",)),  # the teacher
     Stage("evaluate", evaluate_model, reads=("data_dir", "baseline_dir", "retrained", "layers_json"),
           writes=("metrics_json", "report_md", "latency_dir"), timed=True),
     Stage("export", export_model, reads=("data_dir", "retrained"), writes=("export_dir",), timed=True),

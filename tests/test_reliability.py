@@ -363,7 +363,7 @@ ROWS = [
     Row("alias-bomb", "nested YAML aliases (an alias bomb)", ("run",), "its aliases expand to more than 100000 values",
         params=ALIAS_BOMB, given="params.yaml: six levels of ten aliases in `model.kwargs` (10^6 values)"),
     Row("repeated-method", "a method listed twice", ("run", S, "methods=[l1,l1]"), "methods: l1 listed twice"),
-    Row("zero-epochs", "no baseline training", ("run", S, "train.epochs=0"), "train.epochs: 0 trains no baseline"),
+    Row("zero-epochs", "no baseline training", ("run", S, "train.epochs=0"), "train.epochs: 0 leaves the baseline untrained"),
     Row("registry-name", "a model registry name MLflow refuses", ("run", S, "export.registered_model=team/digits"),
         "export.registered_model: 'team/digits' is not a model registry name"),
     Row("cuda-without-gpu", "`train.device=cuda` on a machine without a GPU", ("run", S, "train.device=cuda"),
