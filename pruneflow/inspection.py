@@ -17,6 +17,7 @@ from pruneflow.checkpoint import ModelSpec, load_model
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
 from pruneflow.methods import PruneTarget, PruningMethod
+from pruneflow.methods.base import MethodError
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import MODELS
 from pruneflow.preflight import build_checked, unprunable
@@ -52,6 +53,8 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
     macs_before, params_before = count_macs_params(model, example[:1])
     try:
         result = pruner.prune(model, example, target, calib)
+    except MethodError:
+        raise
     except Exception as err:
         if model_name in MODELS:  # the registered models are tested with every method: a failure is a bug
             raise

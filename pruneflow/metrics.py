@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch_pruning as tp
@@ -34,10 +35,24 @@ def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[i
     return int(macs), int(params)
 
 
+def forward_hooked(model: nn.Module, example_inputs: torch.Tensor, hooks: dict[nn.Module, Callable]) -> None:
+    """One eval-mode, no-grad forward pass on one example with forward hooks on some modules; the hooks are
+    removed and the model's train/eval mode restored afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def layer_stats(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, int]]:
     """Output channels and MACs of every conv/linear layer, for the per-layer pruning report."""
     stats: dict[str, tuple[int, int]] = {}
-    hooks = []
 
     def record(name: str):
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -49,18 +64,8 @@ def layer_stats(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tup
                 stats[name] = (module.out_features, per_sample * module.in_features)
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE):
-            hooks.append(module.register_forward_hook(record(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        for handle in hooks:
-            handle.remove()
-        model.train(was_training)
+    forward_hooked(model, example_inputs, {module: record(name) for name, module in model.named_modules()
+                                           if isinstance(module, PRUNABLE)})
     return stats
 
 

@@ -21,6 +21,11 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Regularizer = Callable[[nn.Module], torch.Tensor]
 
 
+class MethodError(ValueError):
+    """A method cannot run on this model or target as asked: the user's choice to revisit, not a failure of
+    Torch-Pruning's surgery (reports must not blame the model's layers for it)."""
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -170,7 +175,7 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def remove_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
-    """Remove the named units the model declares in ``removable_blocks()``.
+    """Remove the named blocks (``blocks.removable_blocks``: residual blocks, or units the model declares).
 
     What removing means depends on how the model combines the unit, so a model that defines
     ``remove_block(name)`` removes its own (a multi-branch model drops the branch and averages over the rest).
