@@ -50,6 +50,12 @@ def _through(node: fx.Node, modules: dict[str, nn.Module], kinds: tuple) -> fx.N
     return node
 
 
+def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return ((node.op == "call_module" and isinstance(modules[node.target], ACTIVATIONS))
+            or (node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("relu", "relu_")))
+
+
 def is_residual(module: nn.Module) -> bool:
     """Whether ``module`` computes ``x + f(x)`` (optionally followed by elementwise activations)."""
     try:
@@ -62,15 +68,8 @@ def is_residual(module: nn.Module) -> bool:
     if len(inputs) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
         return False
     result = outputs[0].args[0]
-    while True:  # back from the output through activations
-        if result.op == "call_module" and isinstance(modules[result.target], ACTIVATIONS):
-            result = result.args[0]
-        elif result.op == "call_function" and result.target in ACTIVATION_FUNCTIONS:
-            result = result.args[0]
-        elif result.op == "call_method" and result.target in ("relu", "relu_"):
-            result = result.args[0]
-        else:
-            break
+    while _is_activation(result, modules):  # back from the output through activations
+        result = result.args[0]
     if not ((result.op == "call_function" and result.target in ADDS)
             or (result.op == "call_method" and result.target in ("add", "add_", "__add__", "__iadd__"))):
         return False
