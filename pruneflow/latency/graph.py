@@ -18,6 +18,7 @@ import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -306,10 +307,40 @@ def cut_channels(model: onnx.ModelProto, graph: ModelGraph, counts: dict[int, in
     return model
 
 
-def sliced_model(graph: ModelGraph, counts: dict[int, int]) -> onnx.ModelProto:
-    """The ONNX model of the same net with each channel group cut to ``counts`` (others whole).
+def sources(graph: ModelGraph, removed: Iterable[str]) -> Callable[[str], str]:
+    """Maps a tensor to the one that stands for it once the ``removed`` units are gone: a removed residual
+    unit's output is its identity operand (the whole block became identity)."""
+    gone = set(removed)
+    skips = {unit.out: unit.skip for unit in graph.units if unit.name in gone and unit.skip}
+
+    def source(tensor: str) -> str:
+        while tensor in skips:
+            tensor = skips[tensor]
+        return tensor
+    return source
+
+
+def sliced_model(graph: ModelGraph, counts: dict[int, int], removed: Iterable[str] = ()) -> onnx.ModelProto:
+    """The ONNX model of the same net with each channel group cut to ``counts`` (others whole) and the units of
+    ``removed`` residual blocks gone (their input passed on, as ``remove_blocks`` does).
 
     What exporting the pruned PyTorch net writes, up to which channels are kept (the weights here are the
     first ones), so its latency is the pruned net's; it saves an export per net when checking predictions.
     """
-    return cut_channels(copy.deepcopy(graph.model), graph, counts)
+    model = copy.deepcopy(graph.model)
+    gone = set(removed)
+    dropped = {i for unit in graph.units if unit.name in gone for i in unit.nodes}
+    source = sources(graph, gone)
+    kept = [node for i, node in enumerate(model.graph.node) if i not in dropped]
+    for node in kept:
+        node.input[:] = [source(t) if t else t for t in node.input]
+    for output in model.graph.output:
+        if source(output.name) != output.name:
+            kept.append(helper.make_node("Identity", [source(output.name)], [output.name]))
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {t for node in kept for t in node.input}
+    kept_inits = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_inits)
+    return cut_channels(model, graph, counts)

@@ -27,7 +27,7 @@ import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from pruneflow.concurrency import file_lock
 from pruneflow.export import CPU, Latency, ProviderUnavailable, measure_latency
-from pruneflow.latency.graph import ModelGraph, Unit
+from pruneflow.latency.graph import ModelGraph, Unit, sources
 from pruneflow.latency.units import (
     TimedGraph,
     block_size,
@@ -115,18 +115,6 @@ class Variant:
 
     counts: dict[int, int]
     removed: frozenset[str] = frozenset()
-
-
-def sources(graph: ModelGraph, removed: frozenset[str]) -> Callable[[str], str]:
-    """Maps a tensor to the one that stands for it once the ``removed`` units are gone: a removed residual
-    unit's output is its identity operand (the whole block became identity)."""
-    skips = {unit.out: unit.skip for unit in graph.units if unit.name in removed and unit.skip}
-
-    def source(tensor: str) -> str:
-        while tensor in skips:
-            tensor = skips[tensor]
-        return tensor
-    return source
 
 
 @dataclass
