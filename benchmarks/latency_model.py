@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -34,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from scipy.stats import spearmanr
 from torch import nn
@@ -42,6 +40,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.latency import machine  # noqa: E402
 from pruneflow.concurrency import file_lock  # noqa: E402
 from pruneflow.export import CPU, export_onnx  # noqa: E402
 from pruneflow.latency import LatencyTable, ModelGraph, Variant, group_curves, plot_curves, read_graph  # noqa: E402
@@ -224,13 +223,6 @@ def run(args: argparse.Namespace, log) -> Outcome:
             outcome.plots[name] = plot_curves(curves, plot, f"{name}, batch 1, {args.threads} threads: "
                                                             "predicted latency against each group's channels")
     return outcome
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}")
 
 
 def render(outcome: Outcome, args: argparse.Namespace, command: str, loads: tuple[float, float],
