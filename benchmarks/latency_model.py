@@ -5,7 +5,7 @@ carry biases as a trained net's do) and each batch (1 and the large one), ``--ne
 made from the exported baseline: every prunable channel group keeps a random share of its channels, rounded
 to no multiple, 4, 8 or 16 in turn, and every fourth net also loses two random residual blocks. Each net is
 predicted from the table (``pruneflow.latency``) and measured: all nets and the baseline are timed
-interleaved in one call, with the table's reference graph beside them to put them on the table's scale.
+interleaved in one call, with the table's anchor graphs beside them to put them on the table's scale.
 
 Predicted = the nets' units and layout conversions + the fixed cost of the rest of the graph, measured on
 the baseline timed in the same call ("same call"); or the fixed cost measured when the table was built, so

@@ -156,17 +156,20 @@ def read_graph(model: onnx.ModelProto | Path, names: list[str] | None = None) ->
     it), else from ``names``, the modules in call order (``conv_call_order``)."""
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
-    graph = model.graph
-    constants = _constant_names(graph)
     shapes = _shapes(model)
+    units = _units(model.graph, shapes, names)
+    group_of = _channel_groups(model.graph, shapes, units)
+    sizes = {group_of[t]: shapes[t][0] for t in shapes}
+    return ModelGraph(model, units, shapes, group_of, sizes)
+
+
+def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: list[str] | None) -> list[Unit]:
+    constants = _constant_names(graph)
     consumers: dict[str, list[int]] = {}
-    producer: dict[str, int] = {}
     for index, node in enumerate(graph.node):
         for name in node.input:
             if name and name not in constants:
                 consumers.setdefault(name, []).append(index)
-        for name in node.output:
-            producer[name] = index
     outputs = {out.name for out in graph.output}
 
     def data_inputs(node: onnx.NodeProto) -> list[str]:
@@ -193,6 +196,8 @@ def read_graph(model: onnx.ModelProto | Path, names: list[str] | None = None) ->
 
     weights = {init.name: init for init in graph.initializer}
     convs = [i for i, node in enumerate(graph.node) if node.op_type == "Conv" and node.input[1] in weights]
+    if names is not None and len(names) != len(convs):
+        raise ValueError(f"{len(names)} convolution names for {len(convs)} Conv nodes in the ONNX graph")
     found = {i: dict(zip(("nodes", "out"), chain(i)), skip=None) for i in convs}
     ends = {entry["out"]: conv for conv, entry in found.items()}
     # A residual Add joins the unit of its first input (as ONNX Runtime fuses it), else of its second.
@@ -210,8 +215,6 @@ def read_graph(model: onnx.ModelProto | Path, names: list[str] | None = None) ->
         entry["nodes"] = entry["nodes"] + rest
         ends[entry["out"]] = owner
 
-    if names is not None and len(names) != len(convs):
-        raise ValueError(f"{len(names)} convolution names for {len(convs)} Conv nodes in the ONNX graph")
     units = []
     for position, conv in enumerate(convs):
         node, entry = graph.node[conv], found[conv]
@@ -223,28 +226,30 @@ def read_graph(model: onnx.ModelProto | Path, names: list[str] | None = None) ->
             fixed = {k: v for k, v in _attributes(graph.node[i]).items() if k != "group"}
             parts.append(graph.node[i].op_type + (str(sorted(fixed.items())) if fixed else ""))
         name = names[position] if names is not None else _module_name(node.input[1], position)
-        units.append(Unit(name, tuple(entry["nodes"]), node.input[0], entry["out"],
-                          entry["skip"], depthwise, tuple(attrs.get("kernel_shape", weight.dims[2:])),
-                          tuple(attrs.get("strides", (1, 1))), ">".join(parts)))
+        units.append(Unit(name, tuple(entry["nodes"]), node.input[0], entry["out"], entry["skip"], depthwise,
+                          tuple(attrs.get("kernel_shape", weight.dims[2:])), tuple(attrs.get("strides", (1, 1))),
+                          ">".join(parts)))
+    return units
 
+
+def _channel_groups(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], units: list[Unit]) -> dict[str, int]:
+    """Tensor -> channel group: tensors joined by a depthwise convolution, or by an elementwise or pooling node
+    whose inputs and output have the same channel count."""
+    constants = _constant_names(graph)
+    depthwise = {unit.nodes[0] for unit in units if unit.depthwise}
     groups = _UnionFind()
     for name in shapes:
         groups.find(name)
     for index, node in enumerate(graph.node):
-        inputs = [t for t in data_inputs(node) if t in shapes]
-        same = [t for t in [*inputs, *node.output] if t in shapes and shapes[t][0] == shapes[inputs[0]][0]] \
-            if inputs else []
-        if node.op_type == "Conv":
-            unit = next(u for u in units if u.nodes[0] == index)
-            if unit.depthwise:
-                groups.union(node.input[0], node.output[0])
-        elif node.op_type in ELEMENTWISE or node.op_type in POOLING:
+        inputs = [t for t in node.input if t and t not in constants and t in shapes]
+        if index in depthwise:
+            groups.union(node.input[0], node.output[0])
+        elif inputs and (node.op_type in ELEMENTWISE or node.op_type in POOLING):
+            same = [t for t in [*inputs, *node.output] if t in shapes and shapes[t][0] == shapes[inputs[0]][0]]
             for tensor in same[1:]:
                 groups.union(same[0], tensor)
-    roots = {}
-    group_of = {tensor: roots.setdefault(groups.find(tensor), len(roots)) for tensor in shapes}
-    sizes = {group_of[t]: shapes[t][0] for t in shapes}
-    return ModelGraph(model, units, shapes, group_of, sizes)
+    roots: dict[str, int] = {}
+    return {tensor: roots.setdefault(groups.find(tensor), len(roots)) for tensor in shapes}
 
 
 def _resize(array: np.ndarray, axis_sizes: dict[int, int]) -> np.ndarray:

@@ -13,9 +13,11 @@ two neighbouring units use different layouts, plus a fixed cost for the rest of 
 classifier, the session's own cost per run): the measured time of the unpruned model minus its own prediction.
 
 Wall times are the 10th percentile of the interleaved runs (on a shared machine others' load only ever adds
-time), beside the median CPU time of the process. Every chunk also times a fixed reference graph, and its
-times are scaled by the reference's first time over its time in the chunk, so chunks measured minutes apart
-under different load stay comparable; ``time_models`` puts whole models timed later on the same scale.
+time), beside the median CPU time of the process. What one ``ensure`` needs is timed in one interleaved chunk
+(up to ``CHUNK`` entries), and a few unit graphs of the first chunk (the *anchors*, kept beside the table) are
+timed again beside every later chunk: its times are scaled by the anchors' first times over their times in
+the chunk, so chunks measured minutes apart under different load stay comparable; ``time_models`` puts whole
+models timed later on the same scale.
 """
 
 from __future__ import annotations
@@ -44,13 +46,12 @@ from pruneflow.latency.units import (
     copies,
     null_model,
     optimized,
-    reference_model,
     strip,
     unit_model,
 )
 
-CHUNK = 64  # entries timed together, interleaved
-REFERENCES = 3  # sessions of the reference graph in each chunk (the median of their times is the chunk's)
+CHUNK = 192  # entries timed together, interleaved (a predict or sweep usually needs fewer: one chunk)
+ANCHORS = 6  # unit graphs of a batch's first chunk, timed again beside every later chunk
 
 
 def fingerprint(threads: int, provider: str = CPU) -> dict[str, str | int]:
@@ -128,7 +129,7 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Scale:
-    """Factors that put times measured now on the table's scale: the reference's first time over its time now."""
+    """Factors that put times measured now on the table's scale: the anchors' first times over their times now."""
 
     wall: float
     cpu: float
@@ -154,12 +155,13 @@ class LatencyTable:
         self.fingerprint = fingerprint(self.threads, self.provider)
         name = hashlib.sha256(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         self.path = Path(self.folder) / f"{name}.json"
+        self.anchor_folder = Path(self.folder) / f"{name}-anchors"
         self._load()
 
     def _load(self) -> None:
         stored = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.data = {"fingerprint": self.fingerprint, "entries": {}, "effective": {}, "layers": {}, "fixed": {},
-                     "reference": {}, **stored}
+                     "anchors": {}, **stored}
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,23 +215,46 @@ class LatencyTable:
         layouts = timed.layouts
         return timed, {"layouts": [layouts.x, layouts.skip, layouts.out]}
 
-    def _time(self, graphs: dict[str, TimedGraph], batch: int, scratch: Path,
-              repeats: int) -> tuple[dict[str, Latency], Scale]:
-        """``graphs`` timed interleaved with the reference, and the factors that put them on the table's scale."""
+    def _time(self, graphs: dict[str, TimedGraph], batch: int, scratch: Path, repeats: int,
+              anchor: bool = False) -> tuple[dict[str, Latency], Scale]:
+        """``graphs`` timed interleaved with the table's anchors, and the factors that put them on its scale.
+
+        The anchors are a few unit graphs of the first chunk measured at this batch (``anchor``: let these
+        graphs become them if there are none yet); their first times over their times now are the factors."""
         rng = np.random.default_rng(0)
+        anchors = self._anchors(batch)
         targets: dict[str, Path] = {}
         inputs: dict[str, tuple[np.ndarray, ...]] = {}
-        references = {f"reference{k}": reference_model() for k in range(REFERENCES)}
-        for name, timed in {**graphs, **references}.items():
+        for name, timed in {**graphs, **{f"anchor|{a['file']}": graph for a, graph in anchors}}.items():
             targets[name] = scratch / f"timed-{len(targets)}.onnx"
             onnx.save(timed.model, str(targets[name]))
             inputs[name] = tuple(rng.standard_normal((batch, *shape), dtype=np.float32) for shape in timed.inputs)
         timing = measure_latency(targets, inputs, self.warmup, repeats, self.threads, self.provider)
-        reference = [timing.pop(name) for name in references]
-        now = {"wall": float(np.median([t.p10_ms for t in reference])),
-               "cpu": float(np.median([t.cpu_ms for t in reference]))}
-        standard = self.data["reference"].setdefault(f"b{batch}", now)
-        return timing, Scale(standard["wall"] / now["wall"], standard["cpu"] / now["cpu"])
+        if not anchors:
+            if anchor:
+                self._keep_anchors(graphs, timing, batch)
+            return timing, Scale(1.0, 1.0)
+        now = [(a, timing.pop(f"anchor|{a['file']}")) for a, _ in anchors]
+        return timing, Scale(float(np.median([a["ms"] / t.p10_ms for a, t in now])),
+                             float(np.median([a["cpu_ms"] / t.cpu_ms for a, t in now])))
+
+    def _anchors(self, batch: int) -> list[tuple[dict, TimedGraph]]:
+        return [(a, TimedGraph(onnx.load(str(self.anchor_folder / a["file"])), [tuple(s) for s in a["inputs"]],
+                               [], None))
+                for a in self.data["anchors"].get(f"b{batch}", [])]
+
+    def _keep_anchors(self, graphs: dict[str, TimedGraph], timing: dict[str, Latency], batch: int) -> None:
+        """Keep graphs spread over the chunk's range of times as the anchors of this batch."""
+        names = sorted((n for n in graphs if not n.startswith("null|")), key=lambda n: timing[n].p10_ms)
+        picks = sorted({names[round(k * (len(names) - 1) / max(1, ANCHORS - 1))] for k in range(ANCHORS)})
+        self.anchor_folder.mkdir(parents=True, exist_ok=True)
+        kept = []
+        for k, name in enumerate(picks):
+            file = f"b{batch}-{k}.onnx"
+            onnx.save(graphs[name].model, str(self.anchor_folder / file))
+            kept.append({"file": file, "inputs": [list(s) for s in graphs[name].inputs],
+                         "ms": timing[name].p10_ms, "cpu_ms": timing[name].cpu_ms})
+        self.data["anchors"][f"b{batch}"] = kept
 
     def _measure(self, chunk: list[tuple[str, Request]], batch: int, block: int | None,
                  scratch: Path) -> dict[str, dict]:
@@ -248,7 +273,7 @@ class LatencyTable:
                 graphs[effective] = copies(timed, count)
                 graphs.setdefault(f"null|{graphs[effective].outputs}", null_model(graphs[effective].outputs))
         if graphs:
-            timing, scale = self._time(graphs, batch, scratch, self.repeats)
+            timing, scale = self._time(graphs, batch, scratch, self.repeats, anchor=True)
             for effective, timed in graphs.items():
                 if effective.startswith("null|"):
                     continue
@@ -274,7 +299,7 @@ class LatencyTable:
         self.ensure(requests)
 
     def time_models(self, paths: dict[str, Path], batch: int, repeats: int = 100) -> tuple[dict[str, Latency], Scale]:
-        """Time whole ONNX models interleaved (with the reference), as they run now, and the factors that put
+        """Time whole ONNX models interleaved (with the anchors), as they run now, and the factors that put
         them on the table's scale, for comparing them with predictions."""
         with file_lock(self.path.with_name(self.path.name + ".lock")), \
                 tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as scratch:

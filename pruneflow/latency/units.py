@@ -244,22 +244,3 @@ def block_size(workdir: Path, threads: int, provider: str) -> int | None:
     weights = {init.name: init for init in result.graph.initializer}
     return int(weights[convs[0].input[1]].dims[0])
 
-
-def reference_model() -> TimedGraph:
-    """A fixed graph timed beside every chunk of entries: eight 3×3 16-channel convolutions on 16×16 maps.
-
-    A shared machine's speed drifts between chunks (other processes come and go); scaling each chunk by its
-    reference time keeps entries measured minutes apart comparable, and a model timed later can be put on the
-    table's scale by timing the reference beside it."""
-    rng = np.random.default_rng(16)
-    nodes, inits, inputs, outputs = [], [], [], []
-    for k in range(8):
-        inits += [numpy_helper.from_array(rng.normal(0, 0.1, (16, 16, 3, 3)).astype(np.float32), f"w{k}"),
-                  numpy_helper.from_array(np.zeros(16, np.float32), f"b{k}")]
-        nodes += [helper.make_node("Conv", [f"x{k}", f"w{k}", f"b{k}"], [f"c{k}"], kernel_shape=[3, 3], pads=[1] * 4),
-                  helper.make_node("Relu", [f"c{k}"], [f"y{k}"])]
-        inputs.append(_value_info(f"x{k}", 16, (16, 16)))
-        outputs.append(_value_info(f"y{k}", 16, (16, 16)))
-    model = helper.make_model(helper.make_graph(nodes, "reference", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 18)])
-    return TimedGraph(model, [(16, 16, 16)] * 8, [(16, 16, 16)] * 8, Layouts(False, None, False))
