@@ -47,7 +47,8 @@ from pruneflow.latency import LatencyTable, ModelGraph, Variant, group_curves, p
 from pruneflow.latency.graph import sliced_model  # noqa: E402
 from pruneflow.latency.table import graph_hash  # noqa: E402
 from pruneflow.latency.units import optimized  # noqa: E402
-from pruneflow.methods import PruneTarget, create_method  # noqa: E402
+from pruneflow.methods import create_method  # noqa: E402
+from pruneflow.plan import PrunePlan  # noqa: E402
 from pruneflow.methods.blocks import find_residual_blocks  # noqa: E402
 from pruneflow.methods.groups import channel_groups  # noqa: E402
 from pruneflow.models import build_model  # noqa: E402
@@ -184,7 +185,7 @@ def slicing_check(name: str, model: nn.Module, graph: ModelGraph, args: argparse
     """Whether the net Torch-Pruning makes (l1, half the channels, multiples of 8), exported, optimises to the
     same runtime graph as the baseline's ONNX sliced to its channel counts, and its latency over the sliced one's."""
     pruned = copy.deepcopy(model)
-    create_method("l1").prune(pruned, torch.zeros(2, *SHAPE), PruneTarget(ratio=0.5, round_to=8))
+    create_method("l1").prune(pruned, torch.zeros(2, *SHAPE), PrunePlan(ratio=0.5, round_to=8))
     exported = export_onnx(pruned.eval(), torch.zeros(2, *SHAPE), scratch / f"{name}-exported.onnx")
     counts = graph.counts_of({n: (m.in_channels, m.out_channels) for n, m in pruned.named_modules()
                               if isinstance(m, nn.Conv2d)})

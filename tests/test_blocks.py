@@ -7,7 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from pruneflow.methods import PruneTarget, create_method
+from pruneflow.methods import create_method
+from pruneflow.plan import PrunePlan
 from pruneflow.methods.blocks import find_residual_blocks, removable_blocks
 from pruneflow.models import build_model
 
@@ -33,6 +34,6 @@ def test_cascade_removes_blocks_of_a_model_that_declares_none():
     model = torchvision.models.get_model("resnet18", weights=None, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     assert removable_blocks(model, x) == find_residual_blocks(model, x)
-    result = create_method("cascade", {"blocks": ["layer1.1", "layer3.1"]}).prune(model, x, PruneTarget())
+    result = create_method("cascade", {"blocks": ["layer1.1", "layer3.1"]}).prune(model, x, PrunePlan())
     assert result.removed_blocks == ["layer1.1", "layer3.1"] and isinstance(model.layer3[1], nn.Identity)
     assert model(x).shape == (2, 10)

@@ -6,7 +6,7 @@ what the model declares with ``removable_blocks() -> list[str]`` (a multi-branch
 where replacing a unit by identity is not what removing it means, how to remove one (``remove_block(name)``:
 a cascade drops the branch from its average); see ``remove_blocks``. Each removable block is scored by the
 loss on the calibration batches when it alone is removed; the blocks whose removal costs least go first, until
-``target.ratio`` of the removable blocks are gone (rounded up) — or, when ``target.macs_reduction`` is set, until that share of MACs is.
+``plan.ratio`` of the removable blocks are gone (rounded up) — or, when ``plan.macs_reduction`` is set, until that share of MACs is.
 Two params fix the result instead, so the pipeline skips the ratio search: ``drop: n`` removes the n
 cheapest blocks (the SR study's "drop one branch" / "drop both"), ``blocks: [...]`` exactly the named ones
 (no data needed).
@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, MethodError, PruneResult, PruneTarget, PruningMethod, remove_blocks
+from pruneflow.methods.base import Batches, MethodError, PruneResult, PruningMethod, remove_blocks
 from pruneflow.methods.blocks import removable_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
-from pruneflow.task import task_of
+from pruneflow.plan import PrunePlan
+from pruneflow.task import Task, task_of
 
 
 class CascadeParams(BaseModel):
@@ -53,12 +55,12 @@ def blocks_of(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]], task: Task) -> float:
     """Mean loss over ``batches`` of a copy of ``model`` with ``block`` removed."""
     trial = remove_blocks(copy.deepcopy(model), [block]).eval()
     total = count = 0
     for inputs, targets in batches:
-        loss = task_of(targets).loss(trial(inputs), targets)
+        loss = task.loss(trial(inputs), targets)
         total, count = total + loss.item() * len(inputs), count + len(inputs)
     return total / count
 
@@ -74,7 +76,7 @@ class Cascade(PruningMethod):
     def fixed_by_params(self) -> bool:
         return self.params.blocks is not None or self.params.drop is not None
 
-    def choose(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget, removable: list[str],
+    def choose(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, removable: list[str],
                calib_batches: Batches | None) -> tuple[list[str], str]:
         """The blocks to remove (in removal order) and a note on how they were chosen."""
         if self.params.blocks is not None:
@@ -86,31 +88,31 @@ class Cascade(PruningMethod):
         if calib_batches is None:
             raise ValueError("method cascade scores blocks on calibration batches; give some or name params.blocks")
         if self.params.drop is not None and self.params.drop > len(removable):
-            raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} declares only "
+            raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} has only "
                              f"{len(removable)} removable blocks ({', '.join(removable)})")
-        batches = list(calib_batches)
-        losses = {block: loss_without(model, block, batches) for block in removable}
+        task, batches = task_of(calib_batches), list(calib_batches)
+        losses = {block: loss_without(model, block, batches, task) for block in removable}
         order = sorted(removable, key=losses.__getitem__)
         note = "loss without each block: " + ", ".join(f"{block}={losses[block]:.4f}" for block in order)
         if self.params.drop is not None:
             return order[:self.params.drop], note
-        if target.macs_reduction is None:
-            return order[:math.ceil(target.ratio * len(order) - 1e-9)], note
+        if plan.macs_reduction is None:
+            return order[:math.ceil(plan.ratio * len(order) - 1e-9)], note
         base_macs, chosen = count_macs_params(model, example_inputs[:1])[0], []
         trial = copy.deepcopy(model)
         for block in order:
-            if 1 - count_macs_params(trial, example_inputs[:1])[0] / base_macs >= target.macs_reduction:
+            if 1 - count_macs_params(trial, example_inputs[:1])[0] / base_macs >= plan.macs_reduction:
                 break
             remove_blocks(trial, [block])
             chosen.append(block)
         return chosen, note
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         removable = blocks_of(model, example_inputs)
-        chosen, note = self.choose(model, example_inputs, target, removable, calib_batches)
+        chosen, note = self.choose(model, example_inputs, plan, removable, calib_batches)
         before = layer_stats(model, example_inputs)
         remove_blocks(model, chosen)
         summary = f"removed {len(chosen)} of {len(removable)} blocks: {', '.join(chosen) or 'none'}; {note}"
-        return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)), removed_blocks=chosen,
-                           notes=summary)
+        return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)),
+                           replace(plan, removed_blocks=chosen), summary)
