@@ -23,11 +23,13 @@ from pruneflow import stages
 from pruneflow.checkpoint import ModelSpec
 from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
-from pruneflow.export import export_onnx
+from pruneflow.export import ProviderUnavailable, export_onnx
+from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import create_method
 from pruneflow.models import MODELS
 from pruneflow.plan import PrunePlan
+from pruneflow.search import target_gap
 
 CHECK_METHOD = "l1"  # every method prunes through the same dependency graph; l1 needs no data or training
 _checked: set[str] = set()  # models that passed, so the flow does not redo the CLI's check in the same process
@@ -63,7 +65,7 @@ def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
     factory, ``torchvision:<name>``) are also pruned once on a copy and exported to ONNX, as the pipeline will:
     the registered ones are tested for both, a user's model may hold layers neither tool handles."""
     spec = stages.model_spec(cfg, splits)
-    key = repr((spec, cfg.prune.model_dump(), cfg.search.ratio_high, cfg.export.opset))
+    key = repr((spec, cfg.prune.model_dump(), cfg.search.ratio_high, cfg.search.target, cfg.export.opset))
     if key in _checked:
         return
     model = build_checked(spec)
@@ -71,7 +73,34 @@ def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
     _run(spec, model, example)
     if spec.name not in MODELS:
         _prune_and_export(cfg, spec, model, example)
+    if cfg.prune.ratio is None and cfg.search.target.metric in LATENCY_METRICS:
+        check_latency_target(cfg, model, example)
     _checked.add(key)
+
+
+def check_latency_target(cfg: PipelineConfig, model: nn.Module, example: torch.Tensor) -> None:
+    """A latency or speed-up target needs the target's runtime, and must be within reach of the smallest net the
+    search may prune to (every layer at ``search.ratio_high``), predicted on the latency table from the untrained
+    model (latency does not depend on the weights): else training the baseline would be wasted."""
+    target = cfg.search.target
+    try:
+        table = stages.latency_table(cfg)
+    except ProviderUnavailable as err:
+        raise ConfigError(f"search.target.metric {target.metric}: {err}") from None
+    with tempfile.TemporaryDirectory(prefix="pruneflow-preflight-") as scratch:
+        exported = export_onnx(model, example, Path(scratch) / "model.onnx", cfg.export.opset)
+        predictor = LatencyPredictor(model, example, exported, table, cfg.evaluate.latency_batch)
+    smallest = copy.deepcopy(model)
+    create_method(CHECK_METHOD).prune(smallest, example, PrunePlan(
+        ratio=cfg.search.ratio_high, round_to=cfg.prune.round_to if cfg.prune.round_to != "auto" else None,
+        max_layer_ratio=cfg.prune.max_layer_ratio))
+    costs = predictor.costs(smallest)
+    if target_gap(cfg.search, costs) > 0:
+        raise ConfigError(
+            f"search.target: {target.metric} {target.value:g} is out of reach on this machine: the smallest net the "
+            f"search may reach (every layer at search.ratio_high={cfg.search.ratio_high:g}) is predicted at "
+            f"{costs['latency_ms']:.3f} ms, {costs['speedup']:.2f}x the baseline's {predictor.baseline_ms:.3f} ms "
+            f"(batch {cfg.evaluate.latency_batch}); relax search.target or raise search.ratio_high")
 
 
 def build_checked(spec: ModelSpec) -> nn.Module:
@@ -112,6 +141,8 @@ def _prune_and_export(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, ex
     pruned = copy.deepcopy(model)
     ratio = cfg.prune.ratio if cfg.prune.ratio is not None else cfg.search.ratio_high
     plan = PrunePlan.from_config(cfg.prune, ratio=ratio)
+    if plan.round_to == "auto":
+        plan.round_to = None  # resolved per layer by the prune stage; the check here is that pruning works at all
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped parameters; the error says more

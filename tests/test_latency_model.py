@@ -6,6 +6,8 @@ with 16 times the work is slower), on what is counted (measurements, cache hits)
 
 from __future__ import annotations
 
+import copy
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,7 +30,12 @@ from pruneflow.latency import (
     sliced_model,
 )
 from pruneflow.latency.graph import conv_call_order
+from pruneflow.latency.rounding import step_rounded
 from pruneflow.latency.table import fingerprint
+from pruneflow.latency.target import LatencyPredictor
+from pruneflow.methods import create_method
+from pruneflow.plan import PrunePlan
+from pruneflow.stages import PruneSummary, method_report
 
 SHAPE = (3, 32, 32)
 FAST = {"warmup": 1, "repeats": 5, "progress": False}
@@ -174,3 +181,70 @@ def test_allocator_meets_the_budget_and_rejects_an_unreachable_one(tiny, tmp_pat
     assert variant.ms == pytest.approx(allocation.predicted_ms)
     with pytest.raises(BudgetError, match="below the .* ms that the smallest pruned net reaches"):
         allocate(table, graph, scores, 1e-6, blocks=["block"])
+
+
+def test_round_to_auto_keeps_step_edges_in_the_plan_and_says_why(tiny, tmp_path):
+    """``round_to: auto`` turns the method's unrounded counts into kept channels per group, never fewer than
+    asked, and the plan it returns is what pruning then does."""
+    model, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, **FAST)
+    method, x = create_method("l1"), torch.zeros(2, *SHAPE)
+    plan, rounding = step_rounded(method, model, x, PrunePlan(ratio=0.4, round_to="auto"), table,
+                                   exported=graph.model, window=8)
+    assert plan.round_to is None and plan.kept_channels == {"block.conv1": rounding[0]["kept"]}
+    row = rounding[0]
+    assert row["name"] == "block.conv1" and row["asked"] == 10 and 10 <= row["kept"] <= 16 and row["reason"]
+    assert "round_to: auto" in plan.origin.note
+    pruned = copy.deepcopy(model)
+    method.prune(pruned, x, plan)
+    assert pruned.block.conv1.out_channels == row["kept"]
+    with pytest.raises(ValueError, match="resolved to kept channels before pruning"):
+        method.prune(copy.deepcopy(model), x, PrunePlan(ratio=0.4, round_to="auto"))
+
+
+def test_the_method_report_shows_each_groups_rounding(tmp_path):
+    rounding = [{"name": "layer1.0.conv1", "channels": 16, "asked": 10, "kept": 12,
+                 "reason": "10→12: 12 channels cost no more than 10 (1.000 vs 1.010 ms)"},
+                {"name": "layer2.0.conv1", "channels": 32, "asked": 16, "kept": 16, "reason": "16 is a step edge"}]
+    plan = PrunePlan(kept_channels={"layer1.0.conv1": 12, "layer2.0.conv1": 16}, round_to=None)
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps(PruneSummary(plan, 10, 5, 4, 2, [], "", rounding).as_dict()))
+    report = method_report("l1", {"accuracy": 90.0}, path)
+    assert "latency step edges" in report and "10→12: 12 channels cost no more than 10" in report
+    assert report.index("layer1.0.conv1 ") < report.index("layer2.0.conv1 ")  # changed counts first
+
+
+def test_predictor_reads_pruned_torch_models_and_removed_blocks(tiny, tmp_path):
+    model, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, **FAST)
+    predictor = LatencyPredictor(model, torch.zeros(1, *SHAPE), graph.model, table)
+    assert predictor.costs(model) == {"latency_ms": pytest.approx(predictor.baseline_ms), "speedup": pytest.approx(1.0)}
+    thin = copy.deepcopy(model)
+    create_method("l1").prune(thin, torch.zeros(2, *SHAPE), PrunePlan(ratio=0.75, round_to=None))
+    assert predictor.predict(thin).units_ms.keys() == {"stem.0", "block.conv1", "block.conv2"}
+    assert predictor.costs(thin)["speedup"] > 1.0  # a quarter of the block's inner channels: far beyond noise
+    gone = create_method("cascade", {"blocks": ["block"]}).prune(copy.deepcopy(model), torch.zeros(2, *SHAPE),
+                                                                 PrunePlan()).model
+    assert set(predictor.predict(gone).units_ms) == {"stem.0"}
+
+
+LATENCY_TARGET = {"model": {"name": "small_cnn", "kwargs": {"width": 8}}, "prune": {"round_to": None},
+                  "export": {"opset": 17}, "search": {"target": {"metric": "latency_ms", "value": 1e-6}}}
+
+
+def test_an_unreachable_latency_target_or_a_missing_runtime_stops_before_training(digits_dir):
+    """Checked before the baseline trains, on the untrained model, with one line naming the key."""
+    from pruneflow.config import ConfigError, PipelineConfig
+    from pruneflow.preflight import check_model
+    from pruneflow.stages import load_data
+
+    splits = load_data(PipelineConfig.model_validate(LATENCY_TARGET), digits_dir)
+    with pytest.raises(ConfigError, match=r"search.target: latency_ms 1e-06 is out of reach on this machine: "
+                                          r"the smallest net .* is predicted at"):
+        check_model(PipelineConfig.model_validate(LATENCY_TARGET), splits)
+    jetson = PipelineConfig.model_validate({**LATENCY_TARGET, "export": {"target": "jetson"}})
+    with pytest.raises(ConfigError, match="search.target.metric latency_ms: export.target jetson: the latency table "
+                                          "needs TensorrtExecutionProvider or CUDAExecutionProvider"):
+        check_model(jetson, splits)
+    with pytest.raises(ValueError, match="a speedup target is a factor above 1"):
+        PipelineConfig.model_validate({"search": {"target": {"metric": "speedup", "value": 0.5}}})

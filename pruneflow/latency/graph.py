@@ -154,13 +154,29 @@ def read_graph(model: onnx.ModelProto | Path, names: list[str] | None = None) ->
 
     Units are named after their convolution's module: from the weight's name (the default exporter keeps
     it), else from ``names``, the modules in call order (``conv_call_order``)."""
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+    model = _shared_weights_copied(onnx.load(str(model)) if not isinstance(model, onnx.ModelProto) else model)
     shapes = _shapes(model)
     units = _units(model.graph, shapes, names)
     group_of = _channel_groups(model.graph, shapes, units)
     sizes = {group_of[t]: shapes[t][0] for t in shapes}
     return ModelGraph(model, units, shapes, group_of, sizes)
+
+
+def _shared_weights_copied(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each ``Identity`` of an initializer replaced by a copy of it: the TorchScript exporter
+    (opset < 18) shares equal weights (two zero biases) that way, and each convolution's weights must be its own
+    to be cut to its channel counts."""
+    inits = {init.name: init for init in model.graph.initializer}
+    shared = [node for node in model.graph.node if node.op_type == "Identity" and node.input[0] in inits]
+    if not shared:
+        return model
+    model = copy.deepcopy(model)
+    for node in [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits]:
+        clone = copy.deepcopy(inits[node.input[0]])
+        clone.name = node.output[0]
+        model.graph.initializer.append(clone)
+        model.graph.node.remove(node)
+    return model
 
 
 def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: list[str] | None) -> list[Unit]:

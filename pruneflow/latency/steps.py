@@ -54,10 +54,13 @@ def group_name(graph: ModelGraph, group: int) -> str:
 
 
 def group_curves(table: LatencyTable, graph: ModelGraph, groups: list[int], batch: int = 1,
-                 counts: dict[int, int] | None = None, points: int = 64) -> list[GroupCurve]:
-    """Each group's curve, the other groups at ``counts`` (default: whole); measures what the table lacks."""
-    counts = counts or {}
-    configs = [(group, count) for group in groups for count in sweep_counts(graph.sizes[group], points)]
+                 counts: dict[int, int] | None = None, points: int = 64,
+                 sweeps: dict[int, list[int]] | None = None) -> list[GroupCurve]:
+    """Each group's curve, the other groups at ``counts`` (default: whole), at the counts of ``sweeps`` (default:
+    ``sweep_counts``); measures what the table lacks."""
+    counts, sweeps = counts or {}, sweeps or {}
+    configs = [(group, count) for group in groups
+               for count in sweeps.get(group) or sweep_counts(graph.sizes[group], points)]
     predictions = table.predict_many(graph, [{**counts, group: count} for group, count in configs], batch)
     curves = []
     for group in groups:
@@ -84,7 +87,8 @@ def round_to_edge(curve: GroupCurve, asked: int, tolerance: float = 0.01) -> Rou
     up = min((e for e in curve.edges(tolerance) if e >= asked), default=max(curve.counts))
     if up == asked:
         return Rounding(curve.name, asked, asked, f"{asked} is a step edge ({curve.at(asked):.3f} ms)")
-    return Rounding(curve.name, asked, up, f"{asked}→{up}: {up} channels cost no more than {asked} "
+    how = "no more than" if curve.at(up) <= curve.at(asked) else f"within {tolerance:.0%} of the curve's span of"
+    return Rounding(curve.name, asked, up, f"{asked}→{up}: {up} channels cost {how} {asked} "
                                            f"({curve.at(up):.3f} vs {curve.at(asked):.3f} ms)")
 
 

@@ -7,7 +7,7 @@ residual adds, concatenations and depthwise groups stay consistent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
 import torch
@@ -39,6 +39,8 @@ class PruneResult:
     # blocks it removed)
     plan: PrunePlan
     notes: str = ""
+    # Per group, the count the method asked and the count kept, with why (``prune.round_to: auto``)
+    rounding: list[dict] = field(default_factory=list)
 
     @property
     def removed_blocks(self) -> list[str]:
@@ -108,6 +110,7 @@ class PruningMethod:
     def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         """Prune ``model`` in place as ``plan`` says and report what changed, layer by layer."""
+        fixed_rounding(plan.round_to)
         before = layer_stats(model, example_inputs)
         remove_blocks(model, plan.removed_blocks)
         modules = dict(model.named_modules())
@@ -159,8 +162,16 @@ def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
     removed jump and even fall as the ratio grows. Searches and bisections need a reduction that grows with
     the ratio, which this rule gives.
     """
-    step = round_to or 1
+    step = fixed_rounding(round_to) or 1
     return min(channels, max(step, step * round(channels * (1.0 - ratio) / step)))
+
+
+def fixed_rounding(round_to: int | str | None) -> int | None:
+    """``round_to`` as a multiple; ``auto`` is not one: the prune stage resolves it to kept channels first."""
+    if round_to is None or isinstance(round_to, int):
+        return round_to
+    raise ValueError(f"round_to {round_to!r} is resolved to kept channels before pruning "
+                     "(pruneflow.latency.rounding.step_rounded), not by the method")
 
 
 def exact_ratio(channels: int, kept: int) -> float:
