@@ -119,15 +119,19 @@ class RetrainConfig(TrainConfig):
 
 
 class TargetConfig(Section):
-    """What a chosen configuration must reach: a share of MACs or params removed, or a latency ceiling."""
+    """What a chosen configuration must reach: a share of MACs or params removed, a latency ceiling, or a speed-up
+    floor. Latency and speed-up are predicted from the measured latency table (``pruneflow.latency.target``)."""
 
-    metric: Literal["macs_reduction", "params_reduction", "latency_ms"] = "macs_reduction"
-    value: float = Field(0.5, gt=0, description="reductions: fraction to remove (≥); latency_ms: ceiling (≤)")
+    metric: Literal["macs_reduction", "params_reduction", "latency_ms", "speedup"] = "macs_reduction"
+    value: float = Field(0.5, gt=0, description="reductions: fraction to remove (≥); latency_ms: ceiling in ms at "
+                                                "evaluate.latency_batch (≤); speedup: baseline ÷ pruned latency (≥)")
 
     @model_validator(mode="after")
-    def _reduction_below_one(self) -> "TargetConfig":
-        if self.metric != "latency_ms" and self.value >= 1:
+    def _value_in_range(self) -> "TargetConfig":
+        if self.metric in ("macs_reduction", "params_reduction") and self.value >= 1:
             raise ValueError(f"value: a {self.metric} target is a fraction below 1, got {self.value}")
+        if self.metric == "speedup" and self.value <= 1:
+            raise ValueError(f"value: a speedup target is a factor above 1 (2.0: twice as fast), got {self.value}")
         return self
 
 
@@ -157,9 +161,11 @@ class SearchConfig(Section):
     tolerance: float = Field(1.0, ge=0, description="main-metric points (accuracy %, PSNR dB) max_reduction_within_drop "
                                                      "may lose vs the baseline")
     storage: str | None = Field(None, description="SQLAlchemy URL; default $PRUNEFLOW_SEARCH_STORAGE, else runs/optuna.db")
-    measure_latency: bool = Field(False, description="measure every trial's ONNX latency (always done for latency targets)")
+    measure_latency: bool = Field(False, description="record every trial's latency_ms and speedup, predicted from the "
+                                                     "latency table (always done for latency targets)")
     fit_target: bool = Field(
-        True, description="per_stage/per_layer with a MACs or params target: scale each trial's ratios by one factor "
+        True, description="per_stage/per_layer: scale each trial's ratios by one factor (bisected; on predicted latency "
+                          "for latency targets) "
                           "until the target is just met, so trials compare ways to share one budget")
 
     @model_validator(mode="after")
@@ -180,7 +186,16 @@ class SearchConfig(Section):
 
 class PruneConfig(Section):
     ratio: float | None = Field(None, ge=0, lt=1, description="fixed pruning ratio; set it to skip the search")
-    round_to: int | None = Field(8, ge=1, description="round kept channels to a multiple (CPU runtimes need it)")
+    round_to: int | Literal["auto"] | None = Field(
+        8, description="round kept channels to a multiple (CPU runtimes need it); auto: each layer to a step edge of "
+                       "its own latency curve, measured on this machine (pruneflow.latency.rounding)")
+
+    @field_validator("round_to")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"round_to must be at least 1 or auto, got {value}")
+        return value
     max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this share of one layer")
     calib_batches: int = Field(10, ge=1, description="training batches data-driven methods score channels on")
 

@@ -191,6 +191,8 @@ def accuracy(path: Path, batches: Batches, threads: int = 2) -> float:
 class Latency:
     median_ms: float
     p90_ms: float
+    p10_ms: float  # the least disturbed runs: on a shared machine, others' load only ever adds time
+    cpu_ms: float  # median CPU time of this process per run (all its threads): what others' load cannot inflate
 
 
 @contextlib.contextmanager
@@ -204,36 +206,47 @@ def _torch_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _runner(target: Path | nn.Module, inputs: np.ndarray, threads: int, provider: str) -> Callable[[], object]:
+Inputs = np.ndarray | tuple[np.ndarray, ...]
+
+
+def _runner(target: Path | nn.Module, inputs: Inputs, threads: int, provider: str) -> Callable[[], object]:
+    arrays = inputs if isinstance(inputs, tuple) else (inputs,)
     if isinstance(target, nn.Module):
-        module, tensor = target.eval(), torch.from_numpy(inputs)
+        module, tensors = target.eval(), [torch.from_numpy(array) for array in arrays]
 
         def run() -> object:
             with torch.inference_mode():
-                return module(tensor)
+                return module(*tensors)
         return run
     runtime = session(target, threads, provider)
-    feed = {runtime.get_inputs()[0].name: inputs}
+    feed = {graph_input.name: array for graph_input, array in zip(runtime.get_inputs(), arrays)}
     return lambda: runtime.run(None, feed)
 
 
-def measure_latency(targets: dict[str, Path | nn.Module], inputs: np.ndarray, warmup: int = 10, repeats: int = 50,
-                    threads: int = 2, provider: str = CPU) -> dict[str, Latency]:
+def measure_latency(targets: dict[str, Path | nn.Module], inputs: Inputs | dict[str, Inputs], warmup: int = 10,
+                    repeats: int = 50, threads: int = 2, provider: str = CPU) -> dict[str, Latency]:
     """Time each target on the same input, alternating between targets every repeat.
 
     A path is an ONNX file run by ONNX Runtime on ``provider``; a module runs in PyTorch eager on the CPU with
-    the same number of threads (to set the runtime beside the framework).
+    the same number of threads (to set the runtime beside the framework). ``inputs`` is one array, or a tuple
+    for a graph with several inputs; a dict gives each target (by name) its own, for targets whose input
+    shapes differ (the layers of a latency table) but that must still be timed interleaved.
     """
     eager = any(isinstance(target, nn.Module) for target in targets.values())
     with _torch_threads(threads) if eager else contextlib.nullcontext():
-        runners = {name: _runner(target, inputs, threads, provider) for name, target in targets.items()}
+        runners = {name: _runner(target, inputs[name] if isinstance(inputs, dict) else inputs, threads, provider)
+                   for name, target in targets.items()}
         for run in runners.values():
             for _ in range(warmup):
                 run()
         samples: dict[str, list[float]] = {name: [] for name in runners}
+        cpu: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(repeats):
             for name, run in runners.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run()
                 samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: Latency(statistics.median(times), float(np.percentile(times, 90))) for name, times in samples.items()}
+                cpu[name].append((time.process_time() - start_cpu) * 1e3)
+    return {name: Latency(statistics.median(times), float(np.percentile(times, 90)), float(np.percentile(times, 10)),
+                          statistics.median(cpu[name]))
+            for name, times in samples.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch_pruning as tp
@@ -36,6 +37,21 @@ def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]
     _, _, per_module = _torch_pruning_counts(model, example_inputs[:1])
     return {name: int(per_module.get(module) or 0) for name, module in model.named_modules()
             if next(module.children(), None) is None}
+
+
+def forward_hooked(model: nn.Module, example_inputs: torch.Tensor, hooks: dict[nn.Module, Callable]) -> None:
+    """One eval-mode, no-grad forward pass on one example with forward hooks on some modules; the hooks are
+    removed and the model's train/eval mode restored afterwards."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
 
 
 def layer_stats(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, int]]:

@@ -47,7 +47,7 @@ class PrunePlan:
     kept_channels: dict[str, int] = field(default_factory=dict)
     removed_blocks: list[str] = field(default_factory=list)
     macs_reduction: float | None = None
-    round_to: int | None = 8
+    round_to: int | str | None = 8  # "auto": resolved to kept_channels by pruneflow.latency.rounding
     max_layer_ratio: float = 0.9
     origin: PlanOrigin = field(default_factory=PlanOrigin)
 

@@ -23,11 +23,13 @@ from pruneflow import gates, stages
 from pruneflow.checkpoint import ModelSpec
 from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
-from pruneflow.export import export_onnx
+from pruneflow.export import ProviderUnavailable, export_onnx
+from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import MethodUnsuitable, PruningMethod, create_method
 from pruneflow.models import MODELS
 from pruneflow.plan import PrunePlan
+from pruneflow.search import target_gap
 from pruneflow.stores import StoreError, check_store
 
 _checked: set[str] = set()  # models that passed, so the flow does not redo the CLI's check in the same process
@@ -84,7 +86,7 @@ def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
     as the run may. A model from outside the registry (a user's factory, ``torchvision:<name>``) is also exported
     to ONNX once pruned: the registered ones are tested for that, a user's model may hold ops the exporter lacks."""
     spec = stages.model_spec(cfg, splits)
-    key = repr((spec, cfg.methods, cfg.prune.model_dump(), cfg.search.ratio_high, cfg.export.opset))
+    key = repr((spec, cfg.methods, cfg.prune.model_dump(), cfg.search.ratio_high, cfg.search.target, cfg.export.opset))
     if key in _checked:
         return
     model = build_checked(spec)
@@ -93,7 +95,34 @@ def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
     calibration = list(splits.loader("train", 8, max_batches=1))
     for index, method in enumerate(cfg.methods):
         _prune_copy(cfg, spec, model, example, method, calibration, export=index == 0 and spec.name not in MODELS)
+    if cfg.prune.ratio is None and cfg.search.target.metric in LATENCY_METRICS:
+        check_latency_target(cfg, model, example)
     _checked.add(key)
+
+
+def check_latency_target(cfg: PipelineConfig, model: nn.Module, example: torch.Tensor) -> None:
+    """A latency or speed-up target needs the target's runtime, and must be within reach of the smallest net the
+    search may prune to (every layer at ``search.ratio_high``), predicted on the latency table from the untrained
+    model (latency does not depend on the weights): else training the baseline would be wasted."""
+    target = cfg.search.target
+    try:
+        table = stages.latency_table(cfg)
+    except ProviderUnavailable as err:
+        raise ConfigError(f"search.target.metric {target.metric}: {err}") from None
+    with tempfile.TemporaryDirectory(prefix="pruneflow-preflight-") as scratch:
+        exported = export_onnx(model, example, Path(scratch) / "model.onnx", cfg.export.opset)
+        predictor = LatencyPredictor(model, example, exported, table, cfg.evaluate.latency_batch)
+    smallest = copy.deepcopy(model)
+    create_method("l1").prune(smallest, example, PrunePlan(  # uniform: every layer at the search's bound
+        ratio=cfg.search.ratio_high, round_to=cfg.prune.round_to if cfg.prune.round_to != "auto" else None,
+        max_layer_ratio=cfg.prune.max_layer_ratio))
+    costs = predictor.costs(smallest)
+    if target_gap(cfg.search, costs) > 0:
+        raise ConfigError(
+            f"search.target: {target.metric} {target.value:g} is out of reach on this machine: the smallest net the "
+            f"search may reach (every layer at search.ratio_high={cfg.search.ratio_high:g}) is predicted at "
+            f"{costs['latency_ms']:.3f} ms, {costs['speedup']:.2f}x the baseline's {predictor.baseline_ms:.3f} ms "
+            f"(batch {cfg.evaluate.latency_batch}); relax search.target or raise search.ratio_high")
 
 
 def build_checked(spec: ModelSpec) -> nn.Module:
@@ -141,6 +170,8 @@ def _prune_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example:
     ratio, ratio_key = ((cfg.prune.ratio, "prune.ratio") if cfg.prune.ratio is not None
                         else (cfg.search.ratio_high, "search.ratio_high"))
     plan = PrunePlan.from_config(cfg.prune, ratio=ratio)
+    if plan.round_to == "auto":
+        plan.round_to = None  # resolved per layer by the prune stage; the check here is that pruning works at all
     pruner = create_method(method, cfg.methods[method])
     pruned = _as_trained(copy.deepcopy(model), pruner)
     try:

@@ -13,14 +13,14 @@ import hashlib
 import json
 import multiprocessing
 import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from tabulate import tabulate
 
@@ -29,13 +29,17 @@ from pruneflow.checkpoint import ModelSpec, load_model, load_trained, save_model
 from pruneflow.config import DataConfig, PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_dataset
 from pruneflow.deploy import Deployment
-from pruneflow.export import check_parity, export_onnx, measure_latency
+from pruneflow.export import Latency, ProviderUnavailable, check_parity, export_onnx, measure_latency
 from pruneflow.files import replacing
+from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
+from pruneflow.latency.table import LatencyTable
+from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
 from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
 from pruneflow.methods import PruneResult, PruningMethod, create_method
 from pruneflow.methods.groups import channel_groups
 from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
 from pruneflow.plan import PlanOrigin, PrunePlan
+from pruneflow.profiles import PROFILES
 from pruneflow.proxy import adaptive_bn_score
 from pruneflow.search import (SearchOutcome, SearchSpace, TrialCallback, TrialMeasure, check_reachable, fail_stale,
                               feasible_trials, finetune_top, open_study, plot_search, run_trials, select,
@@ -274,12 +278,44 @@ def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batche
     return epochs
 
 
+def latency_table(cfg: PipelineConfig) -> LatencyTable:
+    """This machine's latency table for the export target's runtime at ``evaluate.threads``: ONNX Runtime's CPU
+    provider for ``cpu``, else the first device provider of the target that the installed build has (none:
+    ``ProviderUnavailable``, naming them)."""
+    wanted = PROFILES[cfg.export.target].device_providers
+    if not wanted:
+        return LatencyTable(cache_folder(), threads=cfg.evaluate.threads)
+    available = [provider for provider in wanted if provider in ort.get_available_providers()]
+    if not available:
+        raise ProviderUnavailable(f"export.target {cfg.export.target}: the latency table needs {' or '.join(wanted)}, "
+                                  f"which this onnxruntime build lacks (it has "
+                                  f"{', '.join(ort.get_available_providers())})")
+    return LatencyTable(cache_folder(), threads=cfg.evaluate.threads, provider=available[0])
+
+
+def latency_predictor(cfg: PipelineConfig, baseline: torch.nn.Module, spec: ModelSpec,
+                      exported: Path) -> LatencyPredictor:
+    """Predicted latency of the baseline's pruned forms at ``evaluate.latency_batch`` (``exported``: its ONNX)."""
+    return LatencyPredictor(baseline, spec.example_inputs(1), exported, latency_table(cfg), cfg.evaluate.latency_batch)
+
+
 def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, spec: ModelSpec,
-               plan: PrunePlan, splits: DataSplits) -> PruneResult:
-    """``pruner.prune`` with the calibration batches a data-driven method needs (``prune.calib_batches``)."""
+               plan: PrunePlan, splits: DataSplits, baseline_onnx: Path | None = None) -> PruneResult:
+    """``pruner.prune`` with the calibration batches a data-driven method needs (``prune.calib_batches``).
+
+    ``round_to: auto`` is resolved here, into the plan's kept channels per group (``latency.rounding``): on the
+    latency table of this machine at ``evaluate.threads`` and ``evaluate.latency_batch``, with the units read
+    from ``baseline_onnx`` (``model``'s export; exported again if not given)."""
     calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
              if pruner.needs_calibration else None)
-    return pruner.prune(model, spec.example_inputs(), plan, calib)
+    rounding = []
+    if plan.round_to == AUTO:
+        table = latency_table(cfg)
+        plan, rounding = step_rounded(pruner, model, spec.example_inputs(), plan, table, calib,
+                                      cfg.evaluate.latency_batch, baseline_onnx, cfg.export.opset)
+    result = pruner.prune(model, spec.example_inputs(), plan, calib)
+    result.rounding = rounding
+    return result
 
 
 def fixed_plan(cfg: PipelineConfig, method: str) -> PrunePlan | None:
@@ -352,7 +388,7 @@ class TrialRunner:
     """Prunes, measures and fine-tunes one trial's model; built per process (search workers rebuild it)."""
 
     def __init__(self, run: MethodRun) -> None:
-        self.cfg, self.baseline_model = run.cfg, run.baseline_model
+        self.cfg, self.baseline_model, self.baseline_onnx = run.cfg, run.baseline_model, run.baseline_onnx
         self.splits = load_data(run.cfg, run.data_dir)
         self.pruner = method_for(run)
         self.baseline = read_json(run.baseline_metrics)
@@ -363,21 +399,18 @@ class TrialRunner:
 
     def pruned(self, plan: PrunePlan) -> tuple[torch.nn.Module, dict[str, float]]:
         model, spec, _ = load_model(self.baseline_model)
-        prune_with(self.cfg, self.pruner, model, spec, plan, self.splits)
+        prune_with(self.cfg, self.pruner, model, spec, plan, self.splits, self.baseline_onnx)
         costs = reductions(model, spec.example_inputs(1), self.baseline["macs"], self.baseline["params"],
                            self.pruner.structured)
         search = self.cfg.search
-        if search.measure_latency or "latency_ms" in (search.target.metric, *search.objectives):
-            costs["latency_ms"] = self.latency(model, spec)
+        if search.measure_latency or {*LATENCY_METRICS} & {search.target.metric, *search.objectives}:
+            costs.update(self.predictor.costs(model))  # predicted: a trial exports and times nothing
         return model, costs
 
-    def latency(self, model: torch.nn.Module, spec: ModelSpec) -> float:
-        with tempfile.TemporaryDirectory() as scratch:
-            path = export_onnx(model, spec.example_inputs(), Path(scratch) / "trial.onnx", self.cfg.export.opset)
-            inputs = next(iter(self.splits.loader("val", self.cfg.evaluate.latency_batch)))[0].numpy()
-            timing = measure_latency({"trial": path}, inputs, self.cfg.evaluate.latency_warmup,
-                                     self.cfg.evaluate.latency_repeats, self.cfg.evaluate.threads)
-        return timing["trial"].median_ms
+    @functools.cached_property
+    def predictor(self) -> LatencyPredictor:
+        baseline, spec, _ = load_model(self.baseline_model)
+        return latency_predictor(self.cfg, baseline, spec, self.baseline_onnx)
 
     def measure(self, plan: PrunePlan) -> dict[str, float]:
         return self.pruned(plan)[1]
@@ -506,6 +539,7 @@ class PruneSummary:
     params_after: int
     layers: list[dict[str, Any]]
     notes: str
+    rounding: list[dict[str, Any]] = field(default_factory=list)  # round_to auto: per group, asked, kept, why
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -523,16 +557,18 @@ def prune_model(run: MethodRun, log: Log = say) -> PruneSummary:
     model, spec, _ = load_model(run.baseline_model)
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
     pruner = method_for(run)
-    result = prune_with(run.cfg, pruner, model, spec, plan, splits)
+    result = prune_with(run.cfg, pruner, model, spec, plan, splits, run.baseline_onnx)
     gates.check_removed(run.method, pruner.structured, plan, result)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
     save_model(run.pruned, model, spec, result.history, result.removed_blocks)
     write_json(run.history_json, {"removed_blocks": result.removed_blocks,
                                   "torch_pruning_history": [list(step) for step in result.history]})
     summary = PruneSummary(result.plan, macs_before, macs_after, params_before, params_after,
-                           [layer.as_dict() for layer in result.layers], result.notes)
+                           [layer.as_dict() for layer in result.layers], result.notes, result.rounding)
     write_json(run.layers_json, summary.as_dict())
     log(f"{run.method}: pruned {result.plan.describe()}: MACs {macs_before / 1e6:.2f} M -> {macs_after / 1e6:.2f} M")
+    for row in result.rounding:
+        log(f"{run.method}: {row['name']}: {row['reason']}")
     return summary
 
 
@@ -587,11 +623,24 @@ def evaluate_model(run: MethodRun, log: Log = say) -> dict[str, float]:
         metrics.update({f"latency_ms{suffix}": timing["pruned"].median_ms, f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
                         f"baseline_latency_ms{suffix}": timing["baseline"].median_ms, f"speedup{suffix}": speedup,
                         f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
+    if cfg.search.target.metric in LATENCY_METRICS and not PROFILES[cfg.export.target].device_providers:
+        metrics.update(prediction_error(cfg, run, model, latency[""]["pruned"]))
+        log(f"{run.method}: latency predicted {metrics['latency_ms_predicted']:.3f} ms, measured (p10) "
+            f"{latency['']['pruned'].p10_ms:.3f} ms: error {metrics['latency_prediction_error_pct']:+.1f} %")
     write_json(run.metrics_json, metrics)
     run.report_md.write_text(method_report(run.method, metrics, run.layers_json))
     log(f"{run.method}: {task.metric} {quality[task.metric]:.2f} {task.unit} (drop {metrics[task.drop]:+.2f}), "
         f"MACs -{metrics['macs_reduction']:.1%}, latency {metrics['latency_ms']:.3f} ms (x{metrics['speedup']:.2f})")
     return metrics
+
+
+def prediction_error(cfg: PipelineConfig, run: MethodRun, model: torch.nn.Module, measured: Latency) -> dict[str, float]:
+    """The table's prediction for the final model beside its measurement (the table's times are 10th percentiles,
+    so the error is against the measured 10th percentile)."""
+    baseline, spec, _ = load_model(run.baseline_model)
+    predicted = latency_predictor(cfg, baseline, spec, run.baseline_onnx).predict(model).ms
+    return {"latency_ms_predicted": predicted, "latency_ms_p10": measured.p10_ms,
+            "latency_prediction_error_pct": 100.0 * (predicted - measured.p10_ms) / measured.p10_ms}
 
 
 def latency_inputs(cfg: PipelineConfig, splits: DataSplits) -> dict[str, np.ndarray]:
@@ -631,6 +680,10 @@ def method_report(method: str, metrics: dict[str, Any], layers_path: Path) -> st
                   tabulate([[layer[c] for c in columns] for layer in summary.layers],
                            ["layer", "channels before", "channels after", "MACs before", "MACs after"],
                            tablefmt="github", disable_numparse=True)]
+        if summary.rounding:
+            lines += ["", "Channels kept at latency step edges (`round_to: auto`):", "",
+                      tabulate(rounding_table(summary.rounding), ["group", "channels", "asked", "kept", "why"],
+                               tablefmt="github", disable_numparse=True)]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import yaml
 _HOME = tempfile.mkdtemp(prefix="pruneflow-tests-")
 os.environ.update({
     "PREFECT_HOME": os.path.join(_HOME, "prefect"),
+    "PRUNEFLOW_LATENCY_CACHE": os.path.join(_HOME, "latency"),  # not the user's table of this machine
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_LOGGING_LEVEL": "WARNING",

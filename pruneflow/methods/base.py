@@ -8,7 +8,7 @@ residual adds, concatenations and depthwise groups stay consistent.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Iterable
 
 import torch
@@ -40,6 +40,8 @@ class PruneResult:
     # blocks it removed)
     plan: PrunePlan
     notes: str = ""
+    # Per group, the count the method asked and the count kept, with why (``prune.round_to: auto``)
+    rounding: list[dict] = field(default_factory=list)
 
     @property
     def removed_blocks(self) -> list[str]:
@@ -111,6 +113,7 @@ class PruningMethod:
     def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         """Prune ``model`` in place as ``plan`` says and report what changed, layer by layer."""
+        fixed_rounding(plan.round_to)
         before = layer_stats(model, example_inputs)
         remove_blocks(model, plan.removed_blocks)
         modules = dict(model.named_modules())
@@ -198,8 +201,16 @@ def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
     removed jump and even fall as the ratio grows. Searches and bisections need a reduction that grows with
     the ratio, which this rule gives.
     """
-    step = round_to or 1
+    step = fixed_rounding(round_to) or 1
     return min(channels, max(step, step * round(channels * (1.0 - ratio) / step)))
+
+
+def fixed_rounding(round_to: int | str | None) -> int | None:
+    """``round_to`` as a multiple; ``auto`` is not one: the prune stage resolves it to kept channels first."""
+    if round_to is None or isinstance(round_to, int):
+        return round_to
+    raise ValueError(f"round_to {round_to!r} is resolved to kept channels before pruning "
+                     "(pruneflow.latency.rounding.step_rounded), not by the method")
 
 
 def exact_ratio(channels: int, kept: int) -> float:
@@ -222,7 +233,7 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def remove_blocks(model: nn.Module, names: Iterable[str]) -> nn.Module:
-    """Remove the named units the model declares in ``removable_blocks()``.
+    """Remove the named blocks (``blocks.removable_blocks``: residual blocks, or units the model declares).
 
     What removing means depends on how the model combines the unit, so a model that defines
     ``remove_block(name)`` removes its own (a multi-branch model drops the branch and averages over the rest).

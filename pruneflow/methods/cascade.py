@@ -1,11 +1,12 @@
 """``cascade``: remove whole blocks or branches (generalising Zhong 2022's super-resolution branch removal).
 
-A model declares what may go with ``removable_blocks() -> list[str]`` (submodule names: a residual stage's
-shape-keeping blocks, a multi-branch model's extra branches) and, where replacing a unit by identity is not
-what removing it means, how to remove one (``remove_block(name)``: a cascade drops the branch from its
-average); see ``remove_blocks``. Each declared block is scored by the loss on the calibration batches when
-it alone is removed; the blocks whose removal costs least go first, until ``plan.ratio`` of the declared
-blocks are gone (rounded up) — or, when ``plan.macs_reduction`` is set, until that share of MACs is.
+What may go are the model's residual blocks, found by tracing (``blocks.find_residual_blocks``: submodules
+computing ``x + f(x)`` with matching shapes, e.g. in torchvision's ResNet, RegNet, MobileNet, EfficientNet), or
+what the model declares with ``removable_blocks() -> list[str]`` (a multi-branch model's extra branches) and,
+where replacing a unit by identity is not what removing it means, how to remove one (``remove_block(name)``:
+a cascade drops the branch from its average); see ``remove_blocks``. Each removable block is scored by the
+loss on the calibration batches when it alone is removed; the blocks whose removal costs least go first, until
+``plan.ratio`` of the removable blocks are gone (rounded up) — or, when ``plan.macs_reduction`` is set, until that share of MACs is.
 Two params fix the result instead, so the pipeline skips the ratio search: ``drop: n`` removes the n
 cheapest blocks (the SR study's "drop one branch" / "drop both"), ``blocks: [...]`` exactly the named ones
 (no data needed).
@@ -26,6 +27,7 @@ from torch import nn
 
 from pruneflow.methods import register_method
 from pruneflow.methods.base import Batches, MethodUnsuitable, PruneResult, PruningMethod, remove_blocks
+from pruneflow.methods.blocks import removable_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
 from pruneflow.plan import PrunePlan
 from pruneflow.task import Task, task_of
@@ -33,8 +35,8 @@ from pruneflow.task import Task, task_of
 
 class CascadeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    blocks: list[str] | None = Field(None, description="remove exactly these declared blocks (no scoring)")
-    drop: int | None = Field(None, ge=1, description="remove this many declared blocks, the cheapest first "
+    blocks: list[str] | None = Field(None, description="remove exactly these blocks (no scoring)")
+    drop: int | None = Field(None, ge=1, description="remove this many removable blocks, the cheapest first "
                                                      "(the ratio is then ignored)")
 
     @model_validator(mode="after")
@@ -44,12 +46,12 @@ class CascadeParams(BaseModel):
         return self
 
 
-def declared_blocks(model: nn.Module) -> list[str]:
-    declare = getattr(model, "removable_blocks", None)
-    if not callable(declare):
-        raise MethodUnsuitable(f"method cascade needs a model that declares removable_blocks(); "
-                         f"{type(model).__name__} does not")
-    return list(declare())
+def blocks_of(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
+    blocks = removable_blocks(model, example_inputs)
+    if not blocks:
+        raise MethodUnsuitable(f"method cascade: {type(model).__name__} has no removable blocks (no submodule "
+                               "computes x + f(x) with its input's shape, and the model declares no removable_blocks())")
+    return blocks
 
 
 @torch.no_grad()
@@ -67,30 +69,30 @@ def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor,
 class Cascade(PruningMethod):
     name = "cascade"
     accepts_layer_ratios = False
-    description = "removes whole declared blocks/branches, cheapest validation-loss increase first (Zhong 2022)"
+    description = "removes whole residual blocks/branches, cheapest validation-loss increase first (Zhong 2022)"
     Params = CascadeParams
     needs_calibration = True
 
     def fixed_by_params(self) -> bool:
         return self.params.blocks is not None or self.params.drop is not None
 
-    def choose(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, declared: list[str],
+    def choose(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, removable: list[str],
                calib_batches: Batches | None) -> tuple[list[str], str]:
         """The blocks to remove (in removal order) and a note on how they were chosen."""
         if self.params.blocks is not None:
-            unknown = sorted(set(self.params.blocks) - set(declared))
+            unknown = sorted(set(self.params.blocks) - set(removable))
             if unknown:
                 raise ValueError(f"method cascade: {', '.join(unknown)} not among the removable blocks "
-                                 f"{', '.join(declared)} of {type(model).__name__}")
+                                 f"{', '.join(removable)} of {type(model).__name__}")
             return list(self.params.blocks), "blocks named in params"
         if calib_batches is None:
             raise ValueError("method cascade scores blocks on calibration batches; give some or name params.blocks")
-        if self.params.drop is not None and self.params.drop > len(declared):
-            raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} declares only "
-                             f"{len(declared)} removable blocks ({', '.join(declared)})")
+        if self.params.drop is not None and self.params.drop > len(removable):
+            raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} has only "
+                             f"{len(removable)} removable blocks ({', '.join(removable)})")
         task, batches = task_of(calib_batches), list(calib_batches)
-        losses = {block: loss_without(model, block, batches, task) for block in declared}
-        order = sorted(declared, key=losses.__getitem__)
+        losses = {block: loss_without(model, block, batches, task) for block in removable}
+        order = sorted(removable, key=losses.__getitem__)
         note = "loss without each block: " + ", ".join(f"{block}={losses[block]:.4f}" for block in order)
         if self.params.drop is not None:
             return order[:self.params.drop], note
@@ -107,10 +109,10 @@ class Cascade(PruningMethod):
 
     def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
-        declared = declared_blocks(model)
-        chosen, note = self.choose(model, example_inputs, plan, declared, calib_batches)
+        removable = blocks_of(model, example_inputs)
+        chosen, note = self.choose(model, example_inputs, plan, removable, calib_batches)
         before = layer_stats(model, example_inputs)
         remove_blocks(model, chosen)
-        summary = f"removed {len(chosen)} of {len(declared)} blocks: {', '.join(chosen) or 'none'}; {note}"
+        summary = f"removed {len(chosen)} of {len(removable)} blocks: {', '.join(chosen) or 'none'}; {note}"
         return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)),
                            replace(plan, removed_blocks=chosen), summary)

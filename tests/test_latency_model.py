@@ -1,0 +1,250 @@
+"""The measured latency model (pruneflow.latency) on a tiny residual net.
+
+Entries are timed with few repeats here: assertions only rely on effects far larger than the noise (a layer
+with 16 times the work is slower), on what is counted (measurements, cache hits), and on pure logic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from pruneflow.export import export_onnx
+from pruneflow.latency import (
+    BudgetError,
+    GroupCurve,
+    LatencyTable,
+    allocate,
+    group_curves,
+    importance_scores,
+    read_graph,
+    round_to_edge,
+    sliced_model,
+)
+from pruneflow.latency.graph import conv_call_order
+from pruneflow.latency.rounding import step_rounded
+from pruneflow.latency.table import fingerprint
+from pruneflow.latency.target import LatencyPredictor
+from pruneflow.methods import create_method
+from pruneflow.plan import PrunePlan
+from pruneflow.stages import PruneSummary, method_report
+
+SHAPE = (3, 32, 32)
+FAST = {"warmup": 1, "repeats": 5, "progress": False}
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class Tiny(nn.Module):
+    """A stem, one residual block (its inner width is the prunable group) and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = Block(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    path = export_onnx(model, torch.zeros(2, *SHAPE), tmp_path_factory.mktemp("tiny") / "tiny.onnx", opset=17)
+    return model, read_graph(path, conv_call_order(model, torch.zeros(1, *SHAPE)))
+
+
+def inner(graph) -> int:
+    return graph.group_of[graph.unit_by_name["block.conv1"].out]
+
+
+def test_graph_units_groups_and_sliced_model(tiny):
+    _, graph = tiny
+    units = graph.unit_by_name
+    assert list(units) == ["stem.0", "block.conv1", "block.conv2"]
+    assert units["block.conv2"].residual and not units["block.conv1"].residual
+    assert graph.group_of[units["block.conv2"].out] == graph.group_of[units["stem.0"].out]  # joined by the add
+    assert graph.sizes[inner(graph)] == 16
+    sliced = sliced_model(graph, {inner(graph): 5})
+    onnx.checker.check_model(sliced)
+    weights = {init.name: list(init.dims) for init in sliced.graph.initializer}
+
+    def weight(unit: str) -> list[int]:
+        return weights[sliced.graph.node[units[unit].nodes[0]].input[1]]
+    assert weight("block.conv1")[0] == 5 and weight("block.conv2")[1] == 5 and weight("stem.0")[0] == 16
+    import onnxruntime as ort
+    out = ort.InferenceSession(sliced.SerializeToString()).run(None, {"x": np.zeros((2, *SHAPE), np.float32)})[0]
+    assert out.shape == (2, 10)
+
+
+def test_table_is_cached_and_a_second_build_does_not_measure(tiny, tmp_path):
+    _, graph = tiny
+    first = LatencyTable(tmp_path, threads=1, **FAST)
+    curve = group_curves(first, graph, [inner(graph)])[0]
+    assert first.measured > 0 and len(first) >= first.measured
+    second = LatencyTable(tmp_path, threads=1, **FAST)
+    again = group_curves(second, graph, [inner(graph)])[0]
+    assert second.measured == 0 and again.ms == curve.ms
+    # a layer with 16 times the channels costs more (far beyond timing noise); no count beyond the full one
+    assert curve.at(16) > curve.at(1) and curve.counts[-1] == 16
+
+
+def test_thread_count_and_runtime_are_part_of_the_key(tmp_path):
+    one, two = LatencyTable(tmp_path, threads=1, **FAST), LatencyTable(tmp_path, threads=2, **FAST)
+    assert one.path != two.path
+    assert fingerprint(1)["threads"] == 1 and "onnxruntime" in fingerprint(1)
+    with pytest.raises(Exception, match="TensorrtExecutionProvider is not in this onnxruntime build"):
+        LatencyTable(tmp_path, provider="TensorrtExecutionProvider")
+
+
+def test_concurrent_builds_measure_each_entry_once(tiny, tmp_path):
+    """Two workers building the same entries at once: whoever holds the table's lock measures, the other waits
+    and reads them (``flock`` excludes threads as it does processes: each opens the lock file itself)."""
+    _, graph = tiny
+
+    def build(_: int) -> int:
+        table = LatencyTable(tmp_path, threads=1, **FAST)
+        table.predict_many(graph, [{inner(graph): c} for c in (4, 8, 12)])
+        return table.measured
+
+    with ThreadPoolExecutor(2) as pool:
+        measured = list(pool.map(build, range(2)))
+    assert sum(measured) == len(LatencyTable(tmp_path, threads=1, **FAST).entries)  # none measured twice
+
+
+def test_prediction_adds_the_fixed_cost_and_tracks_a_pruned_net(tiny, tmp_path):
+    _, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, warmup=2, repeats=20, progress=False)
+    assert table.predict(graph).fixed_ms is None
+    fixed = table.calibrate(graph, repeats=50)
+    whole = table.predict(graph)
+    assert whole.fixed_ms == fixed and whole.ms == pytest.approx(table.data["fixed"][f"{graph.structure_hash()}|b1"]
+                                                                ["model_ms"])
+    thin = table.predict(graph, {inner(graph): 2})
+    assert thin.ms < whole.ms and set(thin.units_ms) == set(whole.units_ms)
+    gone = table.predict(graph, removed=["block.conv1", "block.conv2"])
+    assert set(gone.units_ms) == {"stem.0"} and gone.ms < whole.ms
+
+
+def staircase() -> GroupCurve:
+    """Blocks of 8 padded (9..16 cost as 16), counts off a multiple of 4 above 8 on a slow path."""
+    counts = list(range(1, 25))
+    ms = [1.0 + 0.1 * -(-c // 8) + (0.3 if c > 8 and c % 4 else 0.0) for c in counts]
+    return GroupCurve("conv", 0, counts, ms)
+
+
+def test_step_edges_and_rounding_to_them():
+    curve = staircase()
+    assert curve.edges() == [8, 16, 24]
+    assert round_to_edge(curve, 16).kept == 16
+    up = round_to_edge(curve, 13)  # costs more than 16 (slow path): 16 is faster and keeps more channels
+    assert up.kept == 16 and "cost no more" in up.reason
+    assert round_to_edge(curve, 12).kept == 16  # same step as 16
+    assert round_to_edge(curve, 5).kept == 8  # 5..8 cost the same
+    assert round_to_edge(curve, 20).kept == 24 and round_to_edge(curve, 25).kept == 24  # above the sweep: its top
+    coarse = GroupCurve("conv", 0, [4, 8, 12, 16], [1.0, 1.1, 1.2, 1.3])  # a count between swept ones costs as
+    assert round_to_edge(coarse, 9).kept == 12 and round_to_edge(coarse, 8).kept == 8  # the next swept count
+
+
+def test_allocator_meets_the_budget_and_rejects_an_unreachable_one(tiny, tmp_path):
+    model, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, **FAST)
+    scores = importance_scores(model, torch.zeros(2, *SHAPE), tp.importance.GroupMagnitudeImportance(p=1), graph)
+    assert list(scores) == [inner(graph)]  # the stem's group holds an ignored layer; the classifier is not timed
+    whole = table.predict(graph).ms
+    budget = 0.85 * whole
+    allocation = allocate(table, graph, scores, budget, blocks=["block"])
+    assert allocation.predicted_ms <= budget
+    variant = table.predict(graph, allocation.counts,
+                            removed=[u.name for u in graph.units if u.name.startswith("block.")]
+                            if allocation.removed_blocks else ())
+    assert variant.ms == pytest.approx(allocation.predicted_ms)
+    with pytest.raises(BudgetError, match="below the .* ms that the smallest pruned net reaches"):
+        allocate(table, graph, scores, 1e-6, blocks=["block"])
+
+
+def test_round_to_auto_keeps_step_edges_in_the_plan_and_says_why(tiny, tmp_path):
+    """``round_to: auto`` turns the method's unrounded counts into kept channels per group, never fewer than
+    asked, and the plan it returns is what pruning then does."""
+    model, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, **FAST)
+    method, x = create_method("l1"), torch.zeros(2, *SHAPE)
+    plan, rounding = step_rounded(method, model, x, PrunePlan(ratio=0.4, round_to="auto"), table,
+                                   exported=graph.model, window=8)
+    assert plan.round_to is None and plan.kept_channels == {"block.conv1": rounding[0]["kept"]}
+    row = rounding[0]
+    assert row["name"] == "block.conv1" and row["asked"] == 10 and 10 <= row["kept"] <= 16 and row["reason"]
+    assert "round_to: auto" in plan.origin.note
+    pruned = copy.deepcopy(model)
+    method.prune(pruned, x, plan)
+    assert pruned.block.conv1.out_channels == row["kept"]
+    with pytest.raises(ValueError, match="resolved to kept channels before pruning"):
+        method.prune(copy.deepcopy(model), x, PrunePlan(ratio=0.4, round_to="auto"))
+
+
+def test_the_method_report_shows_each_groups_rounding(tmp_path):
+    rounding = [{"name": "layer1.0.conv1", "channels": 16, "asked": 10, "kept": 12,
+                 "reason": "10→12: 12 channels cost no more than 10 (1.000 vs 1.010 ms)"},
+                {"name": "layer2.0.conv1", "channels": 32, "asked": 16, "kept": 16, "reason": "16 is a step edge"}]
+    plan = PrunePlan(kept_channels={"layer1.0.conv1": 12, "layer2.0.conv1": 16}, round_to=None)
+    path = tmp_path / "layers.json"
+    path.write_text(json.dumps(PruneSummary(plan, 10, 5, 4, 2, [], "", rounding).as_dict()))
+    report = method_report("l1", {"accuracy": 90.0}, path)
+    assert "latency step edges" in report and "10→12: 12 channels cost no more than 10" in report
+    assert report.index("layer1.0.conv1 ") < report.index("layer2.0.conv1 ")  # changed counts first
+
+
+def test_predictor_reads_pruned_torch_models_and_removed_blocks(tiny, tmp_path):
+    model, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, **FAST)
+    predictor = LatencyPredictor(model, torch.zeros(1, *SHAPE), graph.model, table)
+    assert predictor.costs(model) == {"latency_ms": pytest.approx(predictor.baseline_ms), "speedup": pytest.approx(1.0)}
+    thin = copy.deepcopy(model)
+    create_method("l1").prune(thin, torch.zeros(2, *SHAPE), PrunePlan(ratio=0.75, round_to=None))
+    assert predictor.predict(thin).units_ms.keys() == {"stem.0", "block.conv1", "block.conv2"}
+    assert predictor.costs(thin)["speedup"] > 1.0  # a quarter of the block's inner channels: far beyond noise
+    gone = create_method("cascade", {"blocks": ["block"]}).prune(copy.deepcopy(model), torch.zeros(2, *SHAPE),
+                                                                 PrunePlan()).model
+    assert set(predictor.predict(gone).units_ms) == {"stem.0"}
+
+
+LATENCY_TARGET = {"model": {"name": "small_cnn", "kwargs": {"width": 8}}, "prune": {"round_to": None},
+                  "export": {"opset": 17}, "search": {"target": {"metric": "latency_ms", "value": 1e-6}}}
+
+
+def test_an_unreachable_latency_target_or_a_missing_runtime_stops_before_training(digits_dir):
+    """Checked before the baseline trains, on the untrained model, with one line naming the key."""
+    from pruneflow.config import ConfigError, PipelineConfig
+    from pruneflow.preflight import check_model
+    from pruneflow.stages import load_data
+
+    splits = load_data(PipelineConfig.model_validate(LATENCY_TARGET), digits_dir)
+    with pytest.raises(ConfigError, match=r"search.target: latency_ms 1e-06 is out of reach on this machine: "
+                                          r"the smallest net .* is predicted at"):
+        check_model(PipelineConfig.model_validate(LATENCY_TARGET), splits)
+    jetson = PipelineConfig.model_validate({**LATENCY_TARGET, "export": {"target": "jetson"}})
+    with pytest.raises(ConfigError, match="search.target.metric latency_ms: export.target jetson: the latency table "
+                                          "needs TensorrtExecutionProvider or CUDAExecutionProvider"):
+        check_model(jetson, splits)
+    with pytest.raises(ValueError, match="a speedup target is a factor above 1"):
+        PipelineConfig.model_validate({"search": {"target": {"metric": "speedup", "value": 0.5}}})
