@@ -6,10 +6,11 @@ for class labels, MSE and PSNR/SSIM for super-resolution images.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,49 +40,52 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: 
     or raises to stop (the search uses that to prune hopeless trials). Training runs on ``cfg.device``;
     the model always comes back on the CPU, where pruning, checkpoints and export expect it.
     """
+    history = []
+    with contextlib.closing(train_epochs(model, batches, cfg, val_batches=val_batches,
+                                         regularizers=regularizers)) as epochs:
+        for result in epochs:
+            history.append(result)
+            if on_epoch_end:
+                on_epoch_end(result)
+    return history
+
+
+def train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: Batches | None = None,
+                 regularizers: Iterable[Regularizer] = ()) -> Iterator[EpochResult]:
+    """``train``, one epoch per step of the iterator, so that a caller can interleave the training of several
+    models (benchmarks time them in turn). The model is on ``cfg.device`` until the iterator ends or is closed."""
     regularizers = list(regularizers)
     device = resolve_device(cfg.device)
     model.to(device)
     try:
-        return _train_epochs(model, batches, cfg, device, val_batches, regularizers, on_epoch_end)
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        steps = max(1, cfg.epochs * len(batches))  # type: ignore[arg-type]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, (lambda step: 1.0) if cfg.schedule == "constant" else
+            (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))))
+        for epoch in range(1, cfg.epochs + 1):
+            start, total, count = time.perf_counter(), 0.0, 0
+            model.train()
+            for images, labels in batches:
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                loss = task_of(labels).loss(model(images), labels)
+                for regularizer in regularizers:
+                    loss = loss + regularizer(model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item() * len(labels)
+                count += len(labels)
+            val_metric = evaluate(model, val_batches) if val_batches is not None else None
+            yield EpochResult(epoch, total / max(count, 1), val_metric, time.perf_counter() - start)
     finally:
         model.to("cpu")
         model.eval()
-
-
-def _train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, device: torch.device,
-                  val_batches: Batches | None, regularizers: list[Regularizer],
-                  on_epoch_end: Callable[[EpochResult], None] | None) -> list[EpochResult]:
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    steps = max(1, cfg.epochs * len(batches))  # type: ignore[arg-type]
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: 1.0) if cfg.schedule == "constant" else
-        (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))))
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        start, total, count = time.perf_counter(), 0.0, 0
-        model.train()
-        for images, labels in batches:
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss = task_of(labels).loss(model(images), labels)
-            for regularizer in regularizers:
-                loss = loss + regularizer(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(labels)
-            count += len(labels)
-        val_metric = evaluate(model, val_batches) if val_batches is not None else None
-        result = EpochResult(epoch, total / max(count, 1), val_metric, time.perf_counter() - start)
-        history.append(result)
-        if on_epoch_end:
-            on_epoch_end(result)
-    return history
 
 
 def resolve_device(name: str) -> torch.device:
