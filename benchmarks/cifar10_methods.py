@@ -3,10 +3,10 @@
 One shared baseline is trained by ``pruneflow.stages.train_baseline`` (with the training hooks of every
 configured method, as the pipeline does: slimming's L1 on BN γ and statistical's filter recorder). Then, per
 method: ``pruneflow.targeting.ratio_for_macs_reduction`` scans and bisects the method's ratio on prune-only
-trials until ≈ ``--target`` of the MACs are gone; ``stages.prune`` prunes at that ratio, ``stages.retrain``
-fine-tunes for ``--finetune-epochs`` (the method's own recipe if it has one), and ``stages.evaluate_model``
-measures test accuracy, MACs, params and ONNX Runtime latency at batch 1 and at ``--latency-batch``, interleaved
-with the baseline. ``magnitude_unstructured`` runs as an extra row at the same share of zeroed weights.
+trials until ≈ ``--target`` of the MACs are gone; ``stages.prune_model`` prunes at that ratio,
+``stages.retrain_model`` fine-tunes for ``--finetune-epochs`` (the method's own recipe if it has one), and
+``stages.evaluate_model`` measures test accuracy, MACs, params and ONNX Runtime latency at batch 1 and at
+``--latency-batch``, interleaved with the baseline. ``magnitude_unstructured`` runs as an extra row at the same share of zeroed weights.
 
 Everything runs in one process (the decoded JPEGs are cached in memory by ``stages.load_data``). Results go
 to a JSON file after every method, so a crash loses one method at most and a rerun with the same settings
@@ -30,6 +30,7 @@ import sys
 import tarfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,11 @@ from pruneflow import stages  # noqa: E402
 from pruneflow.checkpoint import load_model  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
 from pruneflow.export import check_parity, measure_latency  # noqa: E402
+from pruneflow.layout import ProjectLayout, ProjectRun  # noqa: E402
 from pruneflow.methods import METHODS  # noqa: E402
 from pruneflow.targeting import ratio_for_macs_reduction  # noqa: E402
 from pruneflow.training import evaluate  # noqa: E402
+from pruneflow.versioning import DataVersion  # noqa: E402
 
 UNSTRUCTURED_ROW = "magnitude_unstructured"
 RESUME_IGNORES = ("joint_repeats", "out", "archive")  # knobs that do not change a finished row
@@ -204,15 +207,15 @@ def machine() -> dict[str, Any]:
 
 def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, baseline_dir: Path, data_path: Path,
                out: Path) -> dict[str, Any]:
-    """One row: target, prune, fine-tune, evaluate."""
+    """One row: target, prune, fine-tune, evaluate (in ``<out>/<method>/``)."""
     splits = stages.load_data(cfg, data_path)
-    method_dir = out / method
+    run = ProjectRun(ProjectLayout(out, cfg), DataVersion(data_path, "cifar10-jpg"), baseline_dir, out).method(method)
     row: dict[str, Any] = {"method": method, "structured": METHODS.get(method).structured,
                            "params": cfg.methods[method]}
     started, cpu_started = time.perf_counter(), time.process_time()
 
-    pruner = stages.method_for(cfg, method, baseline_dir)
-    model, spec, _ = load_model(baseline_dir / "model.pt")
+    pruner = stages.method_for(run)
+    model, spec, _ = load_model(run.baseline_model)
     calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
              if pruner.needs_calibration else None)  # what stages.prune_with gives the method
     found = ratio_for_macs_reduction(pruner, model, spec.example_inputs(), args.target, round_to=cfg.prune.round_to,
@@ -226,10 +229,13 @@ def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, basel
 
     tick = time.perf_counter()
     torch.manual_seed(cfg.project.seed)  # the seed the bisection's trials used
-    summary = stages.prune(cfg, method, baseline_dir, {"ratio": found.ratio}, data_path, method_dir, log=log)
+    targeted = cfg.model_copy(update={"prune": cfg.prune.model_copy(update={"ratio": found.ratio})})
+    run = replace(run, layout=ProjectLayout(out, targeted))
+    stages.search_ratio(run, log=log)  # the bisected ratio as a fixed prune.ratio: the plan the prune stage reads
+    summary = stages.prune_model(run, log=log)
     row["prune_s"] = time.perf_counter() - tick
-    row["notes"] = summary["notes"]
-    pruned, _, _ = load_model(method_dir / "pruned.pt")
+    row["notes"] = summary.notes
+    pruned, _, _ = load_model(run.pruned)
     broken = sum(int((~torch.isfinite(t)).sum()) for t in pruned.state_dict().values() if t.is_floating_point())
     if broken:
         raise RuntimeError(f"{method}: the pruned model holds {broken} non-finite weights (NaN/inf): the method "
@@ -238,22 +244,20 @@ def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, basel
     log(f"{method}: test accuracy right after pruning {row['accuracy_pruned']:.2f}%")
 
     cpu = time.process_time()
-    row.update(stages.retrain(cfg, method, method_dir / "pruned.pt", data_path, method_dir, log=log))
+    row.update(stages.retrain_model(run, log=log))
     row["retrain_cpu_s"] = time.process_time() - cpu
 
     tick = time.perf_counter()
     # Accuracy, MACs, params and ONNX Runtime latency at batch 1 and evaluate.latency_batch_large, interleaved
     # with the baseline's ONNX file.
-    row.update(stages.evaluate_model(cfg, method, baseline_dir, method_dir / "retrained.pt", data_path, method_dir,
-                                     log=log))
+    row.update(stages.evaluate_model(run, log=log))
     large = f"_b{cfg.evaluate.latency_batch_large}"
     row.update({"latency_big_ms": row[f"latency_ms{large}"], "baseline_latency_big_ms": row[f"baseline_latency_ms{large}"],
                 "speedup_big": row[f"speedup{large}"]})
     log(f"{method}: batch {cfg.evaluate.latency_batch_large} latency {row['latency_big_ms']:.2f} ms "
         f"(x{row['speedup_big']:.2f})")
-    retrained, _, _ = load_model(method_dir / "retrained.pt")
-    scratch = method_dir / "latency" / "model.onnx"  # evaluate_model's export of the retrained net
-    row["onnx_max_abs_diff"] = check_parity(scratch, retrained, splits.loader("test", 64, max_batches=2),
+    retrained, _, _ = load_model(run.retrained)
+    row["onnx_max_abs_diff"] = check_parity(run.latency_onnx, retrained, splits.loader("test", 64, max_batches=2),
                                             atol=cfg.export.atol)
     row["evaluate_s"] = time.perf_counter() - tick
     row["total_s"], row["total_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
@@ -556,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"baseline: reusing {baseline_dir} (test accuracy {base['accuracy']:.2f}%)")
     else:
         tick, cpu = time.perf_counter(), time.process_time()
-        base = stages.train_baseline(cfg, data_path, baseline_dir, log=log)
+        data = DataVersion(data_path, "cifar10-jpg")
+        base = stages.train_baseline(ProjectRun(ProjectLayout(out, cfg), data, baseline_dir, out), log=log)
         results["timings"]["baseline_rest_s"] = time.perf_counter() - tick - base["train_seconds"]
         results["timings"]["baseline_cpu_s"] = time.process_time() - cpu
     results["baseline"] = {**base, "dir": str(baseline_dir), "train_images": len(splits.train),

@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pruneflow.export import export_onnx, measure_latency  # noqa: E402
-from pruneflow.methods import PruneTarget, create_method  # noqa: E402
+from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.metrics import count_macs_params  # noqa: E402
 from pruneflow.models import build_model  # noqa: E402
+from pruneflow.plan import PrunePlan  # noqa: E402
 from pruneflow.targeting import ratio_for_macs_reduction  # noqa: E402
 
 GOAL = 0.8  # speed-up must reach this share of the MACs ratio
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace, log) -> list[Row]:
                 for factor in args.factors:
                     found = ratio_for_macs_reduction(method, base, example, 1 - 1 / factor, round_to=round_to)
                     pruned = copy.deepcopy(base)
-                    method.prune(pruned, example, PruneTarget(ratio=found.ratio, round_to=round_to))
+                    method.prune(pruned, example, PrunePlan(ratio=found.ratio, round_to=round_to))
                     pruned.eval()
                     macs_ratio = base_macs / count_macs_params(pruned, example[:1])[0]
                     pruned_onnx = export_onnx(pruned, example, Path(scratch) / f"{name}-{round_to}-{factor}.onnx")

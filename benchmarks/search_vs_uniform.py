@@ -37,8 +37,10 @@ import torch  # noqa: E402
 from pruneflow import stages  # noqa: E402
 from pruneflow.checkpoint import load_model  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
+from pruneflow.layout import ProjectLayout, ProjectRun  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.targeting import ratio_for_macs_reduction  # noqa: E402
+from pruneflow.versioning import DataVersion  # noqa: E402
 
 ARMS = {  # name -> (method, search overrides or None for a bisected uniform ratio)
     "uniform l1": ("l1", None),
@@ -70,7 +72,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def config(args: argparse.Namespace, method: str, search: dict | None) -> PipelineConfig:
+def config(args: argparse.Namespace, method: str, search: dict) -> PipelineConfig:
     return PipelineConfig(
         project={"seed": args.seed},
         model={"name": "resnet20"},
@@ -80,36 +82,35 @@ def config(args: argparse.Namespace, method: str, search: dict | None) -> Pipeli
         train={"epochs": args.epochs, "lr": 0.1},
         retrain={"epochs": args.finetune_epochs, "lr": 0.01},
         search={"n_trials": args.trials, "finetune_epochs": args.trial_epochs, "ratio_low": 0.1, "ratio_high": 0.8,
-                "target": {"metric": "macs_reduction", "value": args.target}, **(search or {})},
+                "target": {"metric": "macs_reduction", "value": args.target}, **search},
         prune={"round_to": 8},
         evaluate={"latency_repeats": 100},
     )
 
 
 def run_arm(args: argparse.Namespace, name: str, baseline: Path, out: Path) -> dict:
+    """One arm through the pipeline's stages, in ``<out>/<arm>/<method>/``."""
     method, search = ARMS[name]
-    cfg = config(args, method, search)
-    data = Path(cfg.data.path)
-    arm_dir = out / name.replace(" ", "_").replace(",", "")
+    cfg = config(args, method, {**(search or {}), "storage": f"sqlite:///{(out / 'optuna.db').resolve()}"})
     start = time.perf_counter()
-    if search is None:
+    if search is None:  # the uniform arm: its bisected ratio, as a fixed prune.ratio
         model, spec, _ = load_model(baseline / "model.pt")
-        found = ratio_for_macs_reduction(create_method(method), model, spec.example_inputs(), args.target,
-                                         round_to=cfg.prune.round_to, scan=8)
-        chosen, search_info = {"ratio": found.ratio, "layer_ratios": {}}, {"trials": 0, "pruned": 0, "epochs": 0}
-    else:
-        storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
-        study = f"bench-{name}-{args.seed}"
-        chosen = stages.search(cfg, method, baseline, data, arm_dir, storage, study, log=log)
-        trials = optuna.load_study(study_name=study, storage=storage).trials
-        search_info = {"trials": len(trials), "pruned": chosen["pruned_trials"],
+        cfg.prune.ratio = ratio_for_macs_reduction(create_method(method), model, spec.example_inputs(), args.target,
+                                                   round_to=cfg.prune.round_to, scan=8).ratio
+    run = ProjectRun(ProjectLayout(out, cfg), DataVersion(Path(cfg.data.path), "cifar10-jpg"), baseline,
+                     out / name.replace(" ", "_").replace(",", "")).method(method)
+    chosen = stages.search_ratio(run, log=log)
+    search_info = {"trials": 0, "pruned": 0, "epochs": 0}
+    if chosen.searched:
+        trials = optuna.load_study(study_name=chosen.study_name, storage=cfg.search.storage).trials
+        search_info = {"trials": len(trials), "pruned": chosen.pruned_trials,
                        "epochs": sum(t.user_attrs.get("epochs_run", 0) for t in trials),
-                       "epochs_saved": chosen["finetune_epochs_saved"]}
+                       "epochs_saved": chosen.finetune_epochs_saved}
     search_seconds = time.perf_counter() - start
-    stages.prune(cfg, method, baseline, chosen, data, arm_dir, log=log)
-    stages.retrain(cfg, method, arm_dir / "pruned.pt", data, arm_dir, log=log)
-    metrics = stages.evaluate_model(cfg, method, baseline, arm_dir / "retrained.pt", data, arm_dir, log=log)
-    return {"arm": name, "ratio": chosen["ratio"], "layer_ratios": chosen.get("layer_ratios", {}),
+    stages.prune_model(run, log=log)
+    stages.retrain_model(run, log=log)
+    metrics = stages.evaluate_model(run, log=log)
+    return {"arm": name, "ratio": chosen.plan.ratio, "layer_ratios": chosen.plan.layer_ratios,
             "search_seconds": search_seconds, **search_info, **metrics}
 
 
@@ -157,7 +158,9 @@ def main() -> int:
     baseline = out / "baseline"
     if not (baseline / "metrics.json").is_file():
         log("training the baseline")
-        stages.train_baseline(config(args, "l1", None), Path(args.data).resolve(), baseline, log=log)
+        cfg = config(args, "l1", {})
+        data = DataVersion(Path(cfg.data.path), "cifar10-jpg")
+        stages.train_baseline(ProjectRun(ProjectLayout(out, cfg), data, baseline, out), log=log)
     base_metrics = stages.read_json(baseline / "metrics.json")
     rows = []
     for name in ARMS:

@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from pruneflow import stages  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
+from pruneflow.layout import ProjectLayout, ProjectRun  # noqa: E402
+from pruneflow.versioning import DataVersion  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,7 +65,7 @@ def main() -> None:
         "train": {"epochs": args.epochs, "lr": args.lr, "device": args.device},
         "methods": {"l1": {}},  # no training hooks: a plain baseline
     })
-    metrics = stages.train_baseline(cfg, data, out)
+    metrics = stages.train_baseline(ProjectRun(ProjectLayout(out, cfg), DataVersion(data, "cifar10-jpg"), out, out))
     print(f"{out}/model.pt: test accuracy {metrics['accuracy']:.2f} %, {metrics['train_seconds'] / 60:.1f} min")
 
 

@@ -17,9 +17,8 @@ import os
 import random
 import subprocess
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import typer
 
@@ -34,9 +33,6 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 from pruneflow.config import ConfigError, PipelineConfig, load_config  # noqa: E402
-
-if TYPE_CHECKING:
-    from pruneflow.layout import ProjectLayout
 
 app = typer.Typer(help="pruneflow: automated pruning pipelines for CNNs.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -108,20 +104,9 @@ def serve(
         raise typer.Exit(1) from None
 
 
-class Stage(str, Enum):
-    data = "data"
-    baseline = "baseline"
-    search = "search"
-    prune = "prune"
-    retrain = "retrain"
-    evaluate = "evaluate"
-    export = "export"
-    compare = "compare"
-
-
 @app.command()
-def stage(name: Stage = typer.Argument(..., help="which stage to run"), params: Path = PARAMS,
-          overrides: Optional[list[str]] = SET,
+def stage(name: str = typer.Argument(..., help="data (version the data), a stage of dvc.yaml, or compare (the table)"),
+          params: Path = PARAMS, overrides: Optional[list[str]] = SET,
           method: Optional[str] = typer.Option(None, "--method", "-m", help="the method, for per-method stages")) -> None:
     """Run one stage alone, writing to runs/dvc/ (the fixed paths dvc.yaml declares); no Prefect, no MLflow."""
     cfg, root = _config(params, overrides)
@@ -130,66 +115,42 @@ def stage(name: Stage = typer.Argument(..., help="which stage to run"), params: 
     from pruneflow.layout import ProjectLayout
     from pruneflow.preflight import check_model
 
+    names = ["data", *stages.STAGES, "compare"]
+    if name not in names:
+        typer.echo(f"error: no stage {name}: choose one of {', '.join(names)}", err=True)
+        raise typer.Exit(2)
+    step = stages.STAGES.get(name)
+    if step is not None and step.per_method and method not in cfg.methods:
+        typer.echo(f"error: --method must be one of the configured methods: {', '.join(cfg.methods)}", err=True)
+        raise typer.Exit(2)
     layout = ProjectLayout(root, cfg)
-    base_dir, data_path = layout.dvc_run_dir / "baseline", layout.dataset_dir
-    if name in (Stage.search, Stage.prune, Stage.retrain, Stage.evaluate, Stage.export):
-        if method not in cfg.methods:
-            typer.echo(f"error: --method must be one of the configured methods: {', '.join(cfg.methods)}", err=True)
-            raise typer.Exit(2)
-        out_dir = layout.method_dir(layout.dvc_run_dir, method)
     try:
-        if name is Stage.data:
+        if name == "data":
             versioning.add(root, prepare_dataset(cfg.data, layout.data_dir))
-        elif name is Stage.baseline:
-            check_model(cfg, stages.load_data(cfg, data_path))  # fails before training, not at its export
-            stages.train_baseline(cfg, data_path, base_dir)
-        elif name is Stage.search:
-            study = stages.study_name(cfg, method, versioning.read_md5(data_path))
-            stages.search(cfg, method, base_dir, data_path, out_dir, layout.study_storage, study)
-        elif name is Stage.prune:
-            stages.prune(cfg, method, base_dir, stages.read_json(out_dir / "search.json"), data_path, out_dir)
-        elif name is Stage.retrain:
-            stages.retrain(cfg, method, out_dir / "pruned.pt", data_path, out_dir)
-        elif name is Stage.evaluate:
-            stages.evaluate_model(cfg, method, base_dir, out_dir / "retrained.pt", data_path, out_dir)
-        elif name is Stage.export:
-            stages.export(cfg, out_dir / "retrained.pt", data_path, out_dir)
-        else:
-            results = {m: stages.read_json(layout.method_dir(layout.dvc_run_dir, m) / "metrics.json") for m in cfg.methods}
-            table = stages.compare(stages.read_json(base_dir / "metrics.json"), results, cfg.evaluate.latency_batch_large,
+            return
+        run = layout.dvc_run()
+        if name == "compare":
+            results = {m: stages.read_json(run.method(m).metrics_json) for m in cfg.methods}
+            table = stages.compare(stages.read_json(run.baseline_metrics), results, cfg.evaluate.latency_batch_large,
                                    cfg.task)
-            (layout.dvc_run_dir / "compare.md").write_text(table)
+            run.compare_md.write_text(table)
             typer.echo(table)
+        elif step.per_method:
+            step.run(run.method(method), stages.say)
+        else:
+            check_model(cfg, stages.load_data(cfg, run.data_dir))  # fails before training, not at its export
+            step.run(run, stages.say)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         message = str(err)
         if isinstance(err, FileNotFoundError) and err.filename:  # an earlier stage's output: say so, not just Errno 2
-            message = (f"{err.filename} not found: run the stages before {name.value} first "
-                       "(dvc repro runs them in order)")
-        typer.echo(f"error: stage {name.value}: {message}", err=True)
+            message = f"{err.filename} not found: run the stages before {name} first (dvc repro runs them in order)"
+        typer.echo(f"error: stage {name}: {message}", err=True)
         raise typer.Exit(1) from None
 
 
 def _to_stderr(line: str) -> None:
     """Progress goes to stderr, so a command's stdout holds only its result."""
     typer.echo(line, err=True)
-
-
-def _shared_baseline(cfg: PipelineConfig, layout: ProjectLayout, data_md5: str) -> Path:
-    """The pipeline's baseline for these data and params (runs/baselines/<key>), trained here if missing.
-
-    Same data, model, training params and seed as the pipeline's, so a worker machine's trials score the
-    same model. Under the pipeline's baseline lock, so workers (and a pipeline) starting at once on one
-    project train it once and the others reuse it.
-    """
-    from pruneflow import stages
-
-    key = stages.baseline_key(cfg, data_md5)
-    out_dir = layout.baseline_dir(key)
-    with layout.baseline_lock(key):
-        if not (out_dir / "metrics.json").is_file():
-            _to_stderr(f"search-worker: training the baseline into {out_dir}")
-            stages.train_baseline(cfg, layout.dataset_dir, out_dir, log=_to_stderr)
-    return out_dir
 
 
 @app.command("search-worker")
@@ -211,30 +172,31 @@ def search_worker(
     if method not in cfg.methods:
         typer.echo(f"error: --method must be one of the configured methods: {', '.join(cfg.methods)}", err=True)
         raise typer.Exit(2)
-    if cfg.prune.ratio is not None:
-        typer.echo(f"error: prune.ratio={cfg.prune.ratio} is set, so the pipeline runs no search to add trials to",
-                   err=True)
-        raise typer.Exit(2)
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from pruneflow import stages, versioning
+    from pruneflow import stages
     from pruneflow.layout import ProjectLayout
     from pruneflow.search import worker_id
+    from pruneflow.versioning import DataVersion, read_md5
 
+    fixed = stages.fixed_plan(cfg, method)
+    if fixed is not None:
+        typer.echo(f"error: {fixed.origin.note}, so the pipeline runs no search to add trials to", err=True)
+        raise typer.Exit(2)
     layout = ProjectLayout(root, cfg)
     try:
-        data_md5 = versioning.read_md5(layout.dataset_dir)
+        data = DataVersion(layout.dataset_dir, read_md5(layout.dataset_dir))
         if not layout.dataset_dir.is_dir():
             raise FileNotFoundError(f"{layout.dataset_dir} is missing: `dvc pull` it or run `pruneflow stage data`")
-        baseline_dir = _shared_baseline(cfg, layout, data_md5)
-        name, storage = stages.study_name(cfg, method, data_md5), layout.study_storage
+        project = stages.project_run(layout, data, layout.runs_dir)  # a worker adds trials, it writes no run files
+        stages.ensure_baseline(project, log=_to_stderr)
+        run = project.method(method, trial_callbacks=(stages.trial_progress(method, _to_stderr),))
+        name, storage = stages.study_name(cfg, method, data.md5), layout.study_storage
         trials = n_trials or cfg.search.n_trials
         _to_stderr(f"search-worker {worker_id()}: {trials} trial(s) in study {name} at "
                    f"{make_url(storage).render_as_string(hide_password=True)}")
-        stages.search_worker(cfg, method, baseline_dir, layout.dataset_dir, storage, name, trials,
-                             seed if seed is not None else random.SystemRandom().randrange(2**31),
-                             [stages.trial_progress(method, _to_stderr)])
+        stages.search_worker(run, trials, seed if seed is not None else random.SystemRandom().randrange(2**31))
     except (FileNotFoundError, ValueError, RuntimeError, ImportError, SQLAlchemyError) as err:
         typer.echo(f"error: search-worker: {str(err).splitlines()[0]}", err=True)
         raise typer.Exit(1) from None
@@ -275,8 +237,9 @@ def prune(
     from pruneflow.config import DataConfig
     from pruneflow.data import DATASETS
     from pruneflow.inspection import format_report, prune_once
-    from pruneflow.methods import PruneTarget, create_method
+    from pruneflow.methods import create_method
     from pruneflow.models import resolve_model
+    from pruneflow.plan import PrunePlan
 
     def fail(message: object, code: int) -> None:
         typer.echo(f"error: {message}", err=True)
@@ -297,7 +260,7 @@ def prune(
     except ValueError as err:
         fail(err, 2)
     try:
-        report = prune_once(pruner, PruneTarget(ratio=ratio, round_to=round_to), model, checkpoint,
+        report = prune_once(pruner, PrunePlan(ratio=ratio, round_to=round_to), model, checkpoint,
                             DataConfig(dataset=dataset, path=str(data_path) if data_path else None), data_dir,
                             calib_batches, input_size, log=lambda line: typer.echo(line, err=True))  # stdout: report only
     except (OSError, ValueError, RuntimeError) as err:

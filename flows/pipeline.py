@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from prefect import flow, get_run_logger
 from prefect.futures import wait
@@ -18,11 +18,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pruneflow.config import PipelineConfig, load_config
 from pruneflow.layout import ProjectLayout
 from pruneflow.preflight import check_inputs
+from pruneflow.stages import STAGES, fixed_plan, project_run
 from pruneflow.versioning import git_commit
 from tasks.deploy import register_champion
-from tasks.stages import (compare_methods, evaluate_model, export_model, log_config, prune_model, retrain_model,
-                          search_ratio, train_baseline, version_data)
+from tasks.stages import STAGE_TASKS, compare_methods, log_config, train_baseline, version_data
 from tasks.tracking import Tracker, check_tracking, params_md5
+
+# A method's stages: its chain, run for several methods at once, then the timed ones, one method at a time.
+CHAIN = [stage.name for stage in STAGES.values() if stage.per_method and not stage.timed]
+TIMED = [stage.name for stage in STAGES.values() if stage.per_method and stage.timed]
 
 
 class MethodsFailed(RuntimeError):
@@ -33,8 +37,8 @@ def chain_batch_size(cfg: PipelineConfig) -> int:
     """How many method chains run at once: ``project.max_parallel_methods``, or one when search trials
     export ONNX (latency targets), since an export in one thread breaks training in the others."""
     search = cfg.search
-    exports = cfg.prune.ratio is None and (search.measure_latency or "latency_ms" in (search.target.metric,
-                                                                                       *search.objectives))
+    searches = any(fixed_plan(cfg, method) is None for method in cfg.methods)
+    exports = searches and (search.measure_latency or "latency_ms" in (search.target.metric, *search.objectives))
     return 1 if exports else cfg.project.max_parallel_methods
 
 
@@ -47,6 +51,11 @@ def preflight(cfg: PipelineConfig, root: Path, log: Callable[[str], None]) -> No
     """
     check_tracking(ProjectLayout(root, cfg))
     check_inputs(cfg, root, log)
+
+
+def flat(outcome: Any) -> dict[str, Any]:
+    """A timed stage's result as the comparison and the champion's choice read it: metrics, or a result's fields."""
+    return outcome if isinstance(outcome, dict) else outcome.as_dict()
 
 
 @flow(name="prune_pipeline", task_runner=ThreadPoolTaskRunner(max_workers=16), log_prints=True)
@@ -76,9 +85,10 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
         log_config(tracker, parent, cfg)
         tracker.log_params(parent, {"model": cfg.model.name, "dataset": cfg.data.dataset,
                                     "methods": ",".join(cfg.methods)})
-        data = version_data(str(root), cfg)
-        tracker.set_tags(parent, {"pruneflow.data_md5": data["md5"]})
-        baseline = train_baseline(str(root), cfg, data, parent)
+        run = project_run(layout, version_data(layout), run_dir)
+        tracker.set_tags(parent, {"pruneflow.data_md5": run.data.md5})
+        baseline_run_id = tracker.start_run("baseline", parent)
+        baseline = train_baseline(run, baseline_run_id)
 
         chains, methods = {}, list(cfg.methods)
         batch = chain_batch_size(cfg)
@@ -89,10 +99,10 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
                 run_id = tracker.start_run(method, parent, {"pruneflow.method": method})
                 tracker.log_params(run_id, {"method": method,
                                             **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
-                chosen = search_ratio.submit(str(root), cfg, method, data, baseline, str(run_dir), run_id)
-                pruned = prune_model.submit(str(root), cfg, method, data, baseline, chosen, str(run_dir), run_id)
-                retrained = retrain_model.submit(str(root), cfg, method, data, pruned, str(run_dir), run_id)
-                chains[method] = (run_id, [chosen, pruned, retrained])
+                futures = []
+                for name in CHAIN:  # each stage reads what the one before wrote
+                    futures.append(STAGE_TASKS[name].submit(name, run.method(method), run_id, wait_for=futures[-1:]))
+                chains[method] = (run_id, futures)
             # Every chain of a batch ends before the next batch, and all before the first evaluation: latency
             # timed beside training is noise, and torch's ONNX exporter flags the whole process as exporting,
             # which breaks optimizers stepping in other threads.
@@ -100,19 +110,21 @@ def prune_pipeline(params: str = "params.yaml", overrides: list[str] | None = No
         results, failures = {}, {}
         for method, (run_id, chain) in chains.items():
             try:
-                retrained_info = [future.result() for future in chain][-1]  # the first failure raises itself
-                metrics = evaluate_model(str(root), cfg, method, data, baseline, retrained_info, str(run_dir), run_id)
-                export = export_model(str(root), cfg, method, data, retrained_info, str(run_dir), run_id)
-                results[method] = {**metrics, **export}
+                for future in chain:
+                    future.result()  # the first failure raises itself
+                outcomes = [STAGE_TASKS[name](name, run.method(method), run_id) for name in TIMED]
             except Exception as err:  # one broken method must not hide the others' results
                 failures[method] = f"{type(err).__name__}: {err}"
                 logger.error(f"{method} failed: {failures[method]}")
+                continue
+            tracker.finish(run_id)
+            results[method] = {key: value for outcome in outcomes for key, value in flat(outcome).items()}
         if results:
-            compare_methods(str(root), cfg, baseline, results, str(run_dir), parent)
+            compare_methods(run, baseline, results, parent)
         if failures:
             raise MethodsFailed("; ".join(f"{m}: {e}" for m, e in failures.items()))
-        champion = register_champion(str(root), cfg, data, baseline, results,
-                                     {method: chains[method][0] for method in results}, parent)
+        champion = register_champion(run, baseline_run_id, results, {method: chains[method][0] for method in results},
+                                     parent)
     tracker.finish(parent)
     return {"parent_run_id": parent, "run_dir": str(run_dir), "tracking_uri": tracker.uri, "results": results,
             "champion": champion}

@@ -35,7 +35,7 @@ from pruneflow.concurrency import owner_alive, owner_id
 HOST = "127.0.0.1"
 STATE_DIR = ".servers"
 SERVERS = ("prefect", "mlflow")
-STARTUP_TIMEOUT_S = 120.0  # a first Prefect start migrates its database: ~10 s here, more on a busy CI box
+STARTUP_TIMEOUT_S = 120.0  # a first Prefect start migrates its database, which a busy machine makes slow
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 State = dict[str, Any]
@@ -72,7 +72,7 @@ def mlflow_command(subcommand: str, backend_uri: str, port: int, *extra: str) ->
 
     One web worker, and no job runner unless ``$MLFLOW_SERVER_ENABLE_JOB_EXECUTION`` asks for it: that runner
     serves MLflow's GenAI jobs (scorers, trace roll-ups), which pruneflow does not use, with seven more
-    processes that take seconds to stop (start-up on 2 cores drops from ~20 to ~5 CPU seconds).
+    processes that cost CPU to start and seconds to stop.
     """
     jobs = os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     command = [sys.executable, "-m", "mlflow", subcommand, "--backend-store-uri", backend_uri, *extra,

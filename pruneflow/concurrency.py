@@ -3,8 +3,8 @@ process's leftovers from a live one's.
 
 Two runs can start at once (two schedules, a user beside a cron run) on the same sqlite stores, baseline
 folder and data folder. Creating a sqlite schema, training a baseline or rewriting the data from two
-processes at once corrupts them, so those steps hold a ``flock`` lock; the OS drops it when its holder
-dies, so a killed pipeline never leaves a lock behind.
+processes at once corrupts them, so those steps hold a file lock (``filelock``: a ``flock`` on Unix); the OS
+drops it when its holder dies, so a killed pipeline never leaves a lock behind.
 
 A process killed with SIGKILL (the OOM killer, a reboot) cannot close what it opened: its MLflow runs stay
 RUNNING and its Optuna trial stays RUNNING. The next process recognises them by who opened them and ends
@@ -17,29 +17,24 @@ reused by a live process is left to Optuna's heartbeats.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import ContextManager, Iterator
+from typing import ContextManager
 
 import psutil
+from filelock import FileLock
 from sqlalchemy.engine import make_url
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing) while the block runs, waiting for it if held.
+def file_lock(path: Path) -> FileLock:
+    """An exclusive lock on ``path`` (created if missing) for a ``with`` block, which waits while another holds it.
 
-    ``flock`` locks belong to the open file, so they also exclude threads of one process that each call this.
+    Each call is a lock of its own on a file opened anew, so it also excludes threads of one process that each
+    call this, and the file stays in place for the next holder.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -50,7 +45,7 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database).resolve() if database and database != ":memory:" else None
 
 
-def store_lock(url: str) -> ContextManager[None]:
+def store_lock(url: str) -> ContextManager[object]:
     """A lock on a sqlite store (the file ``<database>.lock`` beside it) for creating its schema or first rows.
 
     Two processes opening a new sqlite file at once both run ``CREATE TABLE`` (Optuna) or the migrations

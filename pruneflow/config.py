@@ -16,15 +16,20 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pruneflow.profiles import PROFILES
+
 
 class ConfigError(ValueError):
     """A config problem, worded for the user: it names the key or file at fault."""
 
 
-# (key path, value) a super-resolution config gets where it does not say otherwise; slimming, a default
-# method, needs BatchNorm, which ESPCN has none of
-SR_DEFAULTS = ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"), (("search", "objectives"), ["psnr"]),
-               (("methods",), {"l1": {}, "layer_entropy": {}, "random": {}}))
+# (key path, value) a config of the task gets where it does not say otherwise (the schema's defaults are the
+# classification ones); slimming, a default method, needs BatchNorm, which ESPCN has none of
+TASK_DEFAULTS = {
+    "super_resolution": ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"),
+                         (("search", "objectives"), ["psnr"]),
+                         (("methods",), {"l1": {}, "layer_entropy": {}, "random": {}})),
+}
 # a methods entry: a registered method name (lowercase, digits, _), optionally -<label>; "@" would break DVC's
 # foreach stage names (search@<entry>), "." and "=" the -S overrides (methods.<entry>.<param>=value)
 METHOD_ENTRY = re.compile(r"[a-z0-9_]+(-[A-Za-z0-9_-]+)?")
@@ -118,13 +123,6 @@ class SearchConfig(Section):
     def _consistent(self) -> "SearchConfig":
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
-        from pruneflow.task import TASKS
-
-        quality = {task.metric for task in TASKS.values()}  # each task's main metric: the first objective
-        if (self.objectives[0] not in quality or len(self.objectives) > 2
-                or any(name in quality for name in self.objectives[1:])):
-            raise ValueError(f"objectives must be [<metric>] or [<metric>, <cost>] with metric accuracy or psnr, "
-                             f"got {self.objectives}")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
             raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
         return self
@@ -158,8 +156,9 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     target: Literal["cpu", "jetson", "generic-gpu"] = Field(
-        "cpu", description="deployment profile: which formats are written, the opset, where latency is measured")
-    opset: int = Field(18, ge=13, description="ONNX opset; null: the target's (jetson 17, else 18)")
+        "cpu", description="deployment profile (pruneflow.profiles): which formats are written, the opset, where "
+                           "latency is measured")
+    opset: int = Field(18, ge=13, description="ONNX opset; null: the target profile's (jetson 17, else 18)")
     atol: float = Field(1e-4, ge=0, description="max |onnx - torch| (fp32 ONNX, TorchScript) on real inputs")
     fp16_rtol: float = Field(1e-2, ge=0, description="max |fp16 onnx - torch| as a share of the largest |output|")
     parity_batches: int = Field(2, ge=1)
@@ -172,9 +171,11 @@ class ExportConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _target_opset(cls, data: Any) -> Any:
-        """No opset given: the target's. TensorRT 8.5 (JetPack 5) reads opset 17 at most; 18 elsewhere."""
+        """No opset given: the target profile's (an unknown target fails on its own key)."""
         if isinstance(data, dict) and data.get("opset") is None:
-            return {**data, "opset": 17 if data.get("target") == "jetson" else 18}
+            target = data.get("target", "cpu")
+            known = isinstance(target, str) and target in PROFILES
+            return {**data, "opset": PROFILES[target if known else "cpu"].opset}
         return data
 
 
@@ -201,10 +202,12 @@ class PipelineConfig(Section):
         """``task: super_resolution`` alone makes a working config: the dataset, model, search objective and
         methods not given default to the task's (built-in skimage images, ESPCN, PSNR, methods that work without
         BatchNorm) instead of the digits ones."""
-        if not isinstance(data, dict) or data.get("task") != "super_resolution":
+        task = data.get("task") if isinstance(data, dict) else None
+        if not isinstance(task, str) or task not in TASK_DEFAULTS:
             return data
+        defaults = TASK_DEFAULTS[task]
         data = copy.deepcopy(data)
-        for (*sections, key), value in SR_DEFAULTS:
+        for (*sections, key), value in defaults:
             node = data
             for section in sections:
                 if node.get(section) is None:
@@ -213,39 +216,6 @@ class PipelineConfig(Section):
             if isinstance(node, dict):  # a section given as a model instance is taken as it is
                 node.setdefault(key, copy.deepcopy(value))
         return data
-
-    @model_validator(mode="after")
-    def _parts_fit_task(self) -> "PipelineConfig":
-        """Dataset, model, search objective and methods must all be of this task, or the run fails hours in."""
-        from pruneflow.data import DATASETS
-        from pruneflow.methods import METHODS, method_name
-        from pruneflow.models import accepts
-        from pruneflow.task import TASKS
-
-        task = TASKS[self.task]
-        dataset = DATASETS.get(self.data.dataset)
-        if dataset.task != self.task:
-            raise ValueError(f"data.dataset: {self.data.dataset} is a {dataset.task} dataset, not {self.task} (task)")
-        if self.search.objectives[0] != task.metric:
-            raise ValueError(f"search.objectives: task {self.task} optimises {task.metric}, got {self.search.objectives}")
-        wrong = [name for name in self.methods if self.task not in METHODS.get(method_name(name)).tasks]
-        if wrong:
-            raise ValueError(f"methods: {', '.join(wrong)} cannot prune {self.task} models")
-        needed = "upscale_factor" if self.task == "super_resolution" else "num_classes"
-        if not accepts(self.model.name, needed):
-            raise ValueError(f"model.name: {self.model.name} takes no {needed}, so it is not a {self.task} model")
-        return self
-
-    @model_validator(mode="after")
-    def _space_fits_methods(self) -> "PipelineConfig":
-        from pruneflow.methods import METHODS, method_name
-
-        if self.search.space != "global" and self.prune.ratio is None:
-            fixed = [name for name in self.methods if not METHODS.get(method_name(name)).accepts_layer_ratios]
-            if fixed:
-                raise ValueError(f"search.space {self.search.space}: {', '.join(fixed)} choose per-layer ratios "
-                                 "themselves; search them with space: global")
-        return self
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -263,38 +233,12 @@ class PipelineConfig(Section):
 
     @field_validator("methods")
     @classmethod
-    def _methods_known(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from pruneflow.methods import METHODS, method_name
-
+    def _method_entries(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not value:
             raise ValueError("at least one pruning method is required")
-        for name, params in value.items():
+        for name in value:
             if not METHOD_ENTRY.fullmatch(name):
                 raise ValueError(f"{name}: an entry is <method> or <method>-<label> (label: letters, digits, _ or -)")
-            try:
-                method = METHODS.get(method_name(name))  # raises with the list of known names
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}" if "-" in name else str(err)) from None
-            try:
-                method.Params.model_validate(params)
-            except ValidationError as err:
-                raise ValueError(f"{name}: {_describe(err)}") from None
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _model_known(cls, value: ModelConfig) -> ModelConfig:
-        from pruneflow.models import resolve_model
-
-        resolve_model(value.name)
-        return value
-
-    @field_validator("data")
-    @classmethod
-    def _dataset_known(cls, value: DataConfig) -> DataConfig:
-        from pruneflow.data import DATASETS
-
-        DATASETS.get(value.dataset).check_config(value)
         return value
 
     def fingerprint(self, *sections: str) -> str:
@@ -350,13 +294,21 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def validate(tree: dict[str, Any], source: str = "params") -> PipelineConfig:
+    """The schema's checks, then those of the names it holds against the registries (``pruneflow.registered``)."""
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+        raise ConfigError(f"{source}: {describe(err)}") from None
+    from pruneflow.registered import check_registered  # the registries import torch: the schema alone stays light
+
+    try:
+        check_registered(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return cfg
 
 
-def _describe(err: ValidationError) -> str:
+def describe(err: ValidationError) -> str:
     """One line per problem, each naming the dotted key: the form users can paste into ``-S``."""
     lines = []
     for problem in err.errors():

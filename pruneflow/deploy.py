@@ -1,10 +1,11 @@
 """Deployment targets: which files a device gets, writing and checking them, and which pruned model to ship.
 
-A target profile (``export.target``) lists the formats its runtime loads and the ONNX Runtime execution
-providers of its hardware (its opset is ``export.opset``'s default). Every file is checked before it counts:
-fp32 ONNX and TorchScript against PyTorch within ``export.atol``, fp16 within ``export.fp16_rtol`` of the output
-scale, int8 by its test-set metric (accuracy, or PSNR). Latency is measured where this machine can: int8 beside fp32 on the CPU,
-and on the target's GPU providers if this onnxruntime has them; otherwise the result says it was skipped.
+A target profile (``export.target``, ``pruneflow.profiles``) lists the formats its runtime loads, the ONNX opset
+it reads and the ONNX Runtime execution providers of its hardware. Each format is an entry of ``FORMATS``: its
+file, how it is written and how it is checked before it counts: fp32 ONNX and TorchScript against PyTorch within
+``export.atol``, fp16 within ``export.fp16_rtol`` of the output scale, int8 by its test-set metric (accuracy, or
+PSNR). Latency is measured where this machine can: int8 beside fp32 on the CPU, and on the target's GPU
+providers if this onnxruntime has them; otherwise the result says it was skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
+from tabulate import tabulate
 from torch import nn
 
 from pruneflow.checkpoint import ModelSpec
@@ -24,27 +26,99 @@ from pruneflow.config import PipelineConfig
 from pruneflow.data import DataSplits
 from pruneflow.export import (CPU, ProviderUnavailable, check_parity, export_onnx, export_torchscript, file_scores,
                               measure_latency)
+from pruneflow.profiles import PROFILES, TargetProfile
 from pruneflow.quantize import convert_fp16, quantize_int8
-from pruneflow.task import TASKS
+from pruneflow.registry import Registry
+from pruneflow.task import TASKS, Batches
 
-FILES = {"onnx": "model.onnx", "onnx_fp16": "model.fp16.onnx", "onnx_int8": "model.int8.onnx",
-         "torchscript": "model.torchscript.pt"}
-DESCRIPTIONS = {"onnx": "ONNX fp32", "onnx_fp16": "ONNX fp16 (float32 inputs/outputs)",
-                "onnx_int8": "ONNX int8 (QDQ)", "torchscript": "TorchScript (torch.jit.trace)"}
-GPU_METRIC_PREFIX = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+@dataclass
+class Export:
+    """What writing and checking a target's files reads: the model, its data and settings, the files written so far."""
+
+    model: nn.Module
+    spec: ModelSpec
+    splits: DataSplits
+    cfg: PipelineConfig
+    latency_inputs: dict[str, np.ndarray]  # real test batches keyed by metric-name suffix ('' and '_b<N>')
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def parity_batches(self) -> Batches:
+        return self.splits.loader("test", 64, max_batches=self.cfg.export.parity_batches)
 
 
 @dataclass(frozen=True)
-class TargetProfile:
-    formats: tuple[str, ...]
-    device_providers: tuple[str, ...] = ()  # the hardware's providers, tried in order; the CPU is always measured
+class ExportFormat:
+    """One kind of file a target can get: its name, how it is written and how it is checked before it counts."""
+
+    file: str  # the file's name in export/<target>/
+    description: str  # the report's format column
+    write: Callable[[Export, Path], Path]
+    check: Callable[[Export, Path], dict[str, float]]  # the check's figures; it raises when the file fails it
+    summary: Callable[[dict[str, float], PipelineConfig], str]  # the report's check column, from those figures
+    device_infix: str | None = None  # an ONNX file timed on the target's GPU providers: its latency metrics' infix
 
 
-PROFILES = {
-    "cpu": TargetProfile(("onnx", "onnx_int8")),
-    "jetson": TargetProfile(("onnx", "onnx_fp16", "torchscript"), ("TensorrtExecutionProvider", "CUDAExecutionProvider")),
-    "generic-gpu": TargetProfile(("onnx", "onnx_fp16"), ("CUDAExecutionProvider", "TensorrtExecutionProvider")),
-}
+FORMATS: Registry[ExportFormat] = Registry("export format")
+
+
+def _atol_check(metric: str) -> Callable[[Export, Path], dict[str, float]]:
+    """The check of an fp32 file: its outputs within ``export.atol`` of PyTorch's on real test images."""
+    return lambda job, path: {metric: check_parity(path, job.model, job.parity_batches(), job.cfg.export.atol)}
+
+
+def _atol_summary(metric: str) -> Callable[[dict[str, float], PipelineConfig], str]:
+    return lambda m, cfg: (f"max abs diff vs PyTorch {m.get(metric, float('nan')):.3g} "
+                           f"(export.atol {cfg.export.atol:g})")
+
+
+def _check_fp16(job: Export, path: Path) -> dict[str, float]:
+    return {"fp16_max_abs_diff": check_parity(path, job.model, job.parity_batches(), rtol=job.cfg.export.fp16_rtol,
+                                              key="export.fp16_rtol")}
+
+
+def _write_int8(job: Export, path: Path) -> Path:
+    calibration = job.splits.loader("train", job.cfg.data.batch_size, max_batches=job.cfg.export.calib_batches)
+    return quantize_int8(job.files["onnx"], path, job.cfg.export.int8_mode, calibration)
+
+
+def _check_int8(job: Export, path: Path) -> dict[str, float]:
+    """The task's main metric on the test set (int8_accuracy / int8_psnr) and its drop against the fp32 ONNX file,
+    then int8's latency and speed-up over fp32 at each latency batch."""
+    evaluate, metric = job.cfg.evaluate, TASKS[job.cfg.task].metric
+    test = job.splits.loader("test", 256)
+    int8 = file_scores(path, test, evaluate.threads)[metric]
+    fp32 = file_scores(job.files["onnx"], test, evaluate.threads)[metric]
+    figures = {f"int8_{metric}": int8, f"int8_{metric}_drop": fp32 - int8}
+    for suffix, inputs in job.latency_inputs.items():
+        timing = measure_latency({"fp32": job.files["onnx"], "int8": path}, inputs, evaluate.latency_warmup,
+                                 evaluate.latency_repeats, evaluate.threads)
+        figures[f"int8_latency_ms{suffix}"] = timing["int8"].median_ms
+        figures[f"int8_speedup{suffix}"] = timing["fp32"].median_ms / timing["int8"].median_ms
+    return figures
+
+
+def _int8_summary(m: dict[str, float], cfg: PipelineConfig) -> str:
+    task = TASKS[cfg.task]
+    return (f"{cfg.export.int8_mode}; test {task.metric} {m.get(f'int8_{task.metric}', float('nan')):.2f} {task.unit} "
+            f"({m.get(f'int8_{task.metric}_drop', float('nan')):+.2f} vs fp32 ONNX)")
+
+
+FORMATS.register("onnx")(ExportFormat(
+    "model.onnx", "ONNX fp32",
+    lambda job, path: export_onnx(job.model, job.spec.example_inputs(), path, job.cfg.export.opset),
+    _atol_check("onnx_max_abs_diff"), _atol_summary("onnx_max_abs_diff"), device_infix=""))
+FORMATS.register("onnx_fp16")(ExportFormat(
+    "model.fp16.onnx", "ONNX fp16 (float32 inputs/outputs)",
+    lambda job, path: convert_fp16(job.files["onnx"], path), _check_fp16,
+    lambda m, cfg: (f"max abs diff vs PyTorch {m.get('fp16_max_abs_diff', float('nan')):.3g} "
+                    f"(export.fp16_rtol {cfg.export.fp16_rtol:g} of the output scale)"),
+    device_infix="fp16_"))
+FORMATS.register("torchscript")(ExportFormat(
+    "model.torchscript.pt", "TorchScript (torch.jit.trace)",
+    lambda job, path: export_torchscript(job.model, job.spec.example_inputs(), path),
+    _atol_check("torchscript_max_abs_diff"), _atol_summary("torchscript_max_abs_diff")))
+FORMATS.register("onnx_int8")(ExportFormat(
+    "model.int8.onnx", "ONNX int8 (QDQ)", _write_int8, _check_int8, _int8_summary))
 
 
 @dataclass
@@ -69,68 +143,45 @@ def export_target(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg: Pi
     """
     shutil.rmtree(folder, ignore_errors=True)
     try:
-        return _write_and_check(model, spec, splits, cfg, folder, latency_inputs, log)
+        return _write_and_check(Export(model, spec, splits, cfg, latency_inputs), folder, log)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
 
 
-def _write_and_check(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg: PipelineConfig, folder: Path,
-                     latency_inputs: dict[str, np.ndarray], log: Callable[[str], None]) -> Deployment:
-    export, evaluate = cfg.export, cfg.evaluate
-    profile = PROFILES[export.target]
-    deployment = Deployment(export.target)
-    files: dict[str, Path] = {}
-
-    def parity():
-        return splits.loader("test", 64, max_batches=export.parity_batches)
-
-    files["onnx"] = export_onnx(model, spec.example_inputs(), folder / FILES["onnx"], export.opset)
-    deployment.metrics["onnx_max_abs_diff"] = check_parity(files["onnx"], model, parity(), export.atol)
-    if "onnx_fp16" in profile.formats:
-        files["onnx_fp16"] = convert_fp16(files["onnx"], folder / FILES["onnx_fp16"])
-        deployment.metrics["fp16_max_abs_diff"] = check_parity(files["onnx_fp16"], model, parity(),
-                                                               rtol=export.fp16_rtol, key="export.fp16_rtol")
-    if "torchscript" in profile.formats:
-        files["torchscript"] = export_torchscript(model, spec.example_inputs(), folder / FILES["torchscript"])
-        deployment.metrics["torchscript_max_abs_diff"] = check_parity(files["torchscript"], model, parity(), export.atol)
-    if "onnx_int8" in profile.formats:
-        calibration = splits.loader("train", cfg.data.batch_size, max_batches=export.calib_batches)
-        files["onnx_int8"] = quantize_int8(files["onnx"], folder / FILES["onnx_int8"], export.int8_mode, calibration)
-        test = splits.loader("test", 256)
-        metric = TASKS[cfg.task].metric  # int8_accuracy[_drop] / int8_psnr[_drop], the drop vs fp32 ONNX
-        int8 = file_scores(files["onnx_int8"], test, evaluate.threads)[metric]
-        deployment.metrics.update({f"int8_{metric}": int8, f"int8_{metric}_drop":
-                                   file_scores(files["onnx"], test, evaluate.threads)[metric] - int8})
-        for suffix, inputs in latency_inputs.items():
-            timing = measure_latency({"fp32": files["onnx"], "int8": files["onnx_int8"]}, inputs,
-                                     evaluate.latency_warmup, evaluate.latency_repeats, evaluate.threads)
-            deployment.metrics[f"int8_latency_ms{suffix}"] = timing["int8"].median_ms
-            deployment.metrics[f"int8_speedup{suffix}"] = timing["fp32"].median_ms / timing["int8"].median_ms
-    deployment.device_latency = _measure_on_device(profile, files, latency_inputs, cfg, deployment.metrics)
-    deployment.files = {fmt: str(path) for fmt, path in files.items()}
-    log(f"export ({export.target}): {', '.join(path.name for path in files.values())} checked; "
+def _write_and_check(job: Export, folder: Path, log: Callable[[str], None]) -> Deployment:
+    """Each format of the profile in its order ("onnx" first: the others are made from it), written then checked."""
+    target = job.cfg.export.target
+    profile = PROFILES[target]
+    deployment = Deployment(target)
+    for name in profile.formats:
+        export_format = FORMATS.get(name)
+        job.files[name] = export_format.write(job, folder / export_format.file)
+        deployment.metrics.update(export_format.check(job, job.files[name]))
+    deployment.device_latency = _measure_on_device(profile, job, deployment.metrics)
+    deployment.files = {name: str(path) for name, path in job.files.items()}
+    log(f"export ({target}): {', '.join(path.name for path in job.files.values())} checked; "
         f"device latency: {deployment.device_latency}")
     return deployment
 
 
-def _measure_on_device(profile: TargetProfile, files: dict[str, Path], latency_inputs: dict[str, np.ndarray],
-                       cfg: PipelineConfig, metrics: dict[str, float]) -> str:
-    """Time the fp32/fp16 ONNX files on each of the target's providers this machine has; say what happened."""
+def _measure_on_device(profile: TargetProfile, job: Export, metrics: dict[str, float]) -> str:
+    """Time the target's ONNX files on each of its providers this machine has; say what happened.
+
+    The metrics are named by the provider (``cuda_``, ``tensorrt_``) and the format's infix (``fp16_``)."""
     if not profile.device_providers:
-        return f"not applicable: the {cfg.export.target} target is timed on {CPU}"
-    evaluate = cfg.evaluate
-    onnx_files = {fmt: files[fmt] for fmt in ("onnx", "onnx_fp16") if fmt in files}
+        return f"not applicable: the {job.cfg.export.target} target is timed on {CPU}"
+    evaluate = job.cfg.evaluate
+    onnx_files = {name: path for name, path in job.files.items() if FORMATS.get(name).device_infix is not None}
     measured, missing = [], []
     for provider in profile.device_providers:
-        prefix = GPU_METRIC_PREFIX[provider]
+        prefix = provider.removesuffix("ExecutionProvider").lower()
         try:
-            for suffix, inputs in latency_inputs.items():
+            for suffix, inputs in job.latency_inputs.items():
                 timing = measure_latency(onnx_files, inputs, evaluate.latency_warmup, evaluate.latency_repeats,
                                          evaluate.threads, provider)
-                for fmt, latency in timing.items():
-                    precision = "fp16_" if fmt == "onnx_fp16" else ""
-                    metrics[f"{prefix}_{precision}latency_ms{suffix}"] = latency.median_ms
+                for name, latency in timing.items():
+                    metrics[f"{prefix}_{FORMATS.get(name).device_infix}latency_ms{suffix}"] = latency.median_ms
         except ProviderUnavailable as err:
             missing.append(str(err))
             continue
@@ -142,25 +193,17 @@ def _measure_on_device(profile: TargetProfile, files: dict[str, Path], latency_i
 
 def report(deployment: Deployment, cfg: PipelineConfig) -> str:
     """export/<target>/report.md: each file, how it was checked, and where its latency was (or was not) measured."""
-    m, task = deployment.metrics, TASKS[cfg.task]
-    checks = {
-        "onnx": f"max abs diff vs PyTorch {m.get('onnx_max_abs_diff', float('nan')):.3g} (export.atol {cfg.export.atol:g})",
-        "onnx_fp16": f"max abs diff vs PyTorch {m.get('fp16_max_abs_diff', float('nan')):.3g} "
-                     f"(export.fp16_rtol {cfg.export.fp16_rtol:g} of the output scale)",
-        "torchscript": f"max abs diff vs PyTorch {m.get('torchscript_max_abs_diff', float('nan')):.3g} "
-                       f"(export.atol {cfg.export.atol:g})",
-        "onnx_int8": f"{cfg.export.int8_mode}; test {task.metric} {m.get(f'int8_{task.metric}', float('nan')):.2f} "
-                     f"{task.unit} ({m.get(f'int8_{task.metric}_drop', float('nan')):+.2f} vs fp32 ONNX)",
-    }
+    m = deployment.metrics
     lines = [f"# Export for target `{deployment.target}` (opset {cfg.export.opset})", "",
-             "| file | format | check |", "|---|---|---|"]
-    lines += [f"| {Path(path).name} | {DESCRIPTIONS[fmt]} | {checks[fmt]} |" for fmt, path in deployment.files.items()]
+             tabulate([[Path(path).name, FORMATS.get(name).description, FORMATS.get(name).summary(m, cfg)]
+                       for name, path in deployment.files.items()],
+                      ["file", "format", "check"], tablefmt="github", disable_numparse=True)]
     timings = {key: value for key, value in m.items() if "latency_ms" in key or "speedup" in key}
     if timings:
         lines += ["", f"Latency: ONNX Runtime, {cfg.evaluate.threads} threads, median of {cfg.evaluate.latency_repeats} "
                       "interleaved runs on real test images (int8_speedup: fp32 ONNX ÷ int8, same pruned model).", "",
-                  "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4g} |" for key, value in timings.items()]
+                  tabulate([[key, f"{value:.4g}"] for key, value in timings.items()], ["metric", "value"],
+                           tablefmt="github", disable_numparse=True)]
     lines += ["", f"Device latency: {deployment.device_latency}."]
     return "\n".join(lines) + "\n"
 

@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -21,12 +21,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from pruneflow.task import mean_scores
+from pruneflow.task import Batches, mean_scores
 
 CPU = "CPUExecutionProvider"
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter cannot write older opsets (it silently keeps 18)
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Predict = Callable[[np.ndarray], np.ndarray]
 
 

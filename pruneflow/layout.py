@@ -1,4 +1,6 @@
-"""Where a project keeps things. Every stage derives its paths here, so the flow, the CLI and dvc.yaml agree.
+"""Where a project keeps things. Every stage derives its paths here, so the flow, the CLI and dvc.yaml agree:
+``ProjectLayout`` names a project's folders, ``ProjectRun`` and ``MethodRun`` every file a pipeline run reads or
+writes (the stages take them as their one argument besides ``log``).
 
     <project>/data/<dataset>/            prepared data, versioned by DVC (data/<dataset>.dvc)
     <project>/runs/baselines/<key>/      trained baselines, keyed by data md5 + model + training params
@@ -13,12 +15,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, Callable, ContextManager
 
 from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
-
-BASELINE_FILES = ("model.pt", "model.onnx", "metrics.json")
+from pruneflow.versioning import DataVersion
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,136 @@ class ProjectLayout:
         """Held while a baseline is checked for and trained, so processes starting at once train it once."""
         return file_lock(self.runs_dir / "locks" / f"baseline-{key}.lock")
 
-    @staticmethod
-    def method_dir(run_dir: Path, method: str) -> Path:
-        return run_dir / method
+    def dvc_run(self) -> ProjectRun:
+        """The run ``pruneflow stage`` (and so ``dvc repro``) makes: fixed paths under runs/dvc/, as DVC needs."""
+        return ProjectRun(self, DataVersion(self.dataset_dir), self.dvc_run_dir / "baseline", self.dvc_run_dir)
 
-    @staticmethod
-    def export_dir(method_dir: Path, target: str) -> Path:
+
+@dataclass(frozen=True)
+class ProjectRun:
+    """One pipeline run of a project: its versioned data, its baseline's folder and the run's own folder
+    (``runs/<MLflow parent run id>``, or ``runs/dvc``). Names the baseline's files and the run's comparison."""
+
+    layout: ProjectLayout
+    data: DataVersion
+    baseline_dir: Path
+    run_dir: Path
+
+    @property
+    def cfg(self) -> PipelineConfig:
+        return self.layout.cfg
+
+    @property
+    def data_dir(self) -> Path:
+        return self.data.path
+
+    @property
+    def baseline_model(self) -> Path:
+        return self.baseline_dir / "model.pt"
+
+    @property
+    def baseline_onnx(self) -> Path:
+        return self.baseline_dir / "model.onnx"
+
+    @property
+    def baseline_metrics(self) -> Path:
+        """Written last by the baseline stage: its presence marks a complete baseline."""
+        return self.baseline_dir / "metrics.json"
+
+    def baseline_records(self, method: str) -> Path:
+        """What a method's recorder kept during baseline training (``PruningMethod.recorder``)."""
+        return self.baseline_dir / "records" / f"{method}.pt"
+
+    @property
+    def compare_md(self) -> Path:
+        return self.run_dir / "compare.md"
+
+    def method(self, name: str, trial_callbacks: tuple[Callable, ...] = ()) -> MethodRun:
+        return MethodRun(self.layout, self.data, self.baseline_dir, self.run_dir, name, trial_callbacks)
+
+
+@dataclass(frozen=True)
+class MethodRun(ProjectRun):
+    """One method's stages in a pipeline run: everything they read and write, under ``<run dir>/<method>/``.
+
+    ``trial_callbacks`` are told of every finished search trial (the flow logs each to MLflow); they must
+    pickle, since search worker processes receive them.
+    """
+
+    method: str
+    trial_callbacks: tuple[Callable, ...] = ()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The method's entry in params' ``methods``."""
+        return self.cfg.methods[self.method]
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.method
+
+    @property
+    def records(self) -> Path:
+        return self.baseline_records(self.method)
+
+    @property
+    def search_json(self) -> Path:
+        """The plan the search stage chose (``search.SearchOutcome``)."""
+        return self.dir / "search.json"
+
+    @property
+    def trials_md(self) -> Path:
+        """The study's top trials; written only when a search ran, as is ``search_png``."""
+        return self.dir / "trials.md"
+
+    @property
+    def search_png(self) -> Path:
+        return self.dir / "search.png"
+
+    @property
+    def pruned(self) -> Path:
+        return self.dir / "pruned.pt"
+
+    @property
+    def history_json(self) -> Path:
+        """Torch-Pruning's history and the removed blocks: what rebuilds the pruned net from the baseline."""
+        return self.dir / "history.json"
+
+    @property
+    def layers_json(self) -> Path:
+        """The prune stage's summary: the plan it followed, the cost before and after, layer by layer."""
+        return self.dir / "layers.json"
+
+    @property
+    def retrained(self) -> Path:
+        return self.dir / "retrained.pt"
+
+    @property
+    def metrics_json(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.dir / "report.md"
+
+    @property
+    def latency_dir(self) -> Path:
+        return self.dir / "latency"
+
+    @property
+    def latency_onnx(self) -> Path:
+        """The retrained net as ONNX, timed against the baseline's."""
+        return self.latency_dir / "model.onnx"
+
+    @property
+    def export_dir(self) -> Path:
         """One folder per export target, so re-exporting a run for another device keeps the first files."""
-        return method_dir / "export" / target
+        return self.dir / "export" / self.cfg.export.target
+
+    @property
+    def export_report(self) -> Path:
+        return self.export_dir / "report.md"
+
+    @property
+    def export_json(self) -> Path:
+        return self.export_dir / "export.json"

@@ -26,42 +26,33 @@ class LayerChange:
 
 def count_macs_params(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
     """MACs and parameters, both counted by Torch-Pruning so every row of a table uses one tool."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    model.train(was_training)
-    return int(macs), int(params)
+    macs, params, _ = _torch_pruning_counts(model, example_inputs)
+    return macs, params
+
+
+def layer_macs(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, int]:
+    """The MACs of every leaf module for one input, by name, as Torch-Pruning counts them (``layer_wise``): they
+    add up to ``count_macs_params``' total, normalisation layers and activations included."""
+    _, _, per_module = _torch_pruning_counts(model, example_inputs[:1])
+    return {name: int(per_module.get(module) or 0) for name, module in model.named_modules()
+            if next(module.children(), None) is None}
 
 
 def layer_stats(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tuple[int, int]]:
-    """Output channels and MACs of every conv/linear layer, for the per-layer pruning report."""
-    stats: dict[str, tuple[int, int]] = {}
-    hooks = []
+    """Output channels and MACs of every conv/linear layer for one input, counted as ``layer_macs`` counts them,
+    for the per-layer pruning report."""
+    _, _, per_module = _torch_pruning_counts(model, example_inputs[:1])
+    return {name: (module.weight.shape[0], int(per_module.get(module) or 0))
+            for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
 
-    def record(name: str):
-        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            per_sample = output.numel() // output.shape[0]
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-                stats[name] = (module.out_channels, per_sample * fan_in)
-            else:
-                stats[name] = (module.out_features, per_sample * module.in_features)
-        return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE):
-            hooks.append(module.register_forward_hook(record(name)))
+def _torch_pruning_counts(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int, dict[nn.Module, float]]:
     was_training = model.training
     model.eval()
-    try:
-        with torch.no_grad():
-            model(example_inputs[:1])
-    finally:
-        for handle in hooks:
-            handle.remove()
-        model.train(was_training)
-    return stats
+    with torch.no_grad():
+        macs, params, per_module, _ = tp.utils.count_ops_and_params(model, example_inputs, layer_wise=True)
+    model.train(was_training)
+    return int(macs), int(params), per_module
 
 
 def layer_changes(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[LayerChange]:

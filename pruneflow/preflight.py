@@ -25,8 +25,9 @@ from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
 from pruneflow.export import export_onnx
 from pruneflow.layout import ProjectLayout
-from pruneflow.methods import PruneTarget, create_method
+from pruneflow.methods import create_method
 from pruneflow.models import MODELS
+from pruneflow.plan import PrunePlan
 
 CHECK_METHOD = "l1"  # every method prunes through the same dependency graph; l1 needs no data or training
 _checked: set[str] = set()  # models that passed, so the flow does not redo the CLI's check in the same process
@@ -109,12 +110,12 @@ def _run(spec: ModelSpec, model: nn.Module, example: torch.Tensor) -> None:
 def _prune_and_export(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example: torch.Tensor) -> None:
     """Prune a copy as far as the run may (``prune.ratio``, else ``search.ratio_high``), run it, export it to ONNX."""
     pruned = copy.deepcopy(model)
-    target = PruneTarget(ratio=cfg.prune.ratio if cfg.prune.ratio is not None else cfg.search.ratio_high,
-                         round_to=cfg.prune.round_to, max_layer_ratio=cfg.prune.max_layer_ratio)
+    ratio = cfg.prune.ratio if cfg.prune.ratio is not None else cfg.search.ratio_high
+    plan = PrunePlan.from_config(cfg.prune, ratio=ratio)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped parameters; the error says more
-            create_method(CHECK_METHOD).prune(pruned, example, target)
+            create_method(CHECK_METHOD).prune(pruned, example, plan)
             with torch.no_grad():
                 pruned.eval()(example)
     except Exception as err:  # Torch-Pruning fails on unknown layers with any error (IndexError, RuntimeError...)

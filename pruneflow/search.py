@@ -20,15 +20,18 @@ import socket
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import optuna
 import sqlalchemy.exc
+from tabulate import tabulate
 
+from pruneflow.bisection import bisect
 from pruneflow.concurrency import owner_alive, store_lock
 from pruneflow.config import SearchConfig
+from pruneflow.plan import PlanOrigin, PrunePlan
 
 COST_METRICS = ("macs_reduction", "params_reduction", "latency_ms")
 LOWER_IS_BETTER = {"latency_ms"}
@@ -38,12 +41,34 @@ class SearchError(RuntimeError):
     pass
 
 
-@dataclass
-class TrialPlan:
-    """What one trial prunes: a global ratio, overridden per layer group when the space is finer."""
+@dataclass(frozen=True)
+class SearchSpace:
+    """Optuna parameter name -> the layer groups it sets (none for the one global ``ratio``), and the plan a
+    trial's ratios are written into (it carries the project's rounding and per-layer cap)."""
 
-    ratio: float
-    layer_ratios: dict[str, float] = field(default_factory=dict)
+    params: dict[str, list[str]]
+    base: PrunePlan = field(default_factory=PrunePlan)
+
+    @classmethod
+    def of(cls, kind: str, stages: dict[str, list[str]], layers: list[str], base: PrunePlan) -> SearchSpace:
+        """``global``: the single parameter ``ratio``; ``per_stage``: one per stage; ``per_layer``: one per group."""
+        if kind == "global":
+            return cls({"ratio": []}, base)
+        if kind == "per_stage":
+            return cls({f"ratio.{stage}": members for stage, members in stages.items()}, base)
+        return cls({f"ratio.{layer}": [layer] for layer in layers}, base)
+
+    @property
+    def is_global(self) -> bool:
+        return list(self.params) == ["ratio"]
+
+    def plan(self, ratios: dict[str, float]) -> PrunePlan:
+        """The plan for these parameter values. In a finer space every group has its own ratio, so the global
+        ``ratio`` (what groups without one lose) is 0."""
+        if self.is_global:
+            return replace(self.base, ratio=ratios["ratio"])
+        return replace(self.base, ratio=0.0,
+                       layer_ratios={layer: ratios[name] for name, layers in self.params.items() for layer in layers})
 
 
 @dataclass
@@ -55,31 +80,21 @@ class TrialMeasure:
 
 # measure(plan) -> costs of the pruned (not yet fine-tuned) model; score(plan, report) -> TrialMeasure.
 # report(epoch, metric) may raise optuna.TrialPruned.
-Measure = Callable[[TrialPlan], dict[str, float]]
-Score = Callable[[TrialPlan, Callable[[int, float], None]], TrialMeasure]
+Measure = Callable[[PrunePlan], dict[str, float]]
+Score = Callable[[PrunePlan, Callable[[int, float], None]], TrialMeasure]
 TrialCallback = Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
 
 _STORAGE_LOCK = threading.Lock()  # concurrent first use of one sqlite file would race on CREATE TABLE
 
 
-def space_params(space: str, stages: dict[str, list[str]], layers: list[str]) -> dict[str, list[str]]:
-    """Optuna parameter name -> the layer groups it sets. ``global`` is the single parameter ``ratio``."""
-    if space == "global":
-        return {"ratio": []}
-    if space == "per_stage":
-        return {f"ratio.{stage}": members for stage, members in stages.items()}
-    return {f"ratio.{layer}": [layer] for layer in layers}
-
-
-def suggest(trial: optuna.Trial, params: dict[str, list[str]], cfg: SearchConfig,
-            measure: Measure | None = None) -> TrialPlan:
+def suggest(trial: optuna.Trial, space: SearchSpace, cfg: SearchConfig, measure: Measure | None = None) -> PrunePlan:
     """The trial's plan: its sampled ratios, fitted to the target when ``fits_target`` (the fitted ratios are
     kept as the trial's ``fitted_ratios`` attribute: they, not the sampled ones, are what the trial pruned)."""
-    ratios = {name: trial.suggest_float(name, cfg.ratio_low, cfg.ratio_high) for name in params}
-    if measure is not None and fits_target(cfg, params):
-        ratios = fit_to_target(ratios, params, cfg, measure)
+    ratios = {name: trial.suggest_float(name, cfg.ratio_low, cfg.ratio_high) for name in space.params}
+    if measure is not None and fits_target(cfg, space):
+        ratios = fit_to_target(ratios, space, cfg, measure)
         trial.set_user_attr("fitted_ratios", ratios)
-    return plan_from(ratios, params)
+    return space.plan(ratios)
 
 
 def trial_ratios(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
@@ -87,11 +102,11 @@ def trial_ratios(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
     return trial.user_attrs.get("fitted_ratios") or trial.params
 
 
-def fits_target(cfg: SearchConfig, params: dict[str, list[str]]) -> bool:
-    return cfg.fit_target and list(params) != ["ratio"] and cfg.target.metric not in LOWER_IS_BETTER
+def fits_target(cfg: SearchConfig, space: SearchSpace) -> bool:
+    return cfg.fit_target and not space.is_global and cfg.target.metric not in LOWER_IS_BETTER
 
 
-def fit_to_target(ratios: dict[str, float], params: dict[str, list[str]], cfg: SearchConfig, measure: Measure,
+def fit_to_target(ratios: dict[str, float], space: SearchSpace, cfg: SearchConfig, measure: Measure,
                   steps: int = 10) -> dict[str, float]:
     """Scale all ratios by the smallest factor (bisected) whose pruned model meets the reduction target.
 
@@ -104,22 +119,13 @@ def fit_to_target(ratios: dict[str, float], params: dict[str, list[str]], cfg: S
         return {name: min(cfg.ratio_high, ratio * factor) for name, ratio in ratios.items()}
 
     def meets(factor: float) -> bool:
-        return target_gap(cfg, measure(plan_from(scaled(factor), params))) <= 0
+        return target_gap(cfg, measure(space.plan(scaled(factor)))) <= 0
 
-    low, high = 0.0, cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``high`` every ratio is ratio_high
-    if not meets(high):
-        return scaled(high)
-    for _ in range(steps):
-        middle = (low + high) / 2
-        low, high = (low, middle) if meets(middle) else (middle, high)
-    return scaled(high)
-
-
-def plan_from(ratios: dict[str, float], params: dict[str, list[str]]) -> TrialPlan:
-    if list(params) == ["ratio"]:
-        return TrialPlan(ratios["ratio"])
-    layer_ratios = {layer: ratios[name] for name, layers in params.items() for layer in layers}
-    return TrialPlan(sum(ratios.values()) / len(ratios), layer_ratios)
+    top = cfg.ratio_high / max(min(ratios.values()), 1e-6)  # at ``top`` every ratio is ratio_high
+    if not meets(top):
+        return scaled(top)
+    _, smallest = bisect(lambda factor: 1 if meets(factor) else -1, 0.0, top, steps)
+    return scaled(smallest)
 
 
 def target_gap(cfg: SearchConfig, costs: dict[str, float]) -> float:
@@ -198,7 +204,7 @@ def fail_stale(study: optuna.Study) -> None:
             retry(study, study.get_trials(deepcopy=False)[trial.number])
 
 
-def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Measure, probes: int = 5) -> None:
+def check_reachable(cfg: SearchConfig, space: SearchSpace, measure: Measure, probes: int = 5) -> None:
     """Fail before any fine-tuning if no ratio in the bounds meets the target.
 
     ``ratio_high`` is tried first, then evenly spaced ratios below it: methods with one global threshold
@@ -207,7 +213,7 @@ def check_reachable(cfg: SearchConfig, params: dict[str, list[str]], measure: Me
     ratios = [cfg.ratio_high] + [cfg.ratio_low + (cfg.ratio_high - cfg.ratio_low) * i / probes for i in range(probes)]
     best = None
     for ratio in ratios:
-        costs = measure(plan_from({name: ratio for name in params}, params))
+        costs = measure(space.plan({name: ratio for name in space.params}))
         if target_gap(cfg, costs) <= 0:
             return
         best = costs if best is None or target_gap(cfg, costs) < target_gap(cfg, best) else best
@@ -223,13 +229,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_trials(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]], score: Score, n_trials: int,
+def run_trials(study: optuna.Study, cfg: SearchConfig, space: SearchSpace, score: Score, n_trials: int,
                callbacks: list[TrialCallback] = (), measure: Measure | None = None) -> None:
     """Add ``n_trials`` trials to the study; ``measure`` (prune-only costs) lets trials be fitted to the target."""
 
     def objective(trial: optuna.Trial):
         trial.set_user_attr("worker", worker_id())  # which process (and machine) ran it, in a shared study
-        plan = suggest(trial, params, cfg, measure)
+        plan = suggest(trial, space, cfg, measure)
         epochs = [0]
 
         def report(epoch: int, value: float) -> None:
@@ -255,20 +261,35 @@ def run_trials(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[st
 
 @dataclass
 class SearchOutcome:
-    study_name: str
-    trial_number: int
-    ratio: float
-    layer_ratios: dict[str, float]
-    metric: float  # the chosen trial's validation metric (objectives[0])
-    costs: dict[str, float]
-    completed_trials: int
-    pruned_trials: int
-    failed_trials: int
-    pareto_trials: list[int]
-    finetune_epochs_saved: float  # share of planned fine-tune epochs the trial pruner skipped
+    """What the search stage decided (``search.json``): the plan, and how the study went when one chose it."""
+
+    plan: PrunePlan
+    metric: float | None = None  # the chosen trial's validation metric (objectives[0])
+    costs: dict[str, float] = field(default_factory=dict)
+    completed_trials: int = 0
+    pruned_trials: int = 0
+    failed_trials: int = 0
+    pareto_trials: list[int] = field(default_factory=list)
+    finetune_epochs_saved: float = 0.0  # share of planned fine-tune epochs the trial pruner skipped
+
+    @property
+    def searched(self) -> bool:
+        return self.plan.origin.kind == "search"
+
+    @property
+    def study_name(self) -> str | None:
+        return self.plan.origin.study
+
+    @property
+    def trial_number(self) -> int | None:
+        return self.plan.origin.trial
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SearchOutcome:
+        return cls(**{**data, "plan": PrunePlan.from_dict(data["plan"])})
 
 
 def metric_of(trial: optuna.trial.FrozenTrial) -> float:
@@ -310,9 +331,8 @@ def knee(front: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> optuna.tri
     return max(points, key=lambda p: abs((y1 - y0) * p[0] - (x1 - x0) * p[1] + x1 * y0 - y1 * x0) / length)[2]
 
 
-def select(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]],
-           baseline_metric: float) -> SearchOutcome:
-    """Apply the selection policy to the study's feasible trials."""
+def select(study: optuna.Study, cfg: SearchConfig, space: SearchSpace, baseline_metric: float) -> SearchOutcome:
+    """Apply the selection policy to the study's feasible trials; the chosen trial's plan names it as its origin."""
     feasible = feasible_trials(study, cfg)
     if not feasible:
         reached = [t.user_attrs[cfg.target.metric] for t in study.trials if cfg.target.metric in t.user_attrs]
@@ -332,10 +352,11 @@ def select(study: optuna.Study, cfg: SearchConfig, params: dict[str, list[str]],
     else:
         chosen = knee(front, cfg)
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    ratios = {name: trial_ratios(chosen)[name] for name in params}
-    plan = plan_from(ratios, params)
+    origin = PlanOrigin("search", study.study_name, chosen.number,
+                        f"trial {chosen.number} of study {study.study_name}, {cfg.selection}")
+    plan = replace(space.plan({name: trial_ratios(chosen)[name] for name in space.params}), origin=origin)
     return SearchOutcome(
-        study.study_name, chosen.number, plan.ratio, plan.layer_ratios, metric_of(chosen),
+        plan, metric_of(chosen),
         {name: chosen.user_attrs[name] for name in COST_METRICS if name in chosen.user_attrs},
         states.count(optuna.trial.TrialState.COMPLETE), states.count(optuna.trial.TrialState.PRUNED),
         states.count(optuna.trial.TrialState.FAIL), sorted(t.number for t in front), epochs_saved(study, cfg),
@@ -356,45 +377,51 @@ def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int, lim
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     done.sort(key=lambda t: (target_gap(cfg, t.user_attrs) <= 0, metric_of(t)), reverse=True)
     costs = [c for c in COST_METRICS if any(c in t.user_attrs for t in done)]
-    lines = [f"| trial | {cfg.objectives[0]} | {' | '.join(costs)} | meets target | ratios |",
-             "|" + "---|" * (len(costs) + 4)]
-    for t in done[:limit]:
-        mark = " (chosen)" if t.number == chosen else ""
-        cells = " | ".join(f"{t.user_attrs[c]:.3f}" if c in t.user_attrs else "" for c in costs)
-        ratios = ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial_ratios(t).items())
-        lines.append(f"| {t.number}{mark} | {metric_of(t):.2f} | {cells} | {target_gap(cfg, t.user_attrs) <= 0} | {ratios} |")
-    return "\n".join(lines) + "\n"
+    rows = [[f"{t.number}{' (chosen)' if t.number == chosen else ''}", f"{metric_of(t):.2f}",
+             *(f"{t.user_attrs[c]:.3f}" if c in t.user_attrs else "" for c in costs),
+             str(target_gap(cfg, t.user_attrs) <= 0),
+             ", ".join(f"{k.removeprefix('ratio.')}={v:.2f}" for k, v in trial_ratios(t).items())]
+            for t in done[:limit]]
+    headers = ["trial", cfg.objectives[0], *costs, "meets target", "ratios"]
+    return tabulate(rows, headers, tablefmt="github", disable_numparse=True) + "\n"
 
 
 def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) -> Path:
-    """Optimisation history and the metric vs the target metric (Pareto front joined), as one PNG."""
+    """One PNG: Optuna's optimisation history (trials that miss the target in grey) beside the metric vs the
+    target metric, with the Pareto front of the trials that meet it; the chosen trial starred in both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_optimization_history
 
-    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    feasible = feasible_trials(study, cfg)
-    figure, (history, tradeoff) = plt.subplots(1, 2, figsize=(11, 4))
-    for group, style, label in ((done, "o", "completed"), (feasible, "s", "meets target")):
-        history.plot([t.number for t in group], [metric_of(t) for t in group], style, mfc="none", label=label)
-        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [metric_of(t) for t in group], style,
-                      mfc="none", label=label)
-    front = sorted(pareto_front(feasible, cfg), key=lambda t: t.user_attrs[cfg.target.metric]) if feasible else []
-    tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [metric_of(t) for t in front], "-",
-                  label="Pareto front")
-    for t in done:
-        if t.number == chosen:
-            history.plot([t.number], [metric_of(t)], "r*", ms=14, label="chosen")
-            tradeoff.plot([t.user_attrs[cfg.target.metric]], [metric_of(t)], "r*", ms=14, label="chosen")
-    tradeoff.axvline(cfg.target.value, color="grey", ls="--", label="target")
     label = f"validation {cfg.objectives[0]}"
-    history.set(xlabel="trial", ylabel=label, title="optimisation history")
-    tradeoff.set(xlabel=cfg.target.metric, ylabel=label, title=f"{cfg.objectives[0]} vs target metric")
-    history.legend(fontsize=8)
-    tradeoff.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
+    with matplotlib.rc_context(), warnings.catch_warnings():  # Optuna's plot sets a style: keep it to this figure
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        history = plot_optimization_history(study, target=metric_of if cfg.multi_objective else None,
+                                            target_name=label)
+        figure = history.figure
+        figure.set_size_inches(11, 4)
+        grid = figure.add_gridspec(1, 2)
+        history.set_subplotspec(grid[0])
+        tradeoff = figure.add_subplot(grid[1])
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        feasible = feasible_trials(study, cfg)
+        for group, style, name in ((done, "o", "completed"), (feasible, "s", "meets target")):
+            tradeoff.plot([t.user_attrs[cfg.target.metric] for t in group], [metric_of(t) for t in group], style,
+                          mfc="none", label=name)
+        front = sorted(pareto_front(feasible, cfg), key=lambda t: t.user_attrs[cfg.target.metric]) if feasible else []
+        tradeoff.plot([t.user_attrs[cfg.target.metric] for t in front], [metric_of(t) for t in front], "-",
+                      label="Pareto front")
+        for t in done:
+            if t.number == chosen:
+                history.plot([t.number], [metric_of(t)], "r*", ms=14, label="chosen")
+                tradeoff.plot([t.user_attrs[cfg.target.metric]], [metric_of(t)], "r*", ms=14, label="chosen")
+        tradeoff.axvline(cfg.target.value, color="grey", ls="--", label="target")
+        tradeoff.set(xlabel=cfg.target.metric, ylabel=label, title=f"{cfg.objectives[0]} vs target metric")
+        history.legend(fontsize=8)
+        tradeoff.legend(fontsize=8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=90)
     plt.close(figure)
     return path

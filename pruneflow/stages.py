@@ -1,7 +1,9 @@
-"""The pipeline's stages as plain functions: each reads paths and params, writes artifacts, returns small dicts.
+"""The pipeline's stages as plain functions ``(run, log) -> result``: each reads the files its run context
+(``layout.MethodRun``) names, writes its own, and returns a small typed result.
 
-Prefect tasks (tasks/) wrap these and log to MLflow; ``pruneflow stage`` and dvc.yaml call them directly.
-Nothing here knows about Prefect or MLflow.
+``STAGES`` declares them once: ``pruneflow stage NAME`` (which dvc.yaml calls) and the Prefect flow
+(tasks/, flows/) run them from it, and a test holds dvc.yaml's deps and outs to it. Nothing here knows
+about Prefect or MLflow.
 """
 
 from __future__ import annotations
@@ -13,26 +15,31 @@ import multiprocessing
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from pruneflow import deploy
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import DataConfig, PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_dataset
+from pruneflow.deploy import Deployment
 from pruneflow.export import check_parity, export_onnx, measure_latency
-from pruneflow.layout import ProjectLayout
-from pruneflow.methods import PruneResult, PruneTarget, PruningMethod, create_method
-from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
+from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
+from pruneflow.methods import PruneResult, PruningMethod, create_method
 from pruneflow.methods.groups import channel_groups
-from pruneflow.search import (TrialCallback, TrialMeasure, TrialPlan, check_reachable, fail_stale, feasible_trials,
-                              open_study, plot_search, run_trials, select, space_params, target_gap,
+from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
+from pruneflow.plan import PlanOrigin, PrunePlan
+from pruneflow.search import (SearchOutcome, SearchSpace, TrialCallback, TrialMeasure, check_reachable, fail_stale,
+                              feasible_trials, open_study, plot_search, run_trials, select, target_gap,
                               top_trials_markdown, trial_ratios)
 from pruneflow.task import TASKS
 from pruneflow.training import EpochResult, evaluate, evaluate_all, train
+from pruneflow.versioning import DataVersion
 
 Log = Callable[[str], None]
 
@@ -105,10 +112,12 @@ def baseline_key(cfg: PipelineConfig, data_md5: str) -> str:
     return hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log = say) -> dict[str, Any]:
-    """Train the model from scratch, export it to ONNX (parity-checked) and write its metrics."""
+def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
+    """Train the model from scratch into the run's baseline folder, export it to ONNX (parity-checked) and write
+    its metrics."""
+    cfg = run.cfg
     torch.manual_seed(cfg.project.seed)
-    splits = load_data(cfg, data_path)
+    splits = load_data(cfg, run.data_dir)
     spec = model_spec(cfg, splits)
     model = spec.build()
     task = TASKS[cfg.task]
@@ -127,10 +136,10 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
           cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
     for name, recorder in records.items():
-        (out_dir / "records").mkdir(parents=True, exist_ok=True)
-        torch.save(recorder.state(), out_dir / "records" / f"{name}.pt")
-    model_path = save_model(out_dir / "model.pt", model, spec)
-    onnx_path = export_onnx(model, spec.example_inputs(), out_dir / "model.onnx", cfg.export.opset)
+        run.baseline_records(name).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(recorder.state(), run.baseline_records(name))
+    model_path = save_model(run.baseline_model, model, spec)
+    onnx_path = export_onnx(model, spec.example_inputs(), run.baseline_onnx, cfg.export.opset)
     diff = check_parity(onnx_path, model, splits.loader("test", 64, max_batches=cfg.export.parity_batches),
                         cfg.export.atol)
     macs, params = count_macs_params(model, spec.example_inputs(1))
@@ -143,20 +152,48 @@ def train_baseline(cfg: PipelineConfig, data_path: Path, out_dir: Path, log: Log
         "onnx_max_abs_diff": diff,
         "train_seconds": seconds,
     }
-    write_json(out_dir / "metrics.json", metrics)  # written last: its presence marks a complete baseline
+    write_json(run.baseline_metrics, metrics)  # written last: its presence marks a complete baseline
     log(f"baseline: test {task.metric} {metrics[task.metric]:.2f} {task.unit}, {macs / 1e6:.2f} M MACs, "
         f"{params / 1e3:.1f} k params")
     return metrics
 
 
-def method_for(cfg: PipelineConfig, method: str, baseline_dir: Path) -> PruningMethod:
-    """The configured method, given what it recorded during baseline training, if anything."""
-    pruner = create_method(method, cfg.methods[method])
-    records = baseline_dir / "records" / f"{method}.pt"
+def project_run(layout: ProjectLayout, data: DataVersion, run_dir: Path) -> ProjectRun:
+    """A pipeline run of the project, on the project's baseline for this data and these params
+    (``runs/baselines/<baseline_key>``): runs with equal keys share it."""
+    return ProjectRun(layout, data, layout.baseline_dir(baseline_key(layout.cfg, data.md5)), run_dir)
+
+
+@dataclass
+class Baseline:
+    """The run's baseline: its test metrics, and whether an earlier run had trained it."""
+
+    metrics: dict[str, float]
+    reused: bool
+
+
+def ensure_baseline(run: ProjectRun, log: Log = say) -> Baseline:
+    """The run's baseline, trained into ``run.baseline_dir`` unless a run trained it there before.
+
+    The one place where a pipeline or a search worker gets its baseline (``project_run`` says where), so all
+    score the same model. Under the baseline's lock, so processes starting at once (pipelines, workers) train
+    it once and the others reuse it.
+    """
+    with run.layout.baseline_lock(run.baseline_dir.name):
+        if run.baseline_metrics.is_file():
+            log(f"baseline: reusing {run.baseline_dir} (same data, model and training params)")
+            return Baseline(read_json(run.baseline_metrics), reused=True)
+        return Baseline(train_baseline(run, log), reused=False)
+
+
+def method_for(run: MethodRun) -> PruningMethod:
+    """The run's method, given what it recorded during baseline training, if anything."""
+    pruner = create_method(run.method, run.params)
     if pruner.recorder() is not None:
-        if not records.is_file():
-            raise FileNotFoundError(f"{records}: method {method} needs statistics recorded by the baseline stage")
-        pruner.use_records(torch.load(records, weights_only=True))
+        if not run.records.is_file():
+            raise FileNotFoundError(f"{run.records}: method {run.method} needs statistics recorded by the "
+                                    "baseline stage")
+        pruner.use_records(torch.load(run.records, weights_only=True))
     return pruner
 
 
@@ -170,12 +207,26 @@ def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batche
 
 
 def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, spec: ModelSpec,
-               ratio: float, splits: DataSplits, layer_ratios: dict[str, float] | None = None) -> PruneResult:
+               plan: PrunePlan, splits: DataSplits) -> PruneResult:
+    """``pruner.prune`` with the calibration batches a data-driven method needs (``prune.calib_batches``)."""
     calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
              if pruner.needs_calibration else None)
-    target = PruneTarget(ratio=ratio, layer_ratios=dict(layer_ratios or {}), round_to=cfg.prune.round_to,
-                         max_layer_ratio=cfg.prune.max_layer_ratio)
-    return pruner.prune(model, spec.example_inputs(), target, calib)
+    return pruner.prune(model, spec.example_inputs(), plan, calib)
+
+
+def fixed_plan(cfg: PipelineConfig, method: str) -> PrunePlan | None:
+    """The plan when there is nothing to search, else None: the one place that decides whether a search runs.
+
+    A method whose params alone fix what it removes (``cascade`` with ``drop``) has no ratio to search; a set
+    ``prune.ratio`` is used as it is.
+    """
+    if create_method(method, cfg.methods[method]).fixed_by_params():
+        origin = PlanOrigin("method_params", note=f"its params {cfg.methods[method]} fix what it removes")
+        return PrunePlan.from_config(cfg.prune, ratio=cfg.prune.ratio or 0.0, origin=origin)
+    if cfg.prune.ratio is not None:
+        origin = PlanOrigin("prune.ratio", note=f"prune.ratio={cfg.prune.ratio} is set")
+        return PrunePlan.from_config(cfg.prune, ratio=cfg.prune.ratio, origin=origin)
+    return None
 
 
 def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
@@ -192,12 +243,13 @@ def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
     return f"{method}-{cfg.model.name}-{data_md5[:8]}-{digest}"
 
 
-def search_params(cfg: PipelineConfig, model: torch.nn.Module, spec: ModelSpec) -> dict[str, list[str]]:
-    """The search space's parameters: layer groups named by their root module, stages by their resolution."""
+def search_space(cfg: PipelineConfig, model: torch.nn.Module, spec: ModelSpec) -> SearchSpace:
+    """The configured space over this model: layer groups named by their root module, stages by their resolution."""
+    base = PrunePlan.from_config(cfg.prune, origin=PlanOrigin("search"))
     if cfg.search.space == "global":
-        return space_params("global", {}, [])
+        return SearchSpace.of("global", {}, [], base)
     layers = [group.name for group in channel_groups(model, spec.example_inputs())]
-    return space_params(cfg.search.space, stages_by_resolution(model, spec.example_inputs(), layers), layers)
+    return SearchSpace.of(cfg.search.space, stages_by_resolution(model, spec.example_inputs(), layers), layers, base)
 
 
 def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor, layers: list[str]) -> dict[str, list[str]]:
@@ -225,19 +277,19 @@ def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor, l
 class TrialRunner:
     """Prunes, measures and fine-tunes one trial's model; built per process (search workers rebuild it)."""
 
-    def __init__(self, cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path) -> None:
-        self.cfg, self.baseline_dir = cfg, baseline_dir
-        self.splits = load_data(cfg, data_path)
-        self.pruner = method_for(cfg, method, baseline_dir)
-        self.baseline = read_json(baseline_dir / "metrics.json")
-        self.metric = TASKS[cfg.task].metric
-        self.finetune = cfg.retrain.model_copy(update={"epochs": cfg.search.finetune_epochs})
-        model, spec, _ = load_model(baseline_dir / "model.pt")
-        self.params = search_params(cfg, model, spec)
+    def __init__(self, run: MethodRun) -> None:
+        self.cfg, self.baseline_model = run.cfg, run.baseline_model
+        self.splits = load_data(run.cfg, run.data_dir)
+        self.pruner = method_for(run)
+        self.baseline = read_json(run.baseline_metrics)
+        self.metric = TASKS[run.cfg.task].metric
+        self.finetune = run.cfg.retrain.model_copy(update={"epochs": run.cfg.search.finetune_epochs})
+        model, spec, _ = load_model(run.baseline_model)
+        self.space = search_space(run.cfg, model, spec)
 
-    def pruned(self, plan: TrialPlan) -> tuple[torch.nn.Module, dict[str, float]]:
-        model, spec, _ = load_model(self.baseline_dir / "model.pt")
-        prune_with(self.cfg, self.pruner, model, spec, plan.ratio, self.splits, plan.layer_ratios)
+    def pruned(self, plan: PrunePlan) -> tuple[torch.nn.Module, dict[str, float]]:
+        model, spec, _ = load_model(self.baseline_model)
+        prune_with(self.cfg, self.pruner, model, spec, plan, self.splits)
         costs = reductions(model, spec.example_inputs(1), self.baseline["macs"], self.baseline["params"],
                            self.pruner.structured)
         search = self.cfg.search
@@ -253,10 +305,10 @@ class TrialRunner:
                                      self.cfg.evaluate.latency_repeats, self.cfg.evaluate.threads)
         return timing["trial"].median_ms
 
-    def measure(self, plan: TrialPlan) -> dict[str, float]:
+    def measure(self, plan: PrunePlan) -> dict[str, float]:
         return self.pruned(plan)[1]
 
-    def score(self, plan: TrialPlan, report: Callable[[int, float], None]) -> TrialMeasure:
+    def score(self, plan: PrunePlan, report: Callable[[int, float], None]) -> TrialMeasure:
         model, costs = self.pruned(plan)
         val = self.splits.loader("val", 256)
         if target_gap(self.cfg.search, costs) > 0 or self.finetune.epochs == 0:
@@ -278,113 +330,134 @@ def trial_progress(method: str, log: Log) -> TrialCallback:
     return progress
 
 
-def search_worker(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path, storage: str, name: str,
-                  n_trials: int, seed: int, callbacks: list[TrialCallback] = ()) -> None:
+def search_worker(run: MethodRun, n_trials: int, seed: int) -> None:
     """One process's share of the trials; several of these (or several machines) can share one study."""
-    runner = TrialRunner(cfg, method, baseline_dir, data_path)
-    study = open_study(storage, name, cfg.search, seed)
-    run_trials(study, cfg.search, runner.params, runner.score, n_trials, callbacks, runner.measure)
+    runner = TrialRunner(run)
+    study = open_study(run.layout.study_storage, study_name(run.cfg, run.method, run.data.md5), run.cfg.search, seed)
+    run_trials(study, run.cfg.search, runner.space, runner.score, n_trials, run.trial_callbacks, runner.measure)
 
 
-def _worker_process(*args) -> None:
+def _worker_process(run: MethodRun, n_trials: int, seed: int) -> None:
     torch.set_num_threads(1)  # n workers share the cores
-    search_worker(*args)
+    search_worker(run, n_trials, seed)
 
 
-def search(cfg: PipelineConfig, method: str, baseline_dir: Path, data_path: Path, out_dir: Path, storage: str,
-           name: str, callbacks: list[TrialCallback] = (), log: Log = say) -> dict[str, Any]:
-    """Choose the pruning ratios: a fixed ``prune.ratio`` if set, else the study's trial picked by the policy.
-    A method whose params alone fix what it removes (``cascade`` with ``drop``) has no ratio to search.
+def search_ratio(run: MethodRun, log: Log = say) -> SearchOutcome:
+    """Choose the pruning plan: ``fixed_plan`` if there is one, else the study's trial the selection policy picks.
 
-    Writes ``search.json`` (the choice), ``trials.md`` (the top trials) and ``search.png`` (history and
-    trade-off plots) into ``out_dir``.
+    Writes ``search.json`` (the outcome); a search also writes ``trials.md`` (the top trials) and ``search.png``
+    (history and trade-off plots).
     """
-    fixed = create_method(method, cfg.methods[method]).fixed_by_params()
-    if cfg.prune.ratio is not None or fixed:
-        reason = f"its params {cfg.methods[method]} fix what it removes" if fixed else f"prune.ratio={cfg.prune.ratio} is set"
-        log(f"{method}: {reason}, search skipped")
-        chosen = {"ratio": cfg.prune.ratio or 0.0, "layer_ratios": {}, "searched": False}
-        write_json(out_dir / "search.json", chosen)
-        return chosen
-    runner = TrialRunner(cfg, method, baseline_dir, data_path)
+    plan = fixed_plan(run.cfg, run.method)
+    if plan is None:
+        outcome = search(run, log)
+    else:
+        log(f"{run.method}: {plan.origin.note}, search skipped")
+        outcome = SearchOutcome(plan)
+    write_json(run.search_json, outcome.as_dict())
+    return outcome
+
+
+def search(run: MethodRun, log: Log) -> SearchOutcome:
+    """Run the method's study (resumed if it exists) and pick its trial; see ``pruneflow.search``."""
+    cfg, method, storage = run.cfg, run.method, run.layout.study_storage
+    name = study_name(cfg, method, run.data.md5)
+    runner = TrialRunner(run)
     study = open_study(storage, name, cfg.search, cfg.project.seed)
     fail_stale(study)
     if not feasible_trials(study, cfg.search):
-        check_reachable(cfg.search, runner.params, runner.measure)
+        check_reachable(cfg.search, runner.space, runner.measure)
 
-    progress = trial_progress(method, log)
     workers = cfg.search.n_workers
     log(f"{method}: {cfg.search.n_trials} trials in study {name} ({len(study.trials)} there already), "
-        f"{workers} worker(s), space {cfg.search.space} with {len(runner.params)} ratio(s)")
+        f"{workers} worker(s), space {cfg.search.space} with {len(runner.space.params)} ratio(s)")
     if workers == 1:
-        run_trials(study, cfg.search, runner.params, runner.score, cfg.search.n_trials, [progress, *callbacks],
-                   runner.measure)
+        run_trials(study, cfg.search, runner.space, runner.score, cfg.search.n_trials,
+                   [trial_progress(method, log), *run.trial_callbacks], runner.measure)
     else:
         shares = [cfg.search.n_trials // workers + (i < cfg.search.n_trials % workers) for i in range(workers)]
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            jobs = [pool.submit(_worker_process, cfg, method, baseline_dir, data_path, storage, name, share,
-                                cfg.project.seed + i + 1, list(callbacks)) for i, share in enumerate(shares) if share]
+            jobs = [pool.submit(_worker_process, run, share, cfg.project.seed + i + 1)
+                    for i, share in enumerate(shares) if share]
             for job in jobs:
                 job.result()
-    outcome = select(study, cfg.search, runner.params, runner.baseline[f"val_{runner.metric}"])
-    (out_dir / "trials.md").parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / "trials.md").write_text(top_trials_markdown(study, cfg.search, outcome.trial_number))
-    plot_search(study, cfg.search, outcome.trial_number, out_dir / "search.png")
+    outcome = select(study, cfg.search, runner.space, runner.baseline[f"val_{runner.metric}"])
+    run.trials_md.parent.mkdir(parents=True, exist_ok=True)
+    run.trials_md.write_text(top_trials_markdown(study, cfg.search, outcome.trial_number))
+    plot_search(study, cfg.search, outcome.trial_number, run.search_png)
     log(f"{method}: chose trial {outcome.trial_number} ({cfg.search.selection}): val {runner.metric} "
         f"{outcome.metric:.2f}, {cfg.search.target.metric} {outcome.costs[cfg.search.target.metric]:.3f}; "
         f"{outcome.completed_trials} completed, {outcome.pruned_trials} pruned trials in the study")
-    chosen = {**outcome.as_dict(), "searched": True}
-    write_json(out_dir / "search.json", chosen)
-    return chosen
+    return outcome
 
 
-def prune(cfg: PipelineConfig, method: str, baseline_dir: Path, chosen: dict[str, Any], data_path: Path,
-          out_dir: Path, log: Log = say) -> dict[str, Any]:
-    """Prune the baseline as the search chose; save the model, its Torch-Pruning history and the per-layer report."""
-    splits = load_data(cfg, data_path)
-    model, spec, _ = load_model(baseline_dir / "model.pt")
-    ratio, layer_ratios = chosen["ratio"], chosen.get("layer_ratios") or {}
+@dataclass
+class PruneSummary:
+    """What the prune stage did (``layers.json``): the plan as really pruned (with what the method decided
+    itself: its per-group ratios, the blocks it removed), the cost before and after, and each layer's change."""
+
+    plan: PrunePlan
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+    layers: list[dict[str, Any]]
+    notes: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneSummary:
+        return cls(**{**data, "plan": PrunePlan.from_dict(data["plan"])})
+
+
+def prune_model(run: MethodRun, log: Log = say) -> PruneSummary:
+    """Prune the baseline as ``search.json`` plans; save the model, its Torch-Pruning history and the per-layer
+    report."""
+    plan = SearchOutcome.from_dict(read_json(run.search_json)).plan
+    splits = load_data(run.cfg, run.data_dir)
+    model, spec, _ = load_model(run.baseline_model)
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
-    result = prune_with(cfg, method_for(cfg, method, baseline_dir), model, spec, ratio, splits, layer_ratios)
+    result = prune_with(run.cfg, method_for(run), model, spec, plan, splits)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
-    save_model(out_dir / "pruned.pt", model, spec, result.history, result.removed_blocks)
-    write_json(out_dir / "history.json", {"removed_blocks": result.removed_blocks,
-                                          "torch_pruning_history": [list(step) for step in result.history]})
-    summary = {"ratio": ratio, "layer_ratios": layer_ratios, "macs_before": macs_before, "macs_after": macs_after,
-               "params_before": params_before, "params_after": params_after,
-               "layers": [layer.as_dict() for layer in result.layers], "notes": result.notes}
-    write_json(out_dir / "layers.json", summary)
-    log(f"{method}: pruned at ratio {ratio:.3f}: MACs {macs_before / 1e6:.2f} M -> {macs_after / 1e6:.2f} M")
+    save_model(run.pruned, model, spec, result.history, result.removed_blocks)
+    write_json(run.history_json, {"removed_blocks": result.removed_blocks,
+                                  "torch_pruning_history": [list(step) for step in result.history]})
+    summary = PruneSummary(result.plan, macs_before, macs_after, params_before, params_after,
+                           [layer.as_dict() for layer in result.layers], result.notes)
+    write_json(run.layers_json, summary.as_dict())
+    log(f"{run.method}: pruned {result.plan.describe()}: MACs {macs_before / 1e6:.2f} M -> {macs_after / 1e6:.2f} M")
     return summary
 
 
-def retrain(cfg: PipelineConfig, method: str, pruned_path: Path, data_path: Path, out_dir: Path,
-            log: Log = say) -> dict[str, Any]:
+def retrain_model(run: MethodRun, log: Log = say) -> dict[str, float]:
     """Fine-tune the pruned model: the method's own recipe if it has one, else the ``retrain`` schedule."""
-    splits = load_data(cfg, data_path)
-    model, spec, surgery = load_model(pruned_path)
+    cfg = run.cfg
+    splits = load_data(cfg, run.data_dir)
+    model, spec, surgery = load_model(run.pruned)
     torch.manual_seed(cfg.project.seed)
     start = time.perf_counter()
     batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
     metric = TASKS[cfg.task].metric
-    val, progress = splits.loader("val", 256), epoch_logger(f"{method} retrain", cfg.retrain.epochs, log, metric)
-    epochs = fine_tune(create_method(method, cfg.methods[method]), model, batches, val, cfg.retrain, progress)
-    save_model(out_dir / "retrained.pt", model, spec, surgery.history, surgery.removed_blocks)
+    val, progress = splits.loader("val", 256), epoch_logger(f"{run.method} retrain", cfg.retrain.epochs, log, metric)
+    epochs = fine_tune(create_method(run.method, run.params), model, batches, val, cfg.retrain, progress)
+    save_model(run.retrained, model, spec, surgery.history, surgery.removed_blocks)
     return {f"val_{metric}": epochs[-1].val_metric if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}
 
 
-def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_path: Path, data_path: Path,
-                   out_dir: Path, log: Log = say) -> dict[str, Any]:
-    """The task's metrics (accuracy; PSNR, SSIM), size, MACs and measured ONNX Runtime latency of the pruned
+def evaluate_model(run: MethodRun, log: Log = say) -> dict[str, float]:
+    """The task's metrics (accuracy; PSNR, SSIM), size, MACs and measured ONNX Runtime latency of the retrained
     model against the baseline; ``<metric>_drop`` is baseline − pruned for the main metric."""
-    splits = load_data(cfg, data_path)
-    base = read_json(baseline_dir / "metrics.json")
-    model, spec, _ = load_model(model_path)
+    cfg = run.cfg
+    splits = load_data(cfg, run.data_dir)
+    base = read_json(run.baseline_metrics)
+    model, spec, _ = load_model(run.retrained)
     macs, params = count_macs_params(model, spec.example_inputs(1))
-    scratch = export_onnx(model, spec.example_inputs(), out_dir / "latency" / "model.onnx", cfg.export.opset)
-    latency = {suffix: measure_latency({"baseline": baseline_dir / "model.onnx", "pruned": scratch}, inputs,
+    scratch = export_onnx(model, spec.example_inputs(), run.latency_onnx, cfg.export.opset)
+    latency = {suffix: measure_latency({"baseline": run.baseline_onnx, "pruned": scratch}, inputs,
                                        cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.threads)
                for suffix, inputs in latency_inputs(cfg, splits).items()}
     task = TASKS[cfg.task]
@@ -396,7 +469,7 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
         "macs": macs,
         "params_reduction": 1.0 - params / base["params"],
         "macs_reduction": 1.0 - macs / base["macs"],
-        "size_mb": file_size_mb(model_path),
+        "size_mb": file_size_mb(run.retrained),
         "weight_sparsity": zero_weight_share(model),
     }
     for suffix, timing in latency.items():
@@ -404,9 +477,9 @@ def evaluate_model(cfg: PipelineConfig, method: str, baseline_dir: Path, model_p
         metrics.update({f"latency_ms{suffix}": timing["pruned"].median_ms, f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
                         f"baseline_latency_ms{suffix}": timing["baseline"].median_ms, f"speedup{suffix}": speedup,
                         f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
-    write_json(out_dir / "metrics.json", metrics)
-    (out_dir / "report.md").write_text(method_report(method, metrics, out_dir / "layers.json"))
-    log(f"{method}: {task.metric} {quality[task.metric]:.2f} {task.unit} (drop {metrics[task.drop]:+.2f}), "
+    write_json(run.metrics_json, metrics)
+    run.report_md.write_text(method_report(run.method, metrics, run.layers_json))
+    log(f"{run.method}: {task.metric} {quality[task.metric]:.2f} {task.unit} (drop {metrics[task.drop]:+.2f}), "
         f"MACs -{metrics['macs_reduction']:.1%}, latency {metrics['latency_ms']:.3f} ms (x{metrics['speedup']:.2f})")
     return metrics
 
@@ -421,16 +494,16 @@ def latency_inputs(cfg: PipelineConfig, splits: DataSplits) -> dict[str, np.ndar
     return {suffix: np.resize(images, (size, *images.shape[1:])) for suffix, size in sizes.items()}
 
 
-def export(cfg: PipelineConfig, model_path: Path, data_path: Path, out_dir: Path, log: Log = say) -> dict[str, Any]:
+def export_model(run: MethodRun, log: Log = say) -> Deployment:
     """Write ``export/<target>/``: the formats of ``export.target``, each checked (see ``pruneflow.deploy``), with
     ``report.md`` and ``export.json``. A failed check raises and leaves no files."""
-    splits = load_data(cfg, data_path)
-    model, spec, _ = load_model(model_path)
-    folder = ProjectLayout.export_dir(out_dir, cfg.export.target)
-    deployment = deploy.export_target(model, spec, splits, cfg, folder, latency_inputs(cfg, splits), log)
-    (folder / "report.md").write_text(deploy.report(deployment, cfg))
-    write_json(folder / "export.json", deployment.as_dict())
-    return deployment.as_dict()
+    cfg = run.cfg
+    splits = load_data(cfg, run.data_dir)
+    model, spec, _ = load_model(run.retrained)
+    deployment = deploy.export_target(model, spec, splits, cfg, run.export_dir, latency_inputs(cfg, splits), log)
+    run.export_report.write_text(deploy.report(deployment, cfg))
+    write_json(run.export_json, deployment.as_dict())
+    return deployment
 
 
 EFFICIENCY_NOTE = ("speedup_efficiency = speedup ÷ (MACs before / MACs after): 1 means latency fell exactly as much "
@@ -438,15 +511,16 @@ EFFICIENCY_NOTE = ("speedup_efficiency = speedup ÷ (MACs before / MACs after): 
 
 
 def method_report(method: str, metrics: dict[str, Any], layers_path: Path) -> str:
-    lines = [f"# {method}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {key} | {value:.4g} |" for key, value in metrics.items()]
+    lines = [f"# {method}", "", tabulate([[key, f"{value:.4g}"] for key, value in metrics.items()],
+                                         ["metric", "value"], tablefmt="github", disable_numparse=True)]
     lines += ["", EFFICIENCY_NOTE]
     if layers_path.is_file():
-        layers = read_json(layers_path)
-        lines += ["", f"Pruning ratio {layers['ratio']:.3f}. {layers['notes']}".rstrip(), "",
-                  "| layer | channels before | channels after | MACs before | MACs after |", "|---|---|---|---|---|"]
-        lines += [f"| {l['name']} | {l['channels_before']} | {l['channels_after']} | {l['macs_before']} | {l['macs_after']} |"
-                  for l in layers["layers"]]
+        summary = PruneSummary.from_dict(read_json(layers_path))
+        columns = ["name", "channels_before", "channels_after", "macs_before", "macs_after"]
+        lines += ["", f"Pruned {summary.plan.describe()}. {summary.notes}".rstrip(), "",
+                  tabulate([[layer[c] for c in columns] for layer in summary.layers],
+                           ["layer", "channels before", "channels after", "MACs before", "MACs after"],
+                           tablefmt="github", disable_numparse=True)]
     return "\n".join(lines) + "\n"
 
 
@@ -457,13 +531,46 @@ def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_
     quality = (*TASKS[task].metrics, TASKS[task].drop)
     columns = (*quality, "macs_reduction", "params_reduction", "size_mb", "latency_ms", "speedup",
                f"speedup_b{large_batch}", "speedup_efficiency")
-    header = "| model | " + " | ".join(columns) + " |"
-    rows = [header, "|" + "---|" * (len(columns) + 1)]
     # The baseline's latency is measured beside each method's (same session, interleaved); show their median.
     base_latency = sorted(m["baseline_latency_ms"] for m in methods.values() if "baseline_latency_ms" in m)
     base = {**baseline, TASKS[task].drop: 0.0, "macs_reduction": 0.0, "params_reduction": 0.0, "speedup": 1.0,
             f"speedup_b{large_batch}": 1.0, "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
-    for name, metrics in [("baseline", base), *methods.items()]:
-        cells = [f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join([*rows, "", EFFICIENCY_NOTE]) + "\n"
+    rows = [[name, *(f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns)]
+            for name, metrics in [("baseline", base), *methods.items()]]
+    table = tabulate(rows, ["model", *columns], tablefmt="github", disable_numparse=True)
+    return "\n".join([table, "", EFFICIENCY_NOTE]) + "\n"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline, declared once.
+
+    ``pruneflow stage NAME`` runs it (dvc.yaml's stage NAME calls that), and the flow runs it as a Prefect task
+    named after ``run``, per method (``per_method``) or once for the project. ``reads`` and ``writes`` name
+    properties of the run context (``MethodRun``, or ``ProjectRun`` for a project stage): dvc.yaml's deps and
+    outs of NAME must be those paths (tests/test_stages.py holds them to it), and a re-export fetches the
+    ``reads`` that a method run logged. ``timed`` stages measure latency, so the flow runs them while no other
+    stage computes.
+    """
+
+    name: str
+    run: Callable[[Any, Log], Any]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    per_method: bool = True
+    timed: bool = False
+
+    def paths(self, run: ProjectRun, names: tuple[str, ...]) -> list[Path]:
+        return [getattr(run, name) for name in names]
+
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("baseline", train_baseline, reads=("data_dir",), writes=("baseline_dir",), per_method=False),
+    Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json",)),
+    Stage("prune", prune_model, reads=("data_dir", "baseline_dir", "search_json"),
+          writes=("pruned", "history_json", "layers_json")),
+    Stage("retrain", retrain_model, reads=("data_dir", "pruned"), writes=("retrained",)),
+    Stage("evaluate", evaluate_model, reads=("data_dir", "baseline_dir", "retrained", "layers_json"),
+          writes=("metrics_json", "report_md", "latency_dir"), timed=True),
+    Stage("export", export_model, reads=("data_dir", "retrained"), writes=("export_dir",), timed=True),
+)}

@@ -1,6 +1,6 @@
 """Find the pruning ratio that removes a given share of MACs, for any method.
 
-Methods read ``PruneTarget.ratio`` differently (a uniform share per layer, a global share of channels, a cap
+Methods read ``PrunePlan.ratio`` differently (a uniform share per layer, a global share of channels, a cap
 on dead masks, a share of whole blocks), so equal ratios do not mean equal cost. To compare methods at one
 cost, bisect each method's ratio on prune-only trials until the measured MACs reduction is as close to the
 goal as channel rounding allows. Pruning is cheap next to training, so a few prunes per method are affordable.
@@ -15,8 +15,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pruneflow.methods.base import Batches, PruneTarget, PruningMethod
+from pruneflow.bisection import bisect
+from pruneflow.methods.base import Batches, PruningMethod
 from pruneflow.metrics import count_macs_params, reductions
+from pruneflow.plan import PrunePlan
 
 
 @dataclass
@@ -48,9 +50,9 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     the bisection runs inside the first interval where the reduction crosses the goal. Use a scan when the
     reduction may not be monotone: Torch-Pruning's own ``round_to`` rounds each layer's kept channels *down*
     and skips a layer it would empty (with ``round_to=8`` a ratio in (0, 0.5] halves a 16-channel layer and a
-    larger one leaves it whole). pruneflow's uniform methods avoid that (``base.rounded_ratio``), but the
-    global-threshold methods (slimming, lamp) still meet it, and selection-based methods (adversarial's λ
-    grid) can jump.
+    larger one leaves it whole). The methods that count kept channels themselves avoid that
+    (``base.kept_channels``), but the global-threshold methods (slimming, lamp) still meet it, and
+    selection-based methods (adversarial's λ grid) can jump.
 
     Either phase stops as soon as a trial lands within ``tolerance`` of the goal. The result is the closest
     trial seen; on a tie the one at or above the goal wins, then the smaller ratio.
@@ -75,6 +77,10 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
     def close(reduction: float) -> bool:
         return abs(reduction - goal) <= tolerance
 
+    def side(ratio: float) -> int:
+        reduction = measure(ratio)
+        return 0 if close(reduction) else -1 if reduction < goal else 1
+
     if scan:
         previous = low
         for index in range(1, scan + 1):
@@ -94,12 +100,7 @@ def bisect_ratio(reduction_at: Callable[[float], float], goal: float, *, low: fl
             return result()
         if low > 0.0 and measure(low) >= goal:
             return result()  # even the low end removes enough
-    for _ in range(steps):
-        middle = (low + high) / 2
-        reduction = measure(middle)
-        if close(reduction):
-            break
-        low, high = (middle, high) if reduction < goal else (low, middle)
+    bisect(side, low, high, steps)
     return result()
 
 
@@ -108,7 +109,7 @@ def ratio_for_macs_reduction(method: PruningMethod, model: nn.Module, example_in
                              calib_batches: Batches | None = None, low: float = 0.0, high: float | None = None,
                              steps: int = 8, scan: int = 0, tolerance: float = 0.005, seed: int | None = 0,
                              log: Callable[[str], None] | None = None) -> RatioForTarget:
-    """The ``PruneTarget.ratio`` at which ``method`` removes ``goal`` of ``model``'s MACs (e.g. 0.5).
+    """The ``PrunePlan.ratio`` at which ``method`` removes ``goal`` of ``model``'s MACs (e.g. 0.5).
 
     Each trial prunes a deep copy of ``model`` (which is left untouched) with the same ``round_to`` and
     ``max_layer_ratio`` the real prune will use, and counts MACs with ``count_macs_params`` on one example
@@ -129,8 +130,8 @@ def ratio_for_macs_reduction(method: PruningMethod, model: nn.Module, example_in
         trial = copy.deepcopy(model)
         if seed is not None:
             torch.manual_seed(seed)
-        target = PruneTarget(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio)
-        method.prune(trial, example_inputs, target, calib_batches)
+        method.prune(trial, example_inputs, PrunePlan(ratio=ratio, round_to=round_to, max_layer_ratio=max_layer_ratio),
+                     calib_batches)
         reduction = reductions(trial, example, base_macs, base_params, method.structured)["macs_reduction"]
         if log:
             log(f"{method.name}: ratio {ratio:.4f} -> reduction {reduction:.4f} (goal {goal:.3f})")

@@ -1,6 +1,6 @@
 """The one training loop (baseline, search fine-tunes and retraining all use it) and evaluation, for every task.
 
-The loss and the metrics follow the task of the targets (``pruneflow.task.task_of``): cross-entropy and accuracy
+The loss and the metrics are those of the batches' task (``pruneflow.task.task_of``): cross-entropy and accuracy
 for class labels, MSE and PSNR/SSIM for super-resolution images.
 """
 
@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from pruneflow.config import TrainConfig
-from pruneflow.methods.base import Regularizer
-from pruneflow.task import mean_scores, task_of
+from pruneflow.task import Batches, mean_scores, task_of
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Regularizer = Callable[[nn.Module], torch.Tensor]  # a sparsity term added to the loss (pruning methods give them)
 
 
 @dataclass
@@ -67,12 +66,13 @@ def train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_ba
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, (lambda step: 1.0) if cfg.schedule == "constant" else
             (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))))
+        loss_of = task_of(batches).loss
         for epoch in range(1, cfg.epochs + 1):
             start, total, count = time.perf_counter(), 0.0, 0
             model.train()
             for images, labels in batches:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                loss = task_of(labels).loss(model(images), labels)
+                loss = loss_of(model(images), labels)
                 for regularizer in regularizers:
                     loss = loss + regularizer(model)
                 optimizer.zero_grad(set_to_none=True)

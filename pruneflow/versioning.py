@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,22 @@ DVC = [sys.executable, "-m", "dvc"]  # the dvc of this environment, whatever PAT
 
 class VersioningError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """A prepared dataset folder and the md5 DVC recorded for it (what identifies the data downstream).
+
+    Without ``known_md5`` the md5 is read from ``<folder>.dvc`` when first asked for: only some stages need
+    it (the search names its study by it), and the others should fail on what they miss themselves.
+    """
+
+    path: Path
+    known_md5: str | None = None
+
+    @property
+    def md5(self) -> str:
+        return self.known_md5 if self.known_md5 is not None else read_md5(self.path)
 
 
 def _run(args: list[str], cwd: Path) -> str:

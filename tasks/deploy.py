@@ -4,7 +4,6 @@ registry with its lineage, and re-exporting a logged run for another target (``p
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,16 +15,17 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pruneflow import stages, versioning
+from pruneflow import stages
 from pruneflow.config import PipelineConfig
 from pruneflow.deploy import choose_champion, registered_model_name
 from pruneflow.export import predictor
-from pruneflow.layout import ProjectLayout
+from pruneflow.layout import ProjectLayout, ProjectRun
+from pruneflow.stages import STAGES
 from pruneflow.task import TASKS
+from pruneflow.versioning import DataVersion
 from tasks.tracking import Tracker, check_tracking, pinned_requirements, tracking_uri
 
 Info = dict[str, Any]
-CHECKPOINT = "retrained.pt"  # the method run's artifact a re-export rebuilds the model from
 CHAMPION = "champion"
 
 
@@ -38,23 +38,24 @@ def log_export(tracker: Tracker, run_id: str, deployment: Info, metric_prefix: s
 
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def register_champion(root: str, cfg: PipelineConfig, data: Info, baseline: Info, results: dict[str, Info],
-                      method_run_ids: dict[str, str], parent_run_id: str) -> Info:
+def register_champion(run: ProjectRun, baseline_run_id: str, results: dict[str, Info], method_run_ids: dict[str, str],
+                      parent_run_id: str) -> Info:
     """Register the best pruned model (``deploy.choose_champion``) as an ONNX model with a signature, a real input
     example and lineage tags (data md5, baseline run, method run), and point the ``champion`` alias at it."""
-    tracker = Tracker.open(ProjectLayout(Path(root), cfg))
+    cfg = run.cfg
+    tracker = Tracker.open(run.layout)
     metric = TASKS[cfg.task].metric
     method = choose_champion(results, cfg.export.registry_max_drop, metric)
     name, run_id = registered_model_name(cfg), method_run_ids[method]
     onnx_path = Path(results[method]["files"]["onnx"])
-    example = next(iter(stages.load_data(cfg, Path(data["path"])).loader("test", 2)))[0].numpy()
+    example = next(iter(stages.load_data(cfg, run.data_dir).loader("test", 2)))[0].numpy()
     signature = infer_signature(example, predictor(onnx_path)(example))
     with mlflow.start_run(run_id=run_id):  # log_model needs the fluent run; this thread owns it
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="onnx", signature=signature,
                                      input_example=example, registered_model_name=name,
                                      pip_requirements=pinned_requirements("onnx", "onnxruntime", "numpy"))
     version = str(info.registered_model_version)
-    lineage = {"pruneflow.data_md5": data["md5"], "pruneflow.baseline_run_id": baseline["run_id"],
+    lineage = {"pruneflow.data_md5": run.data.md5, "pruneflow.baseline_run_id": baseline_run_id,
                "pruneflow.method_run_id": run_id, "pruneflow.method": method, "pruneflow.parent_run_id": parent_run_id,
                "pruneflow.export_target": cfg.export.target}
     for key, value in lineage.items():
@@ -70,9 +71,10 @@ def register_champion(root: str, cfg: PipelineConfig, data: Info, baseline: Info
 def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], None]) -> Info:
     """Export a logged method run's model for ``export.target`` without rerunning the pipeline.
 
-    The net is rebuilt from the run's ``retrained.pt`` artifact and checked as in the pipeline, on the project's
-    data (which must be the data the run used). Files go to the run's ``export/<target>/`` artifacts; metrics
-    are logged as ``<target>/<name>`` so the pipeline's own numbers stay.
+    The export stage runs as in the pipeline, on the files it reads (``STAGES["export"].reads``) fetched back
+    from the run's artifacts into the run's method folder, and on the project's data (which must be the data
+    the run used). Files go to the run's ``export/<target>/`` artifacts; metrics are logged as
+    ``<target>/<name>`` so the pipeline's own numbers stay.
     """
     layout = ProjectLayout(root, cfg)
     check_tracking(layout)
@@ -82,24 +84,28 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
         raise LookupError(f"run {run_id} not found: there is no MLflow store at {uri} (pruneflow run creates it)")
     tracker = Tracker.open(layout)
     try:
-        run = tracker.client.get_run(run_id)
+        logged = tracker.client.get_run(run_id)
     except MlflowException:
         raise LookupError(f"run {run_id} not found in {tracker.uri}") from None
-    method, parent_id = run.data.tags.get("pruneflow.method"), run.data.tags.get(MLFLOW_PARENT_RUN_ID)
-    if method is None or parent_id is None or "pruneflow.trial" in run.data.tags:
+    method, parent_id = logged.data.tags.get("pruneflow.method"), logged.data.tags.get(MLFLOW_PARENT_RUN_ID)
+    if method is None or parent_id is None or "pruneflow.trial" in logged.data.tags:
         raise LookupError(f"run {run_id} is not a pruneflow method run (a child of a pipeline run, tagged pruneflow.method)")
     used_md5 = tracker.client.get_run(parent_id).data.tags.get("pruneflow.data_md5")
-    data_md5 = versioning.read_md5(layout.dataset_dir)
-    if used_md5 != data_md5:
-        raise ValueError(f"run {run_id} used data {used_md5}, but {layout.dataset_dir} is now {data_md5}: "
+    data = DataVersion(layout.dataset_dir)
+    if used_md5 != data.md5:
+        raise ValueError(f"run {run_id} used data {used_md5}, but {layout.dataset_dir} is now {data.md5}: "
                          "calibration and checks would run on other data")
-    with tempfile.TemporaryDirectory(prefix="pruneflow-reexport-") as scratch:
-        try:
-            checkpoint = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT, dst_path=scratch,
-                                                             tracking_uri=tracker.uri)
-        except (MlflowException, OSError):
-            raise LookupError(f"run {run_id} has no {CHECKPOINT} artifact to rebuild the model from") from None
-        out_dir = layout.method_dir(layout.runs_dir / parent_id, method)
-        result = stages.export(cfg, Path(checkpoint), layout.dataset_dir, out_dir, log)
+    run = stages.project_run(layout, data, layout.runs_dir / parent_id).method(method)
+    stage = STAGES["export"]
+    run.dir.mkdir(parents=True, exist_ok=True)
+    for path in stage.paths(run, stage.reads):
+        if path.is_relative_to(run.dir):  # the method's own files; the data is the project's
+            artifact = path.relative_to(run.dir).as_posix()
+            try:
+                mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(run.dir),
+                                                    tracking_uri=tracker.uri)
+            except (MlflowException, OSError):
+                raise LookupError(f"run {run_id} has no {artifact} artifact to rebuild the model from") from None
+    result = stage.run(run, log).as_dict()
     log_export(tracker, run_id, result, metric_prefix=f"{cfg.export.target}/")
     return result

@@ -1,18 +1,19 @@
-"""The pipeline's Prefect tasks. Each calls one ``pruneflow.stages`` function and logs its output to MLflow.
+"""The pipeline's Prefect tasks: every stage of ``pruneflow.stages.STAGES`` through one generic task that logs its
+result to the method's MLflow run, and the project-wide steps (data, baseline, comparison).
 
-Tasks receive the config and paths and return paths and small dicts: models never travel through Prefect.
-The I/O-bound tasks (DVC, MLflow uploads) retry; compute tasks do not, since a rerun would redo the work.
+Tasks receive run contexts (paths and the config) and return small typed results: models never travel through
+Prefect. The I/O-bound tasks (DVC, MLflow uploads) retry; compute tasks do not, since a rerun would redo the work.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
-from typing import Any
+from dataclasses import replace
+from typing import Any, Callable
 
 import mlflow
 import yaml
-from prefect import get_run_logger, task
+from prefect import Task, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -20,62 +21,46 @@ from pruneflow import stages, versioning
 from pruneflow.checkpoint import load_model
 from pruneflow.config import PipelineConfig
 from pruneflow.data import prepare_dataset
-from pruneflow.layout import ProjectLayout
-from pruneflow.search import trial_ratios
+from pruneflow.deploy import Deployment
 from pruneflow.export import ExportError
+from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
+from pruneflow.search import SearchOutcome, trial_ratios
+from pruneflow.stages import STAGES, Baseline, PruneSummary
+from pruneflow.versioning import DataVersion
 from tasks.deploy import log_export
 from tasks.tracking import Tracker, pinned_requirements
 
-Info = dict[str, Any]
-
-
-def _context(root: str, cfg: PipelineConfig) -> tuple[ProjectLayout, Tracker]:
-    layout = ProjectLayout(Path(root), cfg)
-    return layout, Tracker.open(layout)
-
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def version_data(root: str, cfg: PipelineConfig) -> Info:
+def version_data(layout: ProjectLayout) -> DataVersion:
     """Prepare the dataset into data/ and ``dvc add`` it; the DVC md5 identifies the data downstream.
 
     One pipeline at a time: DVC locks its workspace and fails the second caller, and two writers would
     replace each other's data folder.
     """
-    layout = ProjectLayout(Path(root), cfg)
     logger = get_run_logger()
     with layout.data_lock():
-        path = prepare_dataset(cfg.data, layout.data_dir, log=logger.info)
+        path = prepare_dataset(layout.cfg.data, layout.data_dir, log=logger.info)
         md5 = versioning.add(layout.root, path)
     logger.info(f"data: {path} versioned by DVC, md5 {md5}")
-    return {"path": str(path), "md5": md5}
+    return DataVersion(path, md5)
 
 
 @task(cache_policy=NO_CACHE)
-def train_baseline(root: str, cfg: PipelineConfig, data: Info, parent_run_id: str) -> Info:
-    """Train the baseline, or reuse the checkpoint trained on the same data, model and training params.
-
-    A pipeline started beside this one waits for the lock, then reuses what this one trained.
-    """
-    layout, tracker = _context(root, cfg)
-    logger = get_run_logger()
-    key = stages.baseline_key(cfg, data["md5"])
-    out_dir = layout.baseline_dir(key)
-    with layout.baseline_lock(key):
-        reused = (out_dir / "metrics.json").is_file()
-        run_id = tracker.start_run("baseline", parent_run_id, {"pruneflow.baseline_key": key,
-                                                              "pruneflow.reused": str(reused).lower()})
-        with tracker.failing(run_id):
-            if reused:
-                logger.info(f"baseline: reusing {out_dir} (same data, model and training params)")
-                metrics = stages.read_json(out_dir / "metrics.json")
-            else:
-                metrics = stages.train_baseline(cfg, Path(data["path"]), out_dir, log=logger.info)
-            tracker.log_params(run_id, {"model": cfg.model.model_dump(), "train": cfg.train.model_dump()})
-            tracker.log_metrics(run_id, metrics)
-            for name in ("model.onnx", "metrics.json"):
-                tracker.log_artifact(run_id, out_dir / name)
-            tracker.finish(run_id)
-    return {"dir": str(out_dir), "run_id": run_id, "metrics": metrics, "reused": reused}
+def train_baseline(run: ProjectRun, run_id: str) -> Baseline:
+    """The run's baseline (``stages.ensure_baseline``: trained, or reused from an earlier run), logged to the
+    baseline's MLflow run, which it finishes."""
+    tracker = Tracker.open(run.layout)
+    with tracker.failing(run_id):
+        baseline = stages.ensure_baseline(run, log=get_run_logger().info)
+        tracker.set_tags(run_id, {"pruneflow.baseline_key": run.baseline_dir.name,
+                                  "pruneflow.reused": str(baseline.reused).lower()})
+        tracker.log_params(run_id, {"model": run.cfg.model.model_dump(), "train": run.cfg.train.model_dump()})
+        tracker.log_metrics(run_id, baseline.metrics)
+        for path in (run.baseline_onnx, run.baseline_metrics):
+            tracker.log_artifact(run_id, path)
+        tracker.finish(run_id)
+    return baseline
 
 
 class TrialLogger:
@@ -102,70 +87,71 @@ class TrialLogger:
         tracker.finish(run_id, "FINISHED" if trial.state.name in ("COMPLETE", "PRUNED") else "FAILED")
 
 
-@task(cache_policy=NO_CACHE)
-def search_ratio(root: str, cfg: PipelineConfig, method: str, data: Info, baseline: Info, run_dir: str,
-                 method_run_id: str) -> Info:
-    """The method's Optuna study; its top trials become a Prefect artifact, its plot an MLflow artifact."""
-    layout, tracker = _context(root, cfg)
-    out_dir = layout.method_dir(Path(run_dir), method)
-    with tracker.failing(method_run_id):
-        name = stages.study_name(cfg, method, data["md5"])
-        logger = TrialLogger(tracker.uri, tracker.experiment_id, method_run_id, method, cfg.search.objectives[0])
-        chosen = stages.search(cfg, method, Path(baseline["dir"]), Path(data["path"]), out_dir, layout.study_storage,
-                               name, callbacks=[logger], log=get_run_logger().info)
-        tracker.log_params(method_run_id, {"ratio": chosen["ratio"], "searched": chosen["searched"]})
-        if chosen["searched"]:
-            tracker.set_tags(method_run_id, {"pruneflow.study": chosen["study_name"],
-                                             "pruneflow.chosen_trial": chosen["trial_number"]})
-            tracker.log_metrics(method_run_id, {"search_finetune_epochs_saved": chosen["finetune_epochs_saved"],
-                                                "search_completed_trials": chosen["completed_trials"],
-                                                "search_pruned_trials": chosen["pruned_trials"]})
-            for name in ("search.png", "trials.md", "search.json"):
-                tracker.log_artifact(method_run_id, out_dir / name, "search")
-            create_markdown_artifact(
-                key=re.sub(r"[^a-z0-9-]+", "-", f"search-{method}".lower()),  # Prefect keys: a-z, 0-9, -
-                markdown=f"## {method}: trial {chosen['trial_number']} chosen ({cfg.search.selection})\n\n"
-                         + (out_dir / "trials.md").read_text(),
-                description=f"pruneflow: top trials of study {chosen['study_name']}",
-            )
-    return chosen
+# What each stage's result adds to its method's MLflow run, beyond the default (a metrics dict, logged as metrics).
+
+def _record_search(tracker: Tracker, run_id: str, run: MethodRun, outcome: SearchOutcome) -> None:
+    """The study's numbers and plots on the method run; its top trials as a Prefect artifact."""
+    if not outcome.searched:
+        return
+    tracker.set_tags(run_id, {"pruneflow.study": outcome.study_name, "pruneflow.chosen_trial": outcome.trial_number})
+    tracker.log_metrics(run_id, {"search_finetune_epochs_saved": outcome.finetune_epochs_saved,
+                                 "search_completed_trials": outcome.completed_trials,
+                                 "search_pruned_trials": outcome.pruned_trials})
+    for path in (run.search_png, run.trials_md, run.search_json):
+        tracker.log_artifact(run_id, path, "search")
+    create_markdown_artifact(
+        key=re.sub(r"[^a-z0-9-]+", "-", f"search-{run.method}".lower()),  # Prefect keys: a-z, 0-9, -
+        markdown=f"## {run.method}: trial {outcome.trial_number} chosen ({run.cfg.search.selection})\n\n"
+                 + run.trials_md.read_text(),
+        description=f"pruneflow: top trials of study {outcome.study_name}",
+    )
+
+
+def _record_prune(tracker: Tracker, run_id: str, run: MethodRun, summary: PruneSummary) -> None:
+    """The plan as really pruned, as the run's ``plan.*`` params; the history and layer report as artifacts."""
+    tracker.log_params(run_id, {"plan": summary.plan.as_dict()})
+    for path in (run.history_json, run.layers_json):
+        tracker.log_artifact(run_id, path, "pruning")
+
+
+def _record_metrics(tracker: Tracker, run_id: str, run: MethodRun, metrics: dict[str, float]) -> None:
+    tracker.log_metrics(run_id, metrics)
+
+
+def _record_evaluation(tracker: Tracker, run_id: str, run: MethodRun, metrics: dict[str, float]) -> None:
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_artifact(run_id, run.report_md)
+
+
+def _record_export(tracker: Tracker, run_id: str, run: MethodRun, deployment: Deployment) -> None:
+    """The target's files, and the checkpoint and PyTorch model they came from.
+
+    ``retrained.pt`` (spec + pruning history + weights) is what ``pruneflow export --run-id`` rebuilds the net
+    from: it is logged under its name in the method folder, where ``tasks.deploy.reexport`` fetches it back to.
+    """
+    log_export(tracker, run_id, deployment.as_dict())
+    tracker.log_artifact(run_id, run.retrained)
+    model, spec, _ = load_model(run.retrained)
+    with mlflow.start_run(run_id=run_id):  # log_model needs the fluent run; this thread owns it
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                 input_example=spec.example_inputs(2).numpy(),
+                                 pip_requirements=pinned_requirements("torch", "cloudpickle", "numpy", "pruneflow"))
+
+
+RECORDERS: dict[str, Callable[[Tracker, str, MethodRun, Any], None]] = {
+    "search": _record_search, "prune": _record_prune, "evaluate": _record_evaluation, "export": _record_export}
 
 
 @task(cache_policy=NO_CACHE)
-def prune_model(root: str, cfg: PipelineConfig, method: str, data: Info, baseline: Info, chosen: Info, run_dir: str,
-                method_run_id: str) -> Info:
-    layout, tracker = _context(root, cfg)
-    out_dir = layout.method_dir(Path(run_dir), method)
-    with tracker.failing(method_run_id):
-        summary = stages.prune(cfg, method, Path(baseline["dir"]), chosen, Path(data["path"]), out_dir,
-                               log=get_run_logger().info)
-        tracker.log_artifact(method_run_id, out_dir / "history.json", "pruning")
-        tracker.log_artifact(method_run_id, out_dir / "layers.json", "pruning")
-    return {"path": str(out_dir / "pruned.pt"), "ratio": summary["ratio"]}
-
-
-@task(cache_policy=NO_CACHE)
-def retrain_model(root: str, cfg: PipelineConfig, method: str, data: Info, pruned: Info, run_dir: str,
-                  method_run_id: str) -> Info:
-    layout, tracker = _context(root, cfg)
-    out_dir = layout.method_dir(Path(run_dir), method)
-    with tracker.failing(method_run_id):
-        result = stages.retrain(cfg, method, Path(pruned["path"]), Path(data["path"]), out_dir, log=get_run_logger().info)
-        tracker.log_metrics(method_run_id, result)
-    return {"path": str(out_dir / "retrained.pt"), **result}
-
-
-@task(cache_policy=NO_CACHE)
-def evaluate_model(root: str, cfg: PipelineConfig, method: str, data: Info, baseline: Info, retrained: Info,
-                   run_dir: str, method_run_id: str) -> Info:
-    layout, tracker = _context(root, cfg)
-    out_dir = layout.method_dir(Path(run_dir), method)
-    with tracker.failing(method_run_id):
-        metrics = stages.evaluate_model(cfg, method, Path(baseline["dir"]), Path(retrained["path"]), Path(data["path"]),
-                                        out_dir, log=get_run_logger().info)
-        tracker.log_metrics(method_run_id, metrics)
-        tracker.log_artifact(method_run_id, out_dir / "report.md")
-    return metrics
+def run_stage(name: str, run: MethodRun, run_id: str) -> Any:
+    """Run stage ``name`` of ``STAGES`` for the run's method and log its result to the method's MLflow run
+    (``RECORDERS``); search trials become nested runs. A failure marks the method run FAILED."""
+    tracker = Tracker.open(run.layout)
+    trials = TrialLogger(tracker.uri, tracker.experiment_id, run_id, run.method, run.cfg.search.objectives[0])
+    with tracker.failing(run_id):
+        result = STAGES[name].run(replace(run, trial_callbacks=(*run.trial_callbacks, trials)), get_run_logger().info)
+        RECORDERS.get(name, _record_metrics)(tracker, run_id, run, result)
+    return result
 
 
 def _retry_unless_check_failed(task, task_run, state) -> bool:
@@ -179,39 +165,24 @@ def _retry_unless_check_failed(task, task_run, state) -> bool:
     return True
 
 
-@task(retries=1, retry_delay_seconds=3, retry_condition_fn=_retry_unless_check_failed, cache_policy=NO_CACHE)
-def export_model(root: str, cfg: PipelineConfig, method: str, data: Info, retrained: Info, run_dir: str,
-                 method_run_id: str) -> Info:
-    """Export the target's deployable files (each checked) and log them with the checkpoint and the PyTorch model.
+# Export uploads files, which may fail for a moment; the other stages compute, and a rerun would redo the work.
+RETRIES = {"export": {"retries": 1, "retry_delay_seconds": 3, "retry_condition_fn": _retry_unless_check_failed}}
 
-    ``retrained.pt`` (spec + pruning history + weights) is what ``pruneflow export --run-id`` rebuilds the net from.
-    """
-    layout, tracker = _context(root, cfg)
-    out_dir = layout.method_dir(Path(run_dir), method)
-    with tracker.failing(method_run_id):
-        result = stages.export(cfg, Path(retrained["path"]), Path(data["path"]), out_dir, log=get_run_logger().info)
-        log_export(tracker, method_run_id, result)
-        tracker.log_artifact(method_run_id, Path(retrained["path"]))
-        model, spec, _ = load_model(Path(retrained["path"]))
-        with mlflow.start_run(run_id=method_run_id):  # log_model needs the fluent run; this thread owns it
-            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                     input_example=spec.example_inputs(2).numpy(),
-                                     pip_requirements=pinned_requirements("torch", "cloudpickle", "numpy", "pruneflow"))
-        tracker.finish(method_run_id)
-    return result
+# One Prefect task per method stage, named after its function (``prune_model``), as the Prefect UI lists them.
+STAGE_TASKS: dict[str, Task] = {name: run_stage.with_options(name=stage.run.__name__, **RETRIES.get(name, {}))
+                                for name, stage in STAGES.items() if stage.per_method}
 
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
-def compare_methods(root: str, cfg: PipelineConfig, baseline: Info, results: dict[str, Info], run_dir: str,
+def compare_methods(run: ProjectRun, baseline: Baseline, results: dict[str, dict[str, Any]],
                     parent_run_id: str) -> str:
     """The comparison table, as a Prefect markdown artifact and on the parent MLflow run."""
-    _, tracker = _context(root, cfg)
-    table = stages.compare(baseline["metrics"], results, cfg.evaluate.latency_batch_large, cfg.task)
-    path = Path(run_dir) / "compare.md"
-    path.write_text(table)
-    tracker.log_artifact(parent_run_id, path)
+    tracker = Tracker.open(run.layout)
+    table = stages.compare(baseline.metrics, results, run.cfg.evaluate.latency_batch_large, run.cfg.task)
+    run.compare_md.write_text(table)
+    tracker.log_artifact(parent_run_id, run.compare_md)
     create_markdown_artifact(key="compare", markdown=table, description="pruneflow: methods vs baseline")
-    return str(path)
+    return str(run.compare_md)
 
 
 def log_config(tracker: Tracker, run_id: str, cfg: PipelineConfig) -> None:

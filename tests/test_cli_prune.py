@@ -12,8 +12,8 @@ from flows.cli import app
 from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import DataConfig
 from pruneflow.inspection import fit_inputs, format_report, prune_once
-from pruneflow.methods import PruneTarget
 from pruneflow.methods.l1 import L1
+from pruneflow.plan import PrunePlan
 
 REPORT_KEYS = {"macs_before", "macs_after", "params_before", "params_after", "layers"}
 
@@ -68,7 +68,7 @@ def test_three_channel_checkpoint_calibrates_on_fitted_digits(data_dir, tmp_path
     spec = ModelSpec("resnet20", 3, 10, (3, 16, 16))
     save_model(tmp_path / "model.pt", spec.build(), spec)
     pruner = CalibratedL1()
-    report = prune_once(pruner, PruneTarget(ratio=0.5), checkpoint=tmp_path / "model.pt", data=DataConfig(),
+    report = prune_once(pruner, PrunePlan(ratio=0.5), checkpoint=tmp_path / "model.pt", data=DataConfig(),
                         data_dir=data_dir, calib_batches=2, log=lambda _: None)
     assert pruner.shapes == [(64, 3, 16, 16)] * 2  # 1x8x8 digits, grey repeated to RGB and resized
     assert report["model"] == "resnet20" and report["input_shape"] == [3, 16, 16]

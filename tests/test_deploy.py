@@ -15,15 +15,25 @@ from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import PipelineConfig, TrainConfig
 from pruneflow.deploy import choose_champion, registered_model_name
 from pruneflow.export import ExportError, accuracy, export_onnx, measure_latency
-from pruneflow.methods import PruneTarget, create_method
+from pruneflow.layout import ProjectLayout, ProjectRun
+from pruneflow.methods import create_method
+from pruneflow.plan import PrunePlan
 from pruneflow.quantize import quantize_int8
 from pruneflow.training import train
+from pruneflow.versioning import DataVersion
 
 INT8_MAX_DROP = 2.0  # points of test accuracy static int8 may lose against fp32 ONNX (measured: 0 on digits)
 
 
 def config(**export) -> PipelineConfig:
     return PipelineConfig(evaluate={"latency_repeats": 3, "latency_warmup": 1}, export=export)
+
+
+def export(cfg: PipelineConfig, retrained: Path, digits_dir: Path, **log) -> dict:
+    """The export stage, run on the method folder that holds ``retrained``."""
+    folder = retrained.parent
+    run = ProjectRun(ProjectLayout(folder, cfg), DataVersion(digits_dir, "digits"), folder, folder.parent)
+    return stages.export_model(run.method(folder.name), **log).as_dict()
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +44,14 @@ def retrained(digits_dir, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = spec.build()
     train(model, splits.loader("train", 64, shuffle=True), TrainConfig(epochs=3))
-    result = create_method("l1").prune(model, spec.example_inputs(), PruneTarget(ratio=0.3, round_to=None))
+    result = create_method("l1").prune(model, spec.example_inputs(), PrunePlan(ratio=0.3, round_to=None))
     train(model, splits.loader("train", 64, shuffle=True), TrainConfig(epochs=1, lr=0.01))
     return save_model(tmp_path_factory.mktemp("method") / "retrained.pt", model, spec, result.history)
 
 
 @pytest.fixture(scope="module")
 def cpu_export(retrained, digits_dir) -> dict:
-    return stages.export(config(target="cpu"), retrained, digits_dir, retrained.parent, log=print)
+    return export(config(target="cpu"), retrained, digits_dir, log=print)
 
 
 def test_cpu_target_writes_a_static_int8_model_that_keeps_its_accuracy(cpu_export, retrained):
@@ -64,7 +74,7 @@ def test_dynamic_int8_needs_no_calibration_and_keeps_its_accuracy(cpu_export, di
 
 
 def test_jetson_target_writes_fp16_and_torchscript_that_match_pytorch(retrained, digits_dir):
-    result = stages.export(config(target="jetson"), retrained, digits_dir, retrained.parent, log=print)
+    result = export(config(target="jetson"), retrained, digits_dir, log=print)
     assert set(result["files"]) == {"onnx", "onnx_fp16", "torchscript"}
     assert onnx.load(result["files"]["onnx"]).opset_import[0].version == 17  # TensorRT 8.5's ceiling
     assert result["torchscript_max_abs_diff"] < 1e-4
@@ -80,7 +90,7 @@ def test_jetson_target_writes_fp16_and_torchscript_that_match_pytorch(retrained,
 def test_a_zero_fp16_tolerance_fails_the_export_and_leaves_no_files(retrained, digits_dir):
     folder = retrained.parent / "export" / "generic-gpu"
     with pytest.raises(ExportError, match=r"model.fp16.onnx: output differs from PyTorch by .* export.fp16_rtol=0"):
-        stages.export(config(target="generic-gpu", fp16_rtol=0), retrained, digits_dir, retrained.parent)
+        export(config(target="generic-gpu", fp16_rtol=0), retrained, digits_dir)
     assert not folder.exists()
 
 

@@ -25,6 +25,7 @@ from flows.cli import app
 from pruneflow import stages, versioning
 from pruneflow.config import PipelineConfig, load_config
 from pruneflow.layout import ProjectLayout
+from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 from tests.system_deps import ROOT, free_port, require
 
@@ -82,7 +83,7 @@ def worker_project(tmp_path_factory, digits_dir) -> Path:
     layout = ProjectLayout(root, cfg)
     shutil.copytree(digits_dir, layout.dataset_dir)
     md5 = versioning.add(root, layout.dataset_dir)
-    stages.train_baseline(cfg, layout.dataset_dir, layout.baseline_dir(stages.baseline_key(cfg, md5)),
+    stages.train_baseline(stages.project_run(layout, DataVersion(layout.dataset_dir, md5), layout.runs_dir),
                           log=lambda _: None)
     return root
 
@@ -113,13 +114,14 @@ def test_four_workers_share_one_study_and_the_pipeline_chooses_among_their_trial
 
     # The pipeline's search on the same params finds the workers' study, adds its own trial and chooses.
     pipeline_cfg = PipelineConfig.model_validate({**cfg.model_dump(), "search": {**cfg.search.model_dump(),
-                                                                                  "n_trials": 1}})
-    baseline_dir = layout.baseline_dir(stages.baseline_key(cfg, data_md5))
-    chosen = stages.search(pipeline_cfg, "l1", baseline_dir, layout.dataset_dir, tmp_path / "l1", postgres_url,
-                           stages.study_name(pipeline_cfg, "l1", data_md5), log=lambda _: None)
-    assert chosen["study_name"] == name
-    assert chosen["completed_trials"] + chosen["pruned_trials"] == WORKERS * TRIALS_EACH + 1
-    assert chosen["costs"]["macs_reduction"] >= PARAMS["search"]["target"]["value"]
+                                                                                  "n_trials": 1,
+                                                                                  "storage": postgres_url}})
+    pipeline = ProjectLayout(project, pipeline_cfg)
+    run = stages.project_run(pipeline, DataVersion(pipeline.dataset_dir, data_md5), tmp_path).method("l1")
+    chosen = stages.search_ratio(run, log=lambda _: None)
+    assert chosen.study_name == name
+    assert chosen.completed_trials + chosen.pruned_trials == WORKERS * TRIALS_EACH + 1
+    assert chosen.costs["macs_reduction"] >= PARAMS["search"]["target"]["value"]
     assert (tmp_path / "l1" / "search.json").is_file()
 
 

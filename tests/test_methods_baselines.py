@@ -11,10 +11,11 @@ import torch
 from pruneflow.config import TrainConfig
 from pruneflow.data import load_splits
 from pruneflow.export import export_onnx, onnx_max_abs_diff
-from pruneflow.methods import PruneTarget, create_method
+from pruneflow.methods import create_method
 from pruneflow.methods.magnitude_unstructured import masked_weights
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import build_model
+from pruneflow.plan import PrunePlan
 from pruneflow.training import evaluate, train
 
 INPUTS = {"small_cnn": (1, 8), "resnet20": (3, 16)}  # model -> (channels, image side)
@@ -40,7 +41,7 @@ def setup(model_name: str, seed: int = 0):
 def test_structured_methods_halve_the_net_and_keep_its_output(method, model_name, tmp_path):
     model, x, calib = setup(model_name)
     macs_before = count_macs_params(model, x[:1])[0]
-    result = create_method(method).prune(model, x, PruneTarget(ratio=0.5), calib)
+    result = create_method(method).prune(model, x, PrunePlan(ratio=0.5), calib)
     assert model(x).shape == (2, 10)
     assert 1 - count_macs_params(model, x[:1])[0] / macs_before >= 0.3
     assert any(layer.channels_after < layer.channels_before for layer in result.layers)
@@ -54,7 +55,7 @@ def test_structured_methods_halve_the_net_and_keep_its_output(method, model_name
 def test_magnitude_unstructured_zeros_weights_but_keeps_channels_and_macs(model_name):
     model, x, _ = setup(model_name)
     macs_before = count_macs_params(model, x[:1])[0]
-    result = create_method("magnitude_unstructured").prune(model, x, PruneTarget(ratio=0.5))
+    result = create_method("magnitude_unstructured").prune(model, x, PrunePlan(ratio=0.5))
     assert zero_weight_share(model) >= 0.45
     assert count_macs_params(model, x[:1])[0] == macs_before
     assert all(l.channels_after == l.channels_before and l.macs_after == l.macs_before for l in result.layers)
@@ -65,7 +66,7 @@ def test_magnitude_unstructured_zeros_weights_but_keeps_channels_and_macs(model_
 def test_magnitude_unstructured_retraining_keeps_the_pruned_weights_at_zero():
     model, x, batches = setup("small_cnn")
     method = create_method("magnitude_unstructured")
-    method.prune(model, x, PruneTarget(ratio=0.5))
+    method.prune(model, x, PrunePlan(ratio=0.5))
     pruned = [(module.weight == 0).clone() for module, _ in masked_weights(model)]
     before = [module.weight.detach().clone() for module, _ in masked_weights(model)]
     history = method.retrain(model, batches, batches, TrainConfig(epochs=2, lr=0.05))
@@ -82,8 +83,8 @@ def test_apoz_prunes_channels_a_relu_always_zeroes_first():
     dead = torch.tensor([3, 8, 17, 22, 30, 41, 50, 63])
     with torch.no_grad():
         bn.bias[dead] = -100.0  # relu(bn(x)) == 0 for every input; the weights' magnitudes are untouched
-    target = PruneTarget(ratio=0.0, layer_ratios={"features.1.0": len(dead) / 64}, round_to=None)
-    create_method("apoz").prune(model, x, target, calib)
+    plan = PrunePlan(ratio=0.0, layer_ratios={"features.1.0": len(dead) / 64}, round_to=None)
+    create_method("apoz").prune(model, x, plan, calib)
     assert bn.num_features == 64 - len(dead)
     assert (bn.bias > -100).all()  # exactly the dead channels went
 
@@ -91,9 +92,9 @@ def test_apoz_prunes_channels_a_relu_always_zeroes_first():
 def test_taylor_without_calibration_batches_raises_a_clear_error():
     model, x, _ = setup("small_cnn")
     with pytest.raises(ValueError, match="taylor is data-driven and needs calibration batches"):
-        create_method("taylor").prune(model, x, PruneTarget(ratio=0.5))
+        create_method("taylor").prune(model, x, PrunePlan(ratio=0.5))
     with pytest.raises(ValueError, match="taylor got no calibration batches"):
-        create_method("taylor").prune(model, x, PruneTarget(ratio=0.5), [])
+        create_method("taylor").prune(model, x, PrunePlan(ratio=0.5), [])
 
 
 def test_random_loses_to_l1_on_real_digits(digits_dir):
@@ -114,7 +115,7 @@ def test_random_loses_to_l1_on_real_digits(digits_dir):
         for method, scores in accuracy.items():
             model = copy.deepcopy(baseline)
             torch.manual_seed(seed)  # random's choice of channels
-            create_method(method).prune(model, x, PruneTarget(ratio=0.7, round_to=None))
+            create_method(method).prune(model, x, PrunePlan(ratio=0.7, round_to=None))
             torch.manual_seed(seed)
             train(model, splits.loader("train", 64, shuffle=True, seed=seed), TrainConfig(epochs=1, lr=0.003))
             scores.append(evaluate(model, test))

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from pruneflow.export import export_onnx, onnx_max_abs_diff
-from pruneflow.methods import METHODS, PruneTarget, create_method
+from pruneflow.methods import METHODS, create_method
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import build_model
+from pruneflow.plan import PrunePlan
 
 MODELS = ("resnet56", "mobilenet_v2", "vgg16_bn")
 SHAPE = (3, 8, 8)
@@ -61,9 +62,9 @@ def test_method_prunes_model_and_exports(method, model_name, tmp_path):
 
     if method == "cascade" and not hasattr(model, "removable_blocks"):
         with pytest.raises(ValueError, match="removable_blocks"):
-            pruner.prune(model, x, PruneTarget(ratio=0.5), calibration())
+            pruner.prune(model, x, PrunePlan(ratio=0.5), calibration())
         return
-    result = pruner.prune(model, x, PruneTarget(ratio=0.5), calibration())
+    result = pruner.prune(model, x, PrunePlan(ratio=0.5), calibration())
     model.eval()
     assert model(x).shape == (4, 10)
 

@@ -11,10 +11,11 @@ from torch import nn
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import TrainConfig
 from pruneflow.export import export_onnx, onnx_max_abs_diff
-from pruneflow.methods import PruneTarget, PruningMethod, create_method
+from pruneflow.methods import PruningMethod, create_method
 from pruneflow.methods.grafting import graft, weight_entropy
 from pruneflow.methods.groups import following_norms
 from pruneflow.metrics import count_macs_params
+from pruneflow.plan import PrunePlan
 from pruneflow.training import train
 
 SMALL = ModelSpec("small_cnn", in_channels=1, num_classes=10, input_shape=(1, 8, 8))
@@ -91,7 +92,7 @@ def test_structured_methods_cut_macs_keep_the_output_and_export(name, spec, tmp_
     model, x, batches = spec.build(), torch.randn(2, *spec.input_shape), batches_for(spec.input_shape)
     method = ready(name, model, batches)
     before = macs(model, x)
-    method.prune(model, x, PruneTarget(ratio=0.5), batches)
+    method.prune(model, x, PrunePlan(ratio=0.5), batches)
     assert model(x).shape == (2, 10)
     assert 1 - macs(model, x) / before >= 0.3
     if spec is SMALL:  # ONNX parity once per method
@@ -107,7 +108,7 @@ def test_entropy_allocations_are_non_uniform_and_hit_the_target(name):
     torch.manual_seed(0)
     model, x = SMALL.build(), SMALL.example_inputs()
     nn.init.normal_(model.features[3][0].weight, std=0.05)  # peaked weights: a lower entropy than the uniform init
-    result = create_method(name).prune(model, x, PruneTarget(ratio=0.5, round_to=None))
+    result = create_method(name).prune(model, x, PrunePlan(ratio=0.5, round_to=None))
     ratios = layer_ratios(result, SMALL_GROUPS)
     rows = {layer.name: layer for layer in result.layers}
     removed = sum(rows[n].channels_before - rows[n].channels_after for n in SMALL_GROUPS)
@@ -123,7 +124,7 @@ def test_entropy_allocations_can_aim_at_a_macs_reduction(name):
     torch.manual_seed(0)
     model, x = RESNET.build(), RESNET.example_inputs()
     before = macs(model, x)
-    create_method(name).prune(model, x, PruneTarget(ratio=0.5, macs_reduction=0.4, round_to=None))
+    create_method(name).prune(model, x, PrunePlan(ratio=0.5, macs_reduction=0.4, round_to=None))
     assert abs(1 - macs(model, x) / before - 0.4) <= 0.03
 
 
@@ -149,7 +150,7 @@ def test_retrain_recipes_run_an_epoch(name, params):
     torch.manual_seed(0)
     model, x, batches = SMALL.build(), SMALL.example_inputs(), batches_for(SMALL.input_shape)
     method = create_method(name, params)
-    method.prune(model, x, PruneTarget(ratio=0.5), batches)
+    method.prune(model, x, PrunePlan(ratio=0.5), batches)
     weights = model.classifier.weight.detach().clone()
     seen = []
     history = method.retrain(model, batches, batches[:1], TrainConfig(epochs=1, lr=0.01), seen.append)
@@ -170,7 +171,7 @@ def test_statistical_records_the_last_epochs_through_training(tmp_path):
     assert records["epochs"] == [2, 3]
     assert records["filters"]["features.1.0"].shape == (2, 64)
     method.use_records(records)
-    result = method.prune(model, SMALL.example_inputs(), PruneTarget(ratio=0.5, round_to=None))
+    result = method.prune(model, SMALL.example_inputs(), PrunePlan(ratio=0.5, round_to=None))
     assert layer_ratios(result, SMALL_GROUPS) == pytest.approx(dict.fromkeys(SMALL_GROUPS, 0.5))
 
 
@@ -179,21 +180,21 @@ def test_statistical_threshold_rule_and_stability_filter():
     model, batches = SMALL.build(), batches_for(SMALL.input_shape)
     method = create_method("statistical", {"rule": "threshold", "stability": 0.05})
     method.use_records(recorded(method, model, batches, epochs=2))
-    result = method.prune(model, SMALL.example_inputs(), PruneTarget(ratio=0.9, round_to=None))
+    result = method.prune(model, SMALL.example_inputs(), PrunePlan(ratio=0.9, round_to=None))
     ratios = layer_ratios(result, SMALL_GROUPS)
     assert all(0 < ratio < 0.5 for ratio in ratios.values())  # μ − σ removes the low tail, whatever the ratio says
 
 
 def test_statistical_needs_records():
     with pytest.raises(ValueError, match="use_records"):
-        create_method("statistical").prune(SMALL.build(), SMALL.example_inputs(), PruneTarget())
+        create_method("statistical").prune(SMALL.build(), SMALL.example_inputs(), PrunePlan())
 
 
 def test_adversarial_keeps_the_most_pruned_candidate_within_delta():
     torch.manual_seed(0)
     model, x, batches = SMALL.build(), SMALL.example_inputs(), batches_for(SMALL.input_shape)
     params = {**PARAMS["adversarial"], "lambdas": [1e-4, 1.0], "delta": 100.0}
-    result = create_method("adversarial", params).prune(model, x, PruneTarget(ratio=0.5), batches)
+    result = create_method("adversarial", params).prune(model, x, PrunePlan(ratio=0.5), batches)
     assert "λ=0.0001 removes 0 channels" in result.notes and result.notes.endswith("chose λ=1")
     assert max(layer_ratios(result, SMALL_GROUPS).values()) <= 0.5  # the ratio caps the cut
 
@@ -218,7 +219,7 @@ def test_adversarial_survivors_keep_the_teachers_weights():
     with torch.no_grad():
         before = model(batches[0][0])
     params = {**PARAMS["adversarial"], "mask_lr": 0.01, "lambdas": [1e-6]}
-    create_method("adversarial", params).prune(model, x, PruneTarget(ratio=0.5), batches)
+    create_method("adversarial", params).prune(model, x, PrunePlan(ratio=0.5), batches)
     with torch.no_grad():
         assert torch.allclose(model.eval()(batches[0][0]), before, atol=1e-5)
 
@@ -233,7 +234,7 @@ def test_cascade_removes_the_blocks_whose_removal_costs_least():
         model.blocks[1].bn2.weight.mul_(3)
         images = torch.randn(16, 3, 8, 8)
         batches = [(images, model(images).argmax(1))]
-    result = create_method("cascade").prune(model, x, PruneTarget(ratio=0.5), batches)
+    result = create_method("cascade").prune(model, x, PrunePlan(ratio=0.5), batches)
     assert sorted(result.removed_blocks) == ["blocks.0", "blocks.2"] and not result.history
     assert isinstance(model.blocks[0], nn.Identity) and isinstance(model.blocks[2], nn.Identity)
     assert isinstance(model.blocks[1], TinyBlock)
@@ -242,7 +243,7 @@ def test_cascade_removes_the_blocks_whose_removal_costs_least():
 
 def test_cascade_removes_exactly_the_named_blocks_and_exports(tmp_path):
     model, x = TinyResidual().eval(), torch.randn(2, 3, 8, 8)
-    result = create_method("cascade", {"blocks": ["blocks.1"]}).prune(model, x, PruneTarget(ratio=0.5))
+    result = create_method("cascade", {"blocks": ["blocks.1"]}).prune(model, x, PrunePlan(ratio=0.5))
     assert result.removed_blocks == ["blocks.1"]
     assert [type(block) for block in model.blocks] == [TinyBlock, nn.Identity, TinyBlock]
     path = export_onnx(model, x, tmp_path / "model.onnx")
@@ -251,9 +252,9 @@ def test_cascade_removes_exactly_the_named_blocks_and_exports(tmp_path):
 
 def test_cascade_rejects_undeclared_blocks_and_models_without_a_declaration():
     with pytest.raises(ValueError, match="blocks.7"):
-        create_method("cascade", {"blocks": ["blocks.7"]}).prune(TinyResidual(), torch.randn(2, 3, 8, 8), PruneTarget())
+        create_method("cascade", {"blocks": ["blocks.7"]}).prune(TinyResidual(), torch.randn(2, 3, 8, 8), PrunePlan())
     with pytest.raises(ValueError, match="SmallCNN"):
-        create_method("cascade").prune(SMALL.build(), SMALL.example_inputs(), PruneTarget(), batches_for((1, 8, 8)))
+        create_method("cascade").prune(SMALL.build(), SMALL.example_inputs(), PrunePlan(), batches_for((1, 8, 8)))
 
 
 def test_cascade_meets_a_macs_target_and_its_checkpoint_replays_the_removal(tmp_path):
@@ -261,7 +262,7 @@ def test_cascade_meets_a_macs_target_and_its_checkpoint_replays_the_removal(tmp_
     model, x = RESNET.build().eval(), RESNET.example_inputs()
     before = macs(model, x)
     batches = batches_for(RESNET.input_shape, count=1)
-    result = create_method("cascade").prune(model, x, PruneTarget(macs_reduction=0.3), batches)
+    result = create_method("cascade").prune(model, x, PrunePlan(macs_reduction=0.3), batches)
     assert 1 - macs(model, x) / before >= 0.3
     assert set(result.removed_blocks) <= set(RESNET.build().removable_blocks())
     path = save_model(tmp_path / "pruned.pt", model, RESNET, result.history, result.removed_blocks)

@@ -11,10 +11,11 @@ from torch import nn
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import ConfigError, validate
 from pruneflow.export import export_onnx, onnx_max_abs_diff
-from pruneflow.methods import PruneResult, PruneTarget, create_method
+from pruneflow.methods import PruneResult, create_method
 from pruneflow.methods.base import remove_blocks
 from pruneflow.metrics import count_macs_params
 from pruneflow.models import MODELS, accepts, build_model, resolve_model
+from pruneflow.plan import PrunePlan
 
 CIFAR_MODELS = ["resnet20", "resnet56", "resnet110", "vgg16_bn", "mobilenet_v2"]
 SHAPE = (3, 8, 8)  # CIFAR's channels at digits' size: global pooling makes every CIFAR net fit 8x8
@@ -41,7 +42,7 @@ def pruned(name: str) -> tuple[nn.Module, PruneResult, int]:
     model = settle_batch_norm(build_model(name, SHAPE[0], 10), torch.randn(16, *SHAPE))
     example = torch.zeros(2, *SHAPE)
     macs_before, _ = count_macs_params(model, example[:1])
-    return model, create_method("l1").prune(model, example, PruneTarget(ratio=0.5)), macs_before
+    return model, create_method("l1").prune(model, example, PrunePlan(ratio=0.5)), macs_before
 
 
 @pytest.mark.parametrize("name", [name for name in MODELS if accepts(name, "num_classes")])  # SR: tests/test_sr.py
@@ -82,7 +83,7 @@ def test_pruned_resnet_checkpoint_round_trips(tmp_path) -> None:
     model = spec.build()
     removed = ["layer1.2", "layer3.1"]
     remove_blocks(model, removed)
-    result = create_method("l1").prune(model.eval(), spec.example_inputs(), PruneTarget(ratio=0.5))
+    result = create_method("l1").prune(model.eval(), spec.example_inputs(), PrunePlan(ratio=0.5))
     save_model(tmp_path / "pruned.pt", model, spec, result.history, removed)
     loaded, loaded_spec, surgery = load_model(tmp_path / "pruned.pt")
     assert loaded_spec == spec and surgery.removed_blocks == removed

@@ -208,11 +208,9 @@ def test_serve_starts_a_prefect_server_when_none_is_configured_and_stops_it(tmp_
 
 def test_io_bound_tasks_retry_and_compute_tasks_do_not():
     from tasks.deploy import register_champion
-    from tasks.stages import (compare_methods, evaluate_model, export_model, prune_model, retrain_model,
-                              search_ratio, train_baseline, version_data)
+    from tasks.stages import STAGE_TASKS, compare_methods, train_baseline, version_data
 
-    tasks = (version_data, train_baseline, search_ratio, prune_model, retrain_model, evaluate_model, export_model,
-             compare_methods, register_champion)
+    tasks = (version_data, train_baseline, *STAGE_TASKS.values(), compare_methods, register_champion)
     assert {task.name: task.retries for task in tasks} == {
         "version_data": 2, "train_baseline": 0, "search_ratio": 0, "prune_model": 0, "retrain_model": 0,
         "evaluate_model": 0, "export_model": 1, "compare_methods": 2, "register_champion": 2}

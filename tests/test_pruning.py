@@ -7,8 +7,9 @@ import torch
 
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.export import ExportError, check_parity, export_onnx, onnx_max_abs_diff
-from pruneflow.methods import METHODS, PruneTarget, create_method
+from pruneflow.methods import METHODS, create_method
 from pruneflow.metrics import count_macs_params
+from pruneflow.plan import PrunePlan
 from pruneflow.registry import Registry, UnknownNameError
 
 SPEC = ModelSpec("small_cnn", in_channels=1, num_classes=10, input_shape=(1, 8, 8))
@@ -38,7 +39,7 @@ def test_macs_drop_as_the_ratio_grows_and_the_output_shape_is_kept(method):
         model = SPEC.build()
         for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             torch.nn.init.uniform_(bn.weight, 0.1, 1.0)  # distinct γ so slimming's global threshold is defined
-        create_method(method).prune(model, x, PruneTarget(ratio=ratio, round_to=None))
+        create_method(method).prune(model, x, PrunePlan(ratio=ratio, round_to=None))
         assert model(x).shape == (4, 10)
         reductions.append(1 - count_macs_params(model, x[:1])[0] / base_macs)
     assert 0 < reductions[0] < reductions[1] < reductions[2]
@@ -46,12 +47,12 @@ def test_macs_drop_as_the_ratio_grows_and_the_output_shape_is_kept(method):
 
 def test_round_to_keeps_channel_counts_multiples_of_8():
     model = SPEC.build()
-    result = create_method("l1").prune(model, SPEC.example_inputs(), PruneTarget(ratio=0.3, round_to=8))
+    result = create_method("l1").prune(model, SPEC.example_inputs(), PrunePlan(ratio=0.3, round_to=8))
     assert all(layer.channels_after % 8 == 0 for layer in result.layers if layer.name != "classifier")
 
 
 def test_stem_and_classifier_keep_their_channels():
-    result = create_method("l1").prune(SPEC.build(), SPEC.example_inputs(), PruneTarget(ratio=0.5))
+    result = create_method("l1").prune(SPEC.build(), SPEC.example_inputs(), PrunePlan(ratio=0.5))
     kept = {layer.name: layer for layer in result.layers}
     assert kept["features.0.0"].channels_after == kept["features.0.0"].channels_before
     assert kept["classifier"].channels_after == 10
@@ -59,7 +60,7 @@ def test_stem_and_classifier_keep_their_channels():
 
 def test_checkpoint_rebuilds_the_pruned_model_from_its_history(tmp_path):
     model = SPEC.build().eval()
-    result = create_method("l1").prune(model, SPEC.example_inputs(), PruneTarget(ratio=0.5))
+    result = create_method("l1").prune(model, SPEC.example_inputs(), PrunePlan(ratio=0.5))
     path = save_model(tmp_path / "pruned.pt", model, SPEC, result.history)
     loaded, spec, surgery = load_model(path)
     x = torch.randn(3, 1, 8, 8)
@@ -69,7 +70,7 @@ def test_checkpoint_rebuilds_the_pruned_model_from_its_history(tmp_path):
 
 def test_onnx_export_matches_pytorch_and_a_zero_tolerance_fails(tmp_path):
     model = SPEC.build().eval()
-    create_method("l1").prune(model, SPEC.example_inputs(), PruneTarget(ratio=0.5))
+    create_method("l1").prune(model, SPEC.example_inputs(), PrunePlan(ratio=0.5))
     path = export_onnx(model, SPEC.example_inputs(), tmp_path / "model.onnx")
     batches = [(torch.randn(5, 1, 8, 8), None), (torch.randn(1, 1, 8, 8), None)]  # dynamic batch axis
     assert onnx_max_abs_diff(path, model, batches) < 1e-4

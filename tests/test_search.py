@@ -9,9 +9,11 @@ import pytest
 
 from pruneflow import stages
 from pruneflow.config import ConfigError, PipelineConfig, SearchConfig, load_config
-from pruneflow.search import (SearchError, TrialMeasure, TrialPlan, check_reachable, make_sampler, open_study,
-                              pareto_front,
-                              run_trials, select, target_gap)
+from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
+from pruneflow.plan import PrunePlan
+from pruneflow.search import (SearchError, SearchSpace, TrialMeasure, check_reachable, make_sampler, open_study,
+                              pareto_front, run_trials, select, target_gap)
+from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 
 FAST = {"train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "methods": {"l1": {}},
@@ -19,24 +21,30 @@ FAST = {"train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "methods":
                    "target": {"metric": "macs_reduction", "value": 0.4}}}
 
 
+def l1_run(cfg: PipelineConfig, tmp_path, baseline, digits_dir) -> MethodRun:
+    """l1's stages on the digits, writing to tmp_path/l1."""
+    data = DataVersion(digits_dir, "digits-md5")
+    return ProjectRun(ProjectLayout(tmp_path, cfg), data, baseline, tmp_path).method("l1")
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, digits_dir):
     out = tmp_path_factory.mktemp("baseline")
-    stages.train_baseline(PipelineConfig.model_validate(FAST), digits_dir, out, log=lambda _: None)
+    stages.train_baseline(l1_run(PipelineConfig.model_validate(FAST), out, out, digits_dir), log=lambda _: None)
     return out
 
 
 def run_search(tmp_path, baseline, digits_dir, **search):
-    cfg = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], **search}})
-    name = stages.study_name(cfg, "l1", "digits-md5")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    chosen = stages.search(cfg, "l1", baseline, digits_dir, tmp_path / "l1", storage, name, log=lambda _: None)
+    cfg = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "storage": storage, **search}})
+    name = stages.study_name(cfg, "l1", "digits-md5")
+    chosen = stages.search_ratio(l1_run(cfg, tmp_path, baseline, digits_dir), log=lambda _: None)
     return cfg, chosen, optuna.load_study(study_name=name, storage=storage)
 
 
 def test_chosen_trial_meets_the_target_and_a_rerun_extends_the_study(tmp_path, baseline, digits_dir):
     cfg, chosen, study = run_search(tmp_path, baseline, digits_dir)
-    assert chosen["costs"]["macs_reduction"] >= 0.4
+    assert chosen.costs["macs_reduction"] >= 0.4
     assert (tmp_path / "l1" / "search.png").stat().st_size > 0
     assert "(chosen)" in (tmp_path / "l1" / "trials.md").read_text()
     first = {t.number: t.datetime_complete for t in study.trials}
@@ -49,9 +57,9 @@ def test_chosen_trial_meets_the_target_and_a_rerun_extends_the_study(tmp_path, b
 @pytest.mark.parametrize("space", ["per_stage", "per_layer"])
 def test_finer_spaces_give_layer_ratios_that_reach_prune(tmp_path, baseline, digits_dir, space):
     cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, space=space)
-    assert chosen["layer_ratios"] and len(study.trials[0].params) > 1
-    summary = stages.prune(cfg, "l1", baseline, chosen, digits_dir, tmp_path / "pruned", log=lambda _: None)
-    assert 1 - summary["macs_after"] / summary["macs_before"] == pytest.approx(chosen["costs"]["macs_reduction"])
+    assert chosen.plan.layer_ratios and len(study.trials[0].params) > 1
+    summary = stages.prune_model(l1_run(cfg, tmp_path, baseline, digits_dir), log=lambda _: None)
+    assert 1 - summary.macs_after / summary.macs_before == pytest.approx(chosen.costs["macs_reduction"])
 
 
 def test_fitted_trials_sit_on_the_target_and_prune_at_their_fitted_ratios(tmp_path, baseline, digits_dir):
@@ -60,8 +68,8 @@ def test_fitted_trials_sit_on_the_target_and_prune_at_their_fitted_ratios(tmp_pa
         fitted = trial.user_attrs["fitted_ratios"]
         assert fitted.keys() == trial.params.keys() and fitted != trial.params
         assert 0.4 <= trial.user_attrs["macs_reduction"] <= 0.4 + 0.15  # just over the target, not anywhere above
-    chosen_trial = study.trials[chosen["trial_number"]]
-    assert set(chosen["layer_ratios"].values()) <= set(chosen_trial.user_attrs["fitted_ratios"].values())
+    chosen_trial = study.trials[chosen.trial_number]
+    assert set(chosen.plan.layer_ratios.values()) <= set(chosen_trial.user_attrs["fitted_ratios"].values())
 
 
 def test_unfitted_trials_prune_at_their_sampled_ratios(tmp_path, baseline, digits_dir):
@@ -74,19 +82,19 @@ def test_multi_objective_search_keeps_a_pareto_front(tmp_path, baseline, digits_
                                     n_trials=4, selection="pareto_knee")
     assert len(study.directions) == 2
     assert isinstance(make_sampler(cfg.search, seed=0), optuna.samplers.NSGAIISampler)  # Optuna 5 would pick TPE
-    assert chosen["pareto_trials"] and chosen["trial_number"] in chosen["pareto_trials"]
+    assert chosen.pareto_trials and chosen.trial_number in chosen.pareto_trials
 
 
 def test_latency_target_is_measured_per_trial(tmp_path, baseline, digits_dir):
     _, chosen, study = run_search(tmp_path, baseline, digits_dir, n_trials=2, finetune_epochs=0,
                                   target={"metric": "latency_ms", "value": 1000.0})
     assert all(t.user_attrs["latency_ms"] > 0 for t in study.trials)
-    assert chosen["costs"]["latency_ms"] <= 1000.0
+    assert chosen.costs["latency_ms"] <= 1000.0
 
 
 def test_two_worker_processes_share_one_study(tmp_path, baseline, digits_dir):
     _, chosen, study = run_search(tmp_path, baseline, digits_dir, n_trials=2, n_workers=2, finetune_epochs=0)
-    assert len(study.trials) == 2 and chosen["completed_trials"] == 2
+    assert len(study.trials) == 2 and chosen.completed_trials == 2
 
 
 def test_unreachable_target_fails_before_any_fine_tune(tmp_path, baseline, digits_dir):
@@ -98,16 +106,16 @@ def test_the_median_pruner_stops_trials_that_fall_behind(tmp_path):
     cfg = SearchConfig(n_trials=6, finetune_epochs=3, pruner="median", target={"value": 0.1})
     study = open_study(f"sqlite:///{tmp_path / 's.db'}", "pruning", cfg, seed=0)
 
-    def score(plan: TrialPlan, report) -> TrialMeasure:
+    def score(plan: PrunePlan, report) -> TrialMeasure:
         accuracy = 100.0 - 10 * len(study.trials)  # every later trial is worse than the ones before
         for epoch in range(1, cfg.finetune_epochs + 1):
             report(epoch, accuracy)
         return TrialMeasure(accuracy, {"macs_reduction": 0.5, "params_reduction": 0.5}, cfg.finetune_epochs)
 
-    run_trials(study, cfg, {"ratio": []}, score, cfg.n_trials)
+    run_trials(study, cfg, SearchSpace({"ratio": []}), score, cfg.n_trials)
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.PRUNED in states
-    assert select(study, cfg, {"ratio": []}, 100.0).finetune_epochs_saved > 0
+    assert select(study, cfg, SearchSpace({"ratio": []}), 100.0).finetune_epochs_saved > 0
 
 
 def synthetic_study(points: list[tuple[float, float]]) -> optuna.Study:
@@ -128,7 +136,7 @@ def synthetic_study(points: list[tuple[float, float]]) -> optuna.Study:
 def test_selection_policies(policy, expected):
     study = synthetic_study([(99.5, 0.3), (99.0, 0.45), (98.6, 0.6), (98.0, 0.7), (90.0, 0.9)])
     cfg = SearchConfig(selection=policy, tolerance=1.0, target={"value": 0.4})
-    assert select(study, cfg, {"ratio": []}, baseline_metric=99.0).trial_number == expected
+    assert select(study, cfg, SearchSpace({"ratio": []}), baseline_metric=99.0).trial_number == expected
     assert [t.number for t in pareto_front(study.trials[1:], cfg)] == [1, 2, 3, 4]
     assert target_gap(cfg, {"macs_reduction": 0.3}) > 0
 
@@ -163,9 +171,9 @@ def test_reachability_probes_below_ratio_high_for_threshold_methods():
     cfg = SearchConfig(ratio_low=0.2, ratio_high=0.7, target={"value": 0.5})
     reduction = {0.7: 0.15}  # at ratio_high the method collapses; lower ratios reach the target
 
-    def measure(plan: TrialPlan) -> dict[str, float]:
+    def measure(plan: PrunePlan) -> dict[str, float]:
         return {"macs_reduction": reduction.get(round(plan.ratio, 3), 0.6), "params_reduction": 0.6}
 
-    check_reachable(cfg, {"ratio": []}, measure)
+    check_reachable(cfg, SearchSpace({"ratio": []}), measure)
     with pytest.raises(SearchError, match="best macs_reduction over ratios 0.2..0.7 is 0.150"):
-        check_reachable(cfg, {"ratio": []}, lambda plan: {"macs_reduction": 0.15})
+        check_reachable(cfg, SearchSpace({"ratio": []}), lambda plan: {"macs_reduction": 0.15})

@@ -22,9 +22,12 @@ from pruneflow.config import ConfigError, DataConfig, validate
 from pruneflow.data import load_dataset, prepare_dataset
 from pruneflow.data.super_resolution import BSDS300
 from pruneflow.image_quality import luma, psnr_y, ssim_y
-from pruneflow.methods import PruneTarget, create_method, method_name
+from pruneflow.layout import ProjectLayout, ProjectRun
+from pruneflow.methods import create_method, method_name
 from pruneflow.models import build_model
+from pruneflow.plan import PrunePlan
 from pruneflow.training import evaluate_all
+from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 from tests.test_pipeline_e2e import artifact_paths, runs_of
 
@@ -99,7 +102,7 @@ def test_parameter_counts_match_the_paper_setup() -> None:
 def test_cascade_method_removes_branches_and_averages_the_rest(drop: int) -> None:
     model, x = espcn("espcn_cascade"), torch.rand(2, 1, 12, 12)
     before = {level: branch for level, branch in model.branches.items()}
-    result = create_method("cascade", {"drop": drop}).prune(model, x, PruneTarget(), sr_batches(size=12))
+    result = create_method("cascade", {"drop": drop}).prune(model, x, PrunePlan(), sr_batches(size=12))
     assert len(result.removed_blocks) == drop and params(model) == (3 - drop) * 59_657
     kept = [level for level in before if f"branches.{level}" not in result.removed_blocks]
     assert list(model.branches) == kept and "full" in kept
@@ -115,10 +118,10 @@ def test_cascade_params_fix_what_goes_and_are_checked() -> None:
     assert create_method("cascade", {"drop": 1}).fixed_by_params()
     assert not create_method("cascade", {}).fixed_by_params()
     model = espcn("espcn_cascade")
-    result = create_method("cascade", {"blocks": ["branches.down2"]}).prune(model, torch.zeros(1, 1, 8, 8), PruneTarget())
+    result = create_method("cascade", {"blocks": ["branches.down2"]}).prune(model, torch.zeros(1, 1, 8, 8), PrunePlan())
     assert result.removed_blocks == ["branches.down2"] and list(model.branches) == ["full", "down4"]
     with pytest.raises(ValueError, match="declares only 2 removable blocks"):
-        create_method("cascade", {"drop": 3}).prune(espcn("espcn_cascade"), torch.zeros(1, 1, 8, 8), PruneTarget(),
+        create_method("cascade", {"drop": 3}).prune(espcn("espcn_cascade"), torch.zeros(1, 1, 8, 8), PrunePlan(),
                                                     sr_batches())
     with pytest.raises(ValueError, match="not a removable branch"):
         model.remove_block("branches.full")
@@ -127,8 +130,8 @@ def test_cascade_params_fix_what_goes_and_are_checked() -> None:
 def test_checkpoint_reloads_a_model_without_branches_and_with_fewer_channels(tmp_path) -> None:
     model, x = espcn("espcn_cascade"), torch.rand(2, 1, 8, 8)
     spec = ModelSpec("espcn_cascade", 1, None, (1, 8, 8), {"upscale_factor": 3})
-    removed = create_method("cascade", {"drop": 1}).prune(model, x, PruneTarget(), sr_batches()).removed_blocks
-    pruned = create_method("l1").prune(model, x, PruneTarget(ratio=0.5))
+    removed = create_method("cascade", {"drop": 1}).prune(model, x, PrunePlan(), sr_batches()).removed_blocks
+    pruned = create_method("l1").prune(model, x, PrunePlan(ratio=0.5))
     save_model(tmp_path / "m.pt", model, spec, pruned.history, removed)
     loaded, _, surgery = load_model(tmp_path / "m.pt")
     assert surgery.removed_blocks == removed
@@ -137,7 +140,7 @@ def test_checkpoint_reloads_a_model_without_branches_and_with_fewer_channels(tmp
 
 def test_channel_pruning_never_touches_the_sub_pixel_channels() -> None:
     model, x = espcn(), torch.rand(2, 1, 8, 8)
-    create_method("l1").prune(model, x, PruneTarget(ratio=0.5))
+    create_method("l1").prune(model, x, PrunePlan(ratio=0.5))
     assert model.conv4.out_channels == 9 and model.conv1.out_channels == 64
     assert model.conv2.out_channels < 64 and model(x).shape == (2, 1, 24, 24)
 
@@ -227,9 +230,10 @@ def test_one_method_can_run_twice_under_labels() -> None:
 
 def test_methods_whose_params_fix_the_result_skip_the_search(tmp_path) -> None:
     cfg = validate({"task": "super_resolution", "model": {"name": "espcn_cascade"}, "methods": {"cascade-both": {"drop": 2}}})
-    chosen = stages.search(cfg, "cascade-both", tmp_path / "no-baseline", tmp_path / "no-data", tmp_path, "unused",
-                           "unused", log=lambda _: None)
-    assert chosen["searched"] is False and (tmp_path / "search.json").is_file()
+    data = DataVersion(tmp_path / "no-data", "unused")
+    run = ProjectRun(ProjectLayout(tmp_path, cfg), data, tmp_path / "no-baseline", tmp_path).method("cascade-both")
+    chosen = stages.search_ratio(run, log=lambda _: None)
+    assert chosen.searched is False and run.search_json.is_file()
 
 
 def test_evaluation_reports_the_task_metrics() -> None:

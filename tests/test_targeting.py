@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from pruneflow.checkpoint import ModelSpec
-from pruneflow.methods import PruneTarget, create_method
+from pruneflow.methods import create_method
 from pruneflow.metrics import count_macs_params, zero_weight_share
+from pruneflow.plan import PrunePlan
 from pruneflow.targeting import bisect_ratio, ratio_for_macs_reduction
 
 SPEC = ModelSpec("small_cnn", in_channels=1, num_classes=10, input_shape=(1, 8, 8))
@@ -70,7 +71,7 @@ def test_the_ratio_found_gives_that_reduction_when_pruned_for_real(method):
     assert abs(found.reduction - 0.5) < 0.05
     assert count_macs_params(model, x[:1]) == (base_macs, base_params)  # trials prune copies
     torch.manual_seed(0)  # the default seed of the trials
-    create_method(method).prune(model, x, PruneTarget(ratio=found.ratio, round_to=None))
+    create_method(method).prune(model, x, PrunePlan(ratio=found.ratio, round_to=None))
     assert 1 - count_macs_params(model, x[:1])[0] / base_macs == pytest.approx(found.reduction)
 
 
@@ -79,5 +80,5 @@ def test_unstructured_methods_are_targeted_by_weight_sparsity():
     found = ratio_for_macs_reduction(create_method("magnitude_unstructured"), model, SPEC.example_inputs(), 0.4,
                                      tolerance=0.01)
     assert found.reached
-    create_method("magnitude_unstructured").prune(model, SPEC.example_inputs(), PruneTarget(ratio=found.ratio))
+    create_method("magnitude_unstructured").prune(model, SPEC.example_inputs(), PrunePlan(ratio=found.ratio))
     assert zero_weight_share(model) == pytest.approx(found.reduction)

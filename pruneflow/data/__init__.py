@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from pruneflow.data.loading import DataSplits, TensorLoader, load_splits
 from pruneflow.data.sources import DATASETS, DatasetSource, prepare_dataset
 from pruneflow.data import torchvision_sources  # noqa: F401  (registers cifar10, cifar100, svhn)
-from pruneflow.data.super_resolution import load_sr_splits  # (registers skimage, bsds300, image_dir)
+from pruneflow.data import super_resolution  # noqa: F401  (registers skimage, bsds300, image_dir)
 
 if TYPE_CHECKING:
     from pruneflow.config import DataConfig
@@ -20,10 +20,8 @@ if TYPE_CHECKING:
 
 def load_dataset(cfg: "DataConfig", data_path: Path, seed: int = 0,
                  progress: Callable[[str], None] | None = None) -> DataSplits:
-    """A prepared dataset as in-memory splits, read the way its task needs (labelled images, or SR pairs)."""
-    if DATASETS.get(cfg.dataset).task == "super_resolution":
-        return load_sr_splits(data_path, cfg, seed, progress)
-    return load_splits(data_path, cfg.val_fraction, cfg.subset, seed, progress)
+    """A prepared dataset as in-memory splits, read as its source says (labelled images, or SR pairs)."""
+    return DATASETS.get(cfg.dataset).load(data_path, cfg, seed, progress)
 
 
 __all__ = ["DATASETS", "DataSplits", "DatasetSource", "TensorLoader", "load_dataset", "load_splits",

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pruneflow.data.sources import IMAGE_SUFFIXES, decoded_mode
+from pruneflow.task import CLASSIFICATION, SUPER_RESOLUTION, Task
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -29,25 +31,26 @@ class Split:
 
 @dataclass
 class DataSplits:
+    """Labelled images (``images`` uint8, ``labels`` class indices), served normalised by ``mean`` and ``std``."""
+
     train: Split
     val: Split
     test: Split
     classes: list[str]
     mean: list[float]
     std: list[float]
-    task: str = "classification"
-    scale: int = 1  # super-resolution: the upscale factor r between images and labels
-    patch: int = 0  # super-resolution crop_flip: side of the random high-resolution patches
+
+    task: ClassVar[str] = CLASSIFICATION.name  # the params task these splits train
 
     @property
     def num_classes(self) -> int | None:
         """The class count; None for super-resolution, whose models output images."""
-        return len(self.classes) if self.task == "classification" else None
+        return len(self.classes)
 
     @property
     def model_kwargs(self) -> dict[str, int]:
-        """What the data fixes in a super-resolution model besides its input channels."""
-        return {"upscale_factor": self.scale} if self.task == "super_resolution" else {}
+        """What the data fixes in a model besides its input channels and class count."""
+        return {}
 
     @property
     def in_channels(self) -> int:
@@ -59,14 +62,36 @@ class DataSplits:
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, augment: str = "none",
                seed: int = 0, max_batches: int | None = None) -> "TensorLoader":
-        if self.task == "super_resolution":
-            return PairLoader(getattr(self, split), batch_size, self.scale, self.patch, shuffle, augment, seed,
-                              max_batches)
         return TensorLoader(getattr(self, split), batch_size, self.mean, self.std, shuffle, augment, seed, max_batches)
+
+
+@dataclass
+class PairSplits(DataSplits):
+    """Super-resolution splits (``pruneflow.data.super_resolution``): ``images`` are the low-resolution inputs,
+    ``labels`` the high-resolution targets, and the model is fixed by the upscale factor instead of classes."""
+
+    scale: int = 1  # the upscale factor r between images and labels
+    patch: int = 0  # crop_flip: side of the random high-resolution patches
+
+    task: ClassVar[str] = SUPER_RESOLUTION.name
+
+    @property
+    def num_classes(self) -> int | None:
+        return None
+
+    @property
+    def model_kwargs(self) -> dict[str, int]:
+        return {SUPER_RESOLUTION.model_argument: self.scale}
+
+    def loader(self, split: str, batch_size: int, shuffle: bool = False, augment: str = "none",
+               seed: int = 0, max_batches: int | None = None) -> "PairLoader":
+        return PairLoader(getattr(self, split), batch_size, self.scale, self.patch, shuffle, augment, seed, max_batches)
 
 
 class TensorLoader:
     """Batches of (normalised float images, labels); re-iterable, reshuffled every pass."""
+
+    task: Task = CLASSIFICATION
 
     def __init__(self, split: Split, batch_size: int, mean: list[float], std: list[float], shuffle: bool = False,
                  augment: str = "none", seed: int = 0, max_batches: int | None = None) -> None:
@@ -103,6 +128,8 @@ class PairLoader(TensorLoader):
     ``crop_flip`` cuts one random ``patch``-sized high-resolution patch per image (aligned to the scale, with
     its low-resolution patch) and flips both at random.
     """
+
+    task: Task = SUPER_RESOLUTION
 
     def __init__(self, split: Split, batch_size: int, scale: int, patch: int, shuffle: bool = False,
                  augment: str = "none", seed: int = 0, max_batches: int | None = None) -> None:
@@ -150,6 +177,11 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
     batch = torch.arange(n).view(n, 1, 1, 1)
     channel = torch.arange(images.shape[1]).view(1, -1, 1, 1)
     return padded[batch, channel, rows, cols]
+
+
+def decoded_mode(mode: str) -> str:
+    """The PIL mode an image is decoded to: grey modes stay one channel, everything else becomes RGB."""
+    return "L" if mode in ("L", "1", "I", "I;16") else "RGB"
 
 
 def read_split(folder: Path, classes: list[str] | None = None,

@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pruneflow.data.loading import IMAGE_SUFFIXES, DataSplits, decoded_mode, load_splits
 from pruneflow.registry import Registry
+from pruneflow.task import CLASSIFICATION
 
 if TYPE_CHECKING:
     from pruneflow.config import DataConfig
 
 STAMP = "prepared.json"
 SPLITS = ("train", "test")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -41,10 +42,15 @@ class DatasetSource:
     ``<dest>/{train,test}/*``, the images themselves)."""
 
     description = ""
-    task = "classification"  # the params task whose models it trains (pruneflow.task)
+    task = CLASSIFICATION.name  # the params task whose models it trains (pruneflow.task)
 
     def check_config(self, cfg: "DataConfig") -> None:
         """Raise ValueError naming the key at fault; called during config validation."""
+
+    def load(self, data_path: Path, cfg: "DataConfig", seed: int = 0,
+             progress: Callable[[str], None] | None = None) -> DataSplits:
+        """The prepared folder as in-memory splits: class folders of labelled images."""
+        return load_splits(data_path, cfg.val_fraction, cfg.subset, seed, progress)
 
     def signature(self, cfg: "DataConfig") -> str:
         """Changes whenever the prepared files would change; lets ``prepare`` skip work."""
@@ -146,11 +152,6 @@ class ImageFolderSource(DatasetSource):
 
 DATASETS.register("digits")(Digits())
 DATASETS.register("imagefolder")(ImageFolderSource())
-
-
-def decoded_mode(mode: str) -> str:
-    """The PIL mode an image is decoded to: grey modes stay one channel, everything else becomes RGB."""
-    return "L" if mode in ("L", "1", "I", "I;16") else "RGB"
 
 
 def image_shape(path: Path) -> tuple[int, int, int]:

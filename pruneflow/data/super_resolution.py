@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from pruneflow.data.loading import DataSplits, Split
+from pruneflow.data.loading import PairSplits, Split
 from pruneflow.data.sources import DATASETS, DatasetSource, image_files, link_or_copy
 from pruneflow.data.torchvision_sources import DOWNLOAD_TIMEOUT_S, socket_timeout
+from pruneflow.task import SUPER_RESOLUTION
 
 if TYPE_CHECKING:
     from pruneflow.config import DataConfig
@@ -52,7 +53,11 @@ def patch_size(cfg: "DataConfig") -> int:
 
 
 class SRSource(DatasetSource):
-    task = "super_resolution"
+    task = SUPER_RESOLUTION.name
+
+    def load(self, data_path: Path, cfg: "DataConfig", seed: int = 0,
+             progress: Callable[[str], None] | None = None) -> PairSplits:
+        return load_sr_splits(data_path, cfg, seed, progress)
 
     def check_config(self, cfg: "DataConfig") -> None:
         crop, patch = crop_size(cfg), patch_size(cfg)
@@ -203,7 +208,7 @@ def read_crops(folder: Path, crop: int, scale: int) -> tuple[torch.Tensor, torch
 
 
 def load_sr_splits(data_path: Path, cfg: "DataConfig", seed: int = 0,
-                   progress: Callable[[str], None] | None = None) -> DataSplits:
+                   progress: Callable[[str], None] | None = None) -> PairSplits:
     """Train/val/test pairs from a prepared SR folder; val is a seeded hold-out of the training images."""
     crop = crop_size(cfg)
     train_high, train_low, skipped = read_crops(data_path / "train", crop, cfg.scale)
@@ -218,9 +223,9 @@ def load_sr_splits(data_path: Path, cfg: "DataConfig", seed: int = 0,
         raise ValueError(f"{data_path / 'train'}: at least two training images are needed (one is held out)")
     n_val = min(len(order) - 1, max(1, int(round(len(order) * cfg.val_fraction))))
     val, train = order[:n_val], order[n_val:]
-    return DataSplits(
+    return PairSplits(
         train=Split(train_low[train], train_high[train]),
         val=Split(train_low[val], train_high[val]),
         test=Split(test_low, test_high),
-        classes=[], mean=[0.0], std=[1.0], task="super_resolution", scale=cfg.scale, patch=patch_size(cfg),
+        classes=[], mean=[0.0], std=[1.0], scale=cfg.scale, patch=patch_size(cfg),
     )

@@ -13,17 +13,16 @@ BCE(D(teacher), 1) + BCE(D(student), 0). Channels whose mask reaches 0 are remov
 - The student's weights stay frozen (BatchNorm in eval mode): only the masks and D learn, for ``epochs``
   passes over the calibration batches. (GAL trains the weights too.) The masks *select* the architecture:
   dead channels go, survivors keep the teacher's weights unscaled. Folding the soft survivors into the
-  BatchNorms instead (γ, β ← m·γ, m·β) wrecked a trained ResNet-20 (held-out accuracy 81 → 8-13 %):
-  frozen weights were never co-adapted to the shrunken masks, and residual adds mix scaled with unscaled paths.
+  BatchNorms instead (γ, β ← m·γ, m·β) would scale frozen weights that were never co-adapted to the shrunken
+  masks, and residual adds would mix scaled with unscaled paths (docs/benchmarks/cifar10-methods.md).
 - The MSE is summed over the classes (averaged over the batch), and each mask's gradient is clamped to
-  ±``max_grad`` (1) before its step, with masks kept in [0, 1]. Unclamped, the summed MSE diverged at
-  ``mask_lr`` 0.05 on a trained ResNet-20 (NaN masks after one pass); clamped, a mask dies when the
-  loss's pull on it stays below λ, so λ ∈ (0, 1) is a threshold on the channel's importance: on that
-  ResNet-20, five passes at lr 0.05 killed 1 / 15 / 85 / 331 / 424 of 432 masks at λ = 0.1 / 0.3 / 0.5 /
-  0.7 / 0.9. A non-finite loss still stops the method with an error naming ``mask_lr``.
-- Where the ratio target enters: a layer loses at most ``target.ratio`` (and ``max_layer_ratio``) of its
-  channels, however many masks died, so the search's ratio still caps the cut; rounding to ``round_to``
-  keeps more channels, never removes a live one.
+  ±``max_grad`` (1) before its step, with masks kept in [0, 1]: unclamped, the summed MSE can diverge.
+  Clamped, a mask dies when the loss's pull on it stays below λ, so λ ∈ (0, 1) is a threshold on the
+  channel's importance. A non-finite loss stops the method with an error naming ``mask_lr``.
+- Where the ratio target enters: a layer loses the share of its channels whose masks died, at most
+  ``plan.ratio`` (and ``max_layer_ratio``), so the search's ratio still caps the cut. The count kept is
+  rounded as every method rounds it (``base.kept_channels``), so rounding may keep a dead channel or remove
+  the live one with the lowest mask.
 - Selection: one candidate per λ in ``lambdas``; each is fine-tuned for ``finetune_epochs`` on all
   calibration batches but the last and scored on the last (on all of them when there is only one). The
   candidate that removes the most channels with accuracy ≥ the teacher's − δ wins, else the most accurate.
@@ -40,11 +39,12 @@ import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pruneflow import training  # a module reference: pruneflow.training imports this package first
+from pruneflow import training
 from pruneflow.config import TrainConfig
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, exact_ratio, kept_channels
+from pruneflow.methods.base import Batches, PruneResult, PruningMethod, exact_ratio, kept_channels
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
+from pruneflow.plan import PrunePlan
 
 LabelledBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -137,22 +137,22 @@ class Adversarial(PruningMethod):
     def importance(self) -> tp.importance.Importance:
         return self.scorer
 
-    def kept(self, groups: list[ChannelGroup], masks: list[torch.Tensor], target: PruneTarget) -> list[int]:
+    def kept(self, groups: list[ChannelGroup], masks: list[torch.Tensor], plan: PrunePlan) -> list[int]:
         """Channels each group keeps: the dead ones go, at most the target's share of the group."""
-        cap = min(target.ratio, target.max_layer_ratio)
-        return [kept_channels(group.channels, min(int((mask == 0).sum()) / group.channels, cap), target.round_to)
+        cap = min(plan.ratio, plan.max_layer_ratio)
+        return [kept_channels(group.channels, min(int((mask == 0).sum()) / group.channels, cap), plan.round_to)
                 for group, mask in zip(groups, masks)]
 
-    def apply(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget, groups: list[ChannelGroup],
+    def apply(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, groups: list[ChannelGroup],
               masks: list[torch.Tensor], batches: LabelledBatches) -> tuple[PruneResult, int]:
         """Prune ``model`` in place, lowest masks first; also returns the number of channels removed."""
-        kept = self.kept(groups, masks, target)
+        kept = self.kept(groups, masks, plan)
         self.scorer.scores = {model.get_submodule(group.name): mask for group, mask in zip(groups, masks)}
         ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept)}
-        result = super().prune(model, example_inputs, replace(target, layer_ratios=ratios), batches)
+        result = super().prune(model, example_inputs, replace(plan, layer_ratios=ratios), batches)
         return result, sum(group.channels - count for group, count in zip(groups, kept))
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         batches = list(calib_batches or [])
         if not batches:
@@ -169,12 +169,12 @@ class Adversarial(PruningMethod):
         for strength in self.params.lambdas:
             masks = learn_masks(model, groups, soft_targets, strength, self.params)
             trial = copy.deepcopy(model)
-            _, removed = self.apply(trial, example_inputs, target, groups, masks, batches)
+            _, removed = self.apply(trial, example_inputs, plan, groups, masks, batches)
             training.train(trial, fit, finetune)
             candidates.append(Candidate(strength, masks, removed, training.evaluate(trial, held)))
         good = [c for c in candidates if c.accuracy >= baseline - self.params.delta]
         best = max(good, key=lambda c: (c.removed, c.accuracy)) if good else max(candidates, key=lambda c: c.accuracy)
-        result, _ = self.apply(model, example_inputs, target, groups, best.masks, batches)
+        result, _ = self.apply(model, example_inputs, plan, groups, best.masks, batches)
         tried = ", ".join(f"λ={c.strength:g} removes {c.removed} channels at {c.accuracy:.2f}" for c in candidates)
         result.notes = (f"teacher accuracy {baseline:.2f} on the held-out calibration batch; candidates: {tried}; "
                         f"chose λ={best.strength:g}")

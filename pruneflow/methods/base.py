@@ -7,7 +7,7 @@ residual adds, concatenations and depthwise groups stay consistent.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterable
 
 import torch
@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from pruneflow.metrics import PRUNABLE, LayerChange, layer_changes, layer_stats
-
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-Regularizer = Callable[[nn.Module], torch.Tensor]
+from pruneflow.plan import PrunePlan
+from pruneflow.task import Batches
+from pruneflow.training import Regularizer
 
 
 class NoParams(BaseModel):
@@ -26,27 +26,19 @@ class NoParams(BaseModel):
 
 
 @dataclass
-class PruneTarget:
-    """What to remove: a global channel ratio, optionally overridden per layer (module name -> ratio).
-
-    ``macs_reduction`` is for methods that allocate per-layer ratios themselves (e.g. by bisection):
-    when set they aim at that share of MACs instead of reading ``ratio`` literally.
-    """
-
-    ratio: float = 0.5
-    layer_ratios: dict[str, float] = field(default_factory=dict)
-    macs_reduction: float | None = None
-    round_to: int | None = 8
-    max_layer_ratio: float = 0.9
-
-
-@dataclass
 class PruneResult:
     model: nn.Module
     history: list  # Torch-Pruning's pruning history: replaying it on the baseline rebuilds the pruned net
     layers: list[LayerChange]
-    removed_blocks: list[str] = field(default_factory=list)  # submodules replaced by identity, before the history
+    # What was really pruned: the plan given, with what the method decided itself (its per-group ratios, the
+    # blocks it removed)
+    plan: PrunePlan
     notes: str = ""
+
+    @property
+    def removed_blocks(self) -> list[str]:
+        """Submodules replaced by identity (or removed by the model's ``remove_block``), before the history."""
+        return self.plan.removed_blocks
 
 
 class PruningMethod:
@@ -93,35 +85,43 @@ class PruningMethod:
         raise NotImplementedError
 
     @staticmethod
-    def layer_ratios(model: nn.Module, target: PruneTarget) -> dict[nn.Module, float]:
-        """Per-layer ratios for uniform pruning: ``layer_ratios`` or ``ratio``, rounded as ``rounded_ratio`` says."""
-        return {module: rounded_ratio(module.weight.shape[0],
-                                      min(target.layer_ratios.get(name, target.ratio), target.max_layer_ratio),
-                                      target.round_to)
-                for name, module in model.named_modules() if isinstance(module, PRUNABLE)}
+    def layer_ratios(model: nn.Module, plan: PrunePlan) -> dict[nn.Module, float]:
+        """Per-layer ratios for uniform pruning: the exact ratio of each group listed in ``kept_channels``, else
+        ``layer_ratios`` or ``ratio`` with the channels kept rounded as ``kept_channels`` says."""
+        ratios = {}
+        for name, module in model.named_modules():
+            if isinstance(module, PRUNABLE):
+                channels = module.weight.shape[0]
+                ratio = min(plan.layer_ratios.get(name, plan.ratio), plan.max_layer_ratio)
+                kept = plan.kept_channels.get(name, kept_channels(channels, ratio, plan.round_to))
+                ratios[module] = exact_ratio(channels, kept)
+        return ratios
 
     def calibrate(self, model: nn.Module, batches: Batches) -> None:
         """Data-driven methods gather what their importance needs (gradients, activations) here."""
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
-        """Prune ``model`` in place and report what changed, layer by layer."""
+        """Prune ``model`` in place as ``plan`` says and report what changed, layer by layer."""
         before = layer_stats(model, example_inputs)
+        remove_blocks(model, plan.removed_blocks)
         modules = dict(model.named_modules())
-        unknown = sorted(set(target.layer_ratios) - set(modules))
+        unknown = sorted({*plan.layer_ratios, *plan.kept_channels} - set(modules))
         if unknown:
-            raise ValueError(f"layer_ratios name layers the model lacks: {', '.join(unknown)}")
+            raise ValueError(f"the plan names layers the model lacks: {', '.join(unknown)}")
+        explicit = {modules[name]: ratio for name, ratio in plan.layer_ratios.items()}
+        explicit.update({modules[name]: exact_ratio(modules[name].weight.shape[0], kept)
+                         for name, kept in plan.kept_channels.items()})
         pruner = tp.pruner.MetaPruner(
             model,
             example_inputs,
             importance=self.importance(),
             global_pruning=self.global_pruning,
-            pruning_ratio=target.ratio,
-            pruning_ratio_dict=self.layer_ratios(model, target) if not self.global_pruning else
-            {modules[name]: ratio for name, ratio in target.layer_ratios.items()},
-            max_pruning_ratio=target.max_layer_ratio,
+            pruning_ratio=plan.ratio,
+            pruning_ratio_dict=explicit if self.global_pruning else self.layer_ratios(model, plan),
+            max_pruning_ratio=plan.max_layer_ratio,
             ignored_layers=ignored_layers(model),
-            round_to=target.round_to,
+            round_to=plan.round_to,
         )
         if self.needs_calibration:
             if calib_batches is None:
@@ -129,7 +129,8 @@ class PruningMethod:
             self.calibrate(model, calib_batches)
         pruner.step()
         model.zero_grad(set_to_none=True)
-        return PruneResult(model, pruner.pruning_history(), layer_changes(before, layer_stats(model, example_inputs)))
+        return PruneResult(model, pruner.pruning_history(), layer_changes(before, layer_stats(model, example_inputs)),
+                           plan)
 
 
 class TrainingRecorder:
@@ -142,19 +143,26 @@ class TrainingRecorder:
         raise NotImplementedError
 
 
-def rounded_ratio(channels: int, ratio: float, round_to: int | None) -> float:
-    """The ratio at which Torch-Pruning keeps ``channels·(1−ratio)`` rounded to the *nearest* multiple of
-    ``round_to`` (at least one multiple).
+def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
+    """The channels a layer keeps when ``ratio`` of them go: ``channels·(1 − ratio)`` rounded to the nearest
+    multiple of ``round_to`` (of 1 without it), at least one multiple, so a layer of ``round_to`` channels or
+    fewer stays whole.
 
-    Torch-Pruning itself rounds the kept count *down* and leaves a layer whole when that would empty it:
-    a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, so the MACs removed jump
-    and even fall as the ratio grows. Searches and bisections need a reduction that grows with the ratio,
-    so uniform pruning asks Torch-Pruning for exactly the rounded count (it keeps ``int(C·(1−r))``).
+    Every method that decides how many channels a layer keeps uses this rule and hands Torch-Pruning the count
+    (``exact_ratio``). Torch-Pruning's own ``round_to`` rounds the kept count *down* and leaves a layer whole when
+    that would empty it: a 16-channel layer loses half its channels at ratio 0.1 and none at 0.6, so the MACs
+    removed jump and even fall as the ratio grows. Searches and bisections need a reduction that grows with
+    the ratio, which this rule gives.
     """
-    if not round_to or channels <= round_to:
-        return ratio
-    kept = min(channels, max(round_to, round_to * round(channels * (1.0 - ratio) / round_to)))
-    return 0.0 if kept == channels else 1.0 - (kept + 0.5) / channels
+    step = round_to or 1
+    return min(channels, max(step, step * round(channels * (1.0 - ratio) / step)))
+
+
+def exact_ratio(channels: int, kept: int) -> float:
+    """The ratio at which exactly ``kept`` channels stay: C·(1 − ratio) is ``kept`` and a quarter, which both
+    Torch-Pruning's count (it keeps int(C·(1 − ratio))) and ``kept_channels`` (the nearest count) turn into
+    ``kept``, so uniform pruning keeps what a method computed."""
+    return max(0.0, (channels - kept - 0.25) / channels)
 
 
 def ignored_layers(model: nn.Module) -> list[nn.Module]:

@@ -4,8 +4,8 @@ A model declares what may go with ``removable_blocks() -> list[str]`` (submodule
 shape-keeping blocks, a multi-branch model's extra branches) and, where replacing a unit by identity is not
 what removing it means, how to remove one (``remove_block(name)``: a cascade drops the branch from its
 average); see ``remove_blocks``. Each declared block is scored by the loss on the calibration batches when
-it alone is removed; the blocks whose removal costs least go first, until ``target.ratio`` of the declared
-blocks are gone (rounded up) — or, when ``target.macs_reduction`` is set, until that share of MACs is.
+it alone is removed; the blocks whose removal costs least go first, until ``plan.ratio`` of the declared
+blocks are gone (rounded up) — or, when ``plan.macs_reduction`` is set, until that share of MACs is.
 Two params fix the result instead, so the pipeline skips the ratio search: ``drop: n`` removes the n
 cheapest blocks (the SR study's "drop one branch" / "drop both"), ``blocks: [...]`` exactly the named ones
 (no data needed).
@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, remove_blocks
+from pruneflow.methods.base import Batches, PruneResult, PruningMethod, remove_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
-from pruneflow.task import task_of
+from pruneflow.plan import PrunePlan
+from pruneflow.task import Task, task_of
 
 
 class CascadeParams(BaseModel):
@@ -51,12 +53,12 @@ def declared_blocks(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]], task: Task) -> float:
     """Mean loss over ``batches`` of a copy of ``model`` with ``block`` removed."""
     trial = remove_blocks(copy.deepcopy(model), [block]).eval()
     total = count = 0
     for inputs, targets in batches:
-        loss = task_of(targets).loss(trial(inputs), targets)
+        loss = task.loss(trial(inputs), targets)
         total, count = total + loss.item() * len(inputs), count + len(inputs)
     return total / count
 
@@ -72,7 +74,7 @@ class Cascade(PruningMethod):
     def fixed_by_params(self) -> bool:
         return self.params.blocks is not None or self.params.drop is not None
 
-    def choose(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget, declared: list[str],
+    def choose(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, declared: list[str],
                calib_batches: Batches | None) -> tuple[list[str], str]:
         """The blocks to remove (in removal order) and a note on how they were chosen."""
         if self.params.blocks is not None:
@@ -86,29 +88,29 @@ class Cascade(PruningMethod):
         if self.params.drop is not None and self.params.drop > len(declared):
             raise ValueError(f"method cascade: drop={self.params.drop}, but {type(model).__name__} declares only "
                              f"{len(declared)} removable blocks ({', '.join(declared)})")
-        batches = list(calib_batches)
-        losses = {block: loss_without(model, block, batches) for block in declared}
+        task, batches = task_of(calib_batches), list(calib_batches)
+        losses = {block: loss_without(model, block, batches, task) for block in declared}
         order = sorted(declared, key=losses.__getitem__)
         note = "loss without each block: " + ", ".join(f"{block}={losses[block]:.4f}" for block in order)
         if self.params.drop is not None:
             return order[:self.params.drop], note
-        if target.macs_reduction is None:
-            return order[:math.ceil(target.ratio * len(order) - 1e-9)], note
+        if plan.macs_reduction is None:
+            return order[:math.ceil(plan.ratio * len(order) - 1e-9)], note
         base_macs, chosen = count_macs_params(model, example_inputs[:1])[0], []
         trial = copy.deepcopy(model)
         for block in order:
-            if 1 - count_macs_params(trial, example_inputs[:1])[0] / base_macs >= target.macs_reduction:
+            if 1 - count_macs_params(trial, example_inputs[:1])[0] / base_macs >= plan.macs_reduction:
                 break
             remove_blocks(trial, [block])
             chosen.append(block)
         return chosen, note
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         declared = declared_blocks(model)
-        chosen, note = self.choose(model, example_inputs, target, declared, calib_batches)
+        chosen, note = self.choose(model, example_inputs, plan, declared, calib_batches)
         before = layer_stats(model, example_inputs)
         remove_blocks(model, chosen)
         summary = f"removed {len(chosen)} of {len(declared)} blocks: {', '.join(chosen) or 'none'}; {note}"
-        return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)), removed_blocks=chosen,
-                           notes=summary)
+        return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)),
+                           replace(plan, removed_blocks=chosen), summary)

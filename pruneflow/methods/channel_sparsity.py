@@ -16,7 +16,7 @@ import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pruneflow import training  # a module reference: pruneflow.training imports this package first
+from pruneflow import training
 from pruneflow.methods import register_method
 from pruneflow.methods.apoz import APoZImportance, record_apoz
 from pruneflow.methods.base import Batches, PruningMethod

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pruneflow import training  # a module reference: pruneflow.training imports this package first
+from pruneflow import training
 from pruneflow.config import TrainConfig
 from pruneflow.methods.base import Batches
 from pruneflow.methods.groups import following_norms

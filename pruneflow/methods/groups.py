@@ -4,12 +4,11 @@ In a plain chain a layer's output channels belong to one conv; in a residual sta
 shortcut conv and of every block's last conv are one dependency group and can only go together. Methods
 that decide per layer (a ratio from a layer statistic, a precomputed score per channel) decide per group,
 so what they decide is exactly what the DependencyGraph can remove. A group is named by its root module:
-the name ``PruneTarget.layer_ratios`` takes.
+the name ``PrunePlan.layer_ratios`` and ``PrunePlan.kept_channels`` take.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,21 +97,6 @@ def following_norms(model: nn.Module, example_inputs: torch.Tensor) -> dict[str,
             norms = [n.module for n in graph.module2node[module].outputs if isinstance(n.module, _BatchNorm)]
             pairs[name] = names[norms[0]] if norms else None
     return pairs
-
-
-def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
-    """Channels a group keeps when ``ratio`` of them go: at least one, and rounded *up* to a multiple of
-    ``round_to`` (Torch-Pruning rounds the kept count down, which could remove more than the ratio allows).
-    """
-    kept = max(1, channels - math.floor(ratio * channels + 1e-9))
-    if round_to:
-        kept = min(channels, math.ceil(kept / round_to) * round_to)
-    return kept
-
-
-def exact_ratio(channels: int, kept: int) -> float:
-    """The ratio for which Torch-Pruning keeps exactly ``kept`` channels (it keeps int(C·(1 − ratio)))."""
-    return max(0.0, (channels - kept - 0.5) / channels)
 
 
 class ScoreImportance(tp.importance.Importance):

@@ -5,11 +5,12 @@
 chain; for a residual stage, whose shortcut and last convs share their channels, H_l is the mean of those
 convs' entropies (one histogram over all of them would mix differently scaled layers).
 
-[ours] Layer l loses λ_l = λ_min·H_max/H_l of its channels, clipped to ``target.max_layer_ratio`` and keeping
+[ours] Layer l loses λ_l = λ_min·H_max/H_l of its channels, clipped to ``plan.max_layer_ratio`` and keeping
 at least one filter (and a multiple of ``round_to``); λ_min is bisected so the removed share of the groups'
-channels — or of all conv/linear MACs when ``target.macs_reduction`` is set — lands as close to the target
-as whole channels allow. Within a layer the filters with the largest L1 norm stay. The per-layer counts
-reach Torch-Pruning as exact ``layer_ratios``, so what the bisection computed is what gets removed.
+channels — or of the model's MACs, counted as the search counts them, when ``plan.macs_reduction`` is set —
+lands as close to the target as whole channels allow. Within a layer the filters with the largest L1 norm
+stay. The per-layer counts reach Torch-Pruning as exact ``layer_ratios``, so what the bisection computed is
+what gets removed.
 
 [public] ``grafting: true`` retrains by joint grafting (grafting.py) instead of the standard loop.
 """
@@ -24,11 +25,13 @@ import torch_pruning as tp
 from pydantic import BaseModel
 from torch import nn
 
+from pruneflow.bisection import bisect
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod
+from pruneflow.methods.base import Batches, PruneResult, PruningMethod, exact_ratio, kept_channels
 from pruneflow.methods.grafting import GraftingParams, graft_retrain, weight_entropy
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, exact_ratio, kept_channels
-from pruneflow.metrics import layer_stats
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
+from pruneflow.metrics import layer_macs
+from pruneflow.plan import PrunePlan
 
 BISECTION_STEPS = 50
 
@@ -38,28 +41,29 @@ def filter_l1(member: Member) -> torch.Tensor:
     return member.module.weight.detach().abs().flatten(1).sum(1)
 
 
-def share_removed(groups: list[ChannelGroup], layer_macs: dict[str, int] | None) -> Callable[[list[int]], float]:
-    """What an allocation (kept channels per group) removes: a share of the groups' channels, or, given each
-    conv/linear layer's MACs, a share of their total (a layer's MACs scale with its kept output and input channels;
-    a depthwise conv's only with its output).
+def share_removed(groups: list[ChannelGroup], macs: dict[str, int] | None) -> Callable[[list[int]], float]:
+    """What an allocation (kept channels per group) removes: a share of the groups' channels, or, given every leaf
+    module's MACs as ``metrics.layer_macs`` counts them, a share of the model's MACs as the search measures it.
+    A conv/linear layer's MACs scale with its kept output and input channels (a depthwise conv's only with its
+    output), a normalisation layer's with its channels; activations and pooling are counted as they are.
     """
-    if layer_macs is None:
+    if macs is None:
         total_channels = sum(group.channels for group in groups)
         return lambda kept: 1 - sum(kept) / total_channels
-    total_macs = sum(layer_macs.values())
+    total_macs = sum(macs.values())
 
     def macs_removed(kept: list[int]) -> float:
-        factor = dict.fromkeys(layer_macs, 1.0)
+        factor = dict.fromkeys(macs, 1.0)
         for group, count in zip(groups, kept):
-            for member in group.producers + group.consumers:
+            for member in group.producers + group.consumers + group.norms:
                 if member.name in factor:
                     factor[member.name] *= count / group.channels
-        return 1 - sum(layer_macs[name] * f for name, f in factor.items()) / total_macs
+        return 1 - sum(macs[name] * f for name, f in factor.items()) / total_macs
 
     return macs_removed
 
 
-def allocate(groups: list[ChannelGroup], richness: list[float], target: PruneTarget,
+def allocate(groups: list[ChannelGroup], richness: list[float], plan: PrunePlan,
              removed: Callable[[list[int]], float]) -> tuple[list[int], float]:
     """Kept channels per group for λ_l = λ_min·max(richness)/richness_l, and the λ_min bisected to the target.
 
@@ -68,18 +72,16 @@ def allocate(groups: list[ChannelGroup], richness: list[float], target: PruneTar
     """
     if not groups:
         return [], 0.0
-    top, cap = max(richness), target.max_layer_ratio
-    goal = target.macs_reduction if target.macs_reduction is not None else target.ratio
+    top, cap = max(richness), plan.max_layer_ratio
+    goal = plan.macs_reduction if plan.macs_reduction is not None else plan.ratio
 
     def kept_at(lambda_min: float) -> list[int]:
-        return [kept_channels(group.channels, min(lambda_min * top / max(value, 1e-12), cap), target.round_to)
+        return [kept_channels(group.channels, min(lambda_min * top / max(value, 1e-12), cap), plan.round_to)
                 for group, value in zip(groups, richness)]
 
-    low, high = 0.0, cap  # at λ_min = cap every layer is clipped to the cap
-    for _ in range(BISECTION_STEPS):
-        middle = (low + high) / 2
-        low, high = (middle, high) if removed(kept_at(middle)) < goal else (low, middle)
-    best = min((low, high), key=lambda lambda_min: abs(removed(kept_at(lambda_min)) - goal))
+    # at λ_min = cap every layer is clipped to the cap
+    ends = bisect(lambda lambda_min: -1 if removed(kept_at(lambda_min)) < goal else 1, 0.0, cap, BISECTION_STEPS)
+    best = min(ends, key=lambda lambda_min: abs(removed(kept_at(lambda_min)) - goal))
     return kept_at(best), best
 
 
@@ -102,18 +104,16 @@ class LayerEntropy(PruningMethod):
     def importance(self) -> tp.importance.Importance:
         return self.scorer
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
-        if target.layer_ratios:
-            raise ValueError(f"method {self.name} allocates per-layer ratios itself; target.layer_ratios must be empty")
+        if plan.layer_ratios:
+            raise ValueError(f"method {self.name} allocates per-layer ratios itself; plan.layer_ratios must be empty")
         groups = channel_groups(model, example_inputs)
-        layer_macs = None
-        if target.macs_reduction is not None:
-            layer_macs = {name: macs for name, (_, macs) in layer_stats(model, example_inputs).items()}
-        kept, lambda_min = allocate(groups, self.richness(groups), target, share_removed(groups, layer_macs))
+        macs = layer_macs(model, example_inputs) if plan.macs_reduction is not None else None
+        kept, lambda_min = allocate(groups, self.richness(groups), plan, share_removed(groups, macs))
         self.scorer.scores = {group.module: group.per_channel(filter_l1) for group in groups}
         ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept)}
-        result = super().prune(model, example_inputs, replace(target, layer_ratios=ratios), calib_batches)
+        result = super().prune(model, example_inputs, replace(plan, layer_ratios=ratios), calib_batches)
         result.notes = f"λ_min={lambda_min:.4f}; layer ratios: " + ", ".join(
             f"{group.name}={1 - count / group.channels:.3f}" for group, count in zip(groups, kept))
         return result

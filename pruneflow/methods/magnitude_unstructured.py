@@ -17,8 +17,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, ignored_layers
+from pruneflow.methods.base import Batches, PruneResult, PruningMethod, ignored_layers
 from pruneflow.metrics import PRUNABLE, layer_changes, layer_stats, zero_weight_share
+from pruneflow.plan import PrunePlan
+from pruneflow.training import train
 
 
 def masked_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -34,24 +36,22 @@ class MagnitudeUnstructured(PruningMethod):
     description = "global |w| weight masking (Han et al. 2015); zeros weights, no dense speed-up"
     structured = False
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
-        if target.layer_ratios or target.macs_reduction is not None:
-            raise ValueError(f"method {self.name} ranks all weights under one threshold: it takes only target.ratio")
+        if plan.layer_ratios or plan.macs_reduction is not None:
+            raise ValueError(f"method {self.name} ranks all weights under one threshold: it takes only plan.ratio")
         before = layer_stats(model, example_inputs)
         weights = masked_weights(model)
-        prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=target.ratio)
+        prune.global_unstructured(weights, pruning_method=prune.L1Unstructured, amount=plan.ratio)
         for module, name in weights:
             prune.remove(module, name)
         notes = (f"Unstructured: {zero_weight_share(model):.1%} of conv/linear weights are zero, but every channel is "
                  "kept, so dense MACs are unchanged and there is no speed-up on dense runtimes.")
-        return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)), notes=notes)
+        return PruneResult(model, [], layer_changes(before, layer_stats(model, example_inputs)), plan, notes)
 
     def retrain(self, model: nn.Module, train_batches: Batches, val_batches: Batches, cfg,
                 on_epoch_end: Callable | None = None) -> list:
         """The standard loop with the zeros held at zero (``prune.custom_from_mask``), removed again after."""
-        from pruneflow.training import train  # not at the top: pruneflow.training imports this package
-
         weights = masked_weights(model)
         for module, name in weights:
             prune.custom_from_mask(module, name, getattr(module, name) != 0)

@@ -7,7 +7,7 @@ back at prune time.
 [ours] s_k(t) = mean|W_k| of every conv/linear filter at the end of each of the last E (=10) epochs;
 score_k = mean_t s_k(t), averaged over the filters that produce one channel of a group (groups.py).
 Rules: ``ratio`` removes each layer's lowest scores at the uniform ratio; ``threshold`` removes filters
-with score < μ_l − α·σ_l (per layer, α = 1), so ``target.ratio`` is then ignored and α sets the amount.
+with score < μ_l − α·σ_l (per layer, α = 1), so ``plan.ratio`` is then ignored and α sets the amount.
 Optional stability filter: filters whose std_t/mean_t is not below ``stability`` (e.g. 0.05) are still
 moving and rank after every stable one.
 """
@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, PruneResult, PruneTarget, PruningMethod, TrainingRecorder
-from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups, exact_ratio, kept_channels
+from pruneflow.methods.base import Batches, PruneResult, PruningMethod, TrainingRecorder, exact_ratio, kept_channels
+from pruneflow.methods.groups import ChannelGroup, Member, ScoreImportance, channel_groups
 from pruneflow.metrics import PRUNABLE
+from pruneflow.plan import PrunePlan
 
 
 class StatisticalParams(BaseModel):
@@ -96,7 +97,7 @@ class Statistical(PruningMethod):
             return score, torch.ones_like(score, dtype=torch.bool)
         return score, group.per_channel(lambda member: variation(self.history(member))) < self.params.stability
 
-    def prune(self, model: nn.Module, example_inputs: torch.Tensor, target: PruneTarget,
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
         if not self.filters:
             raise ValueError(f"method {self.name} scores filters by their training history: pass the baseline's "
@@ -107,7 +108,7 @@ class Statistical(PruningMethod):
             self.scorer.scores[group.module] = score + (~stable) * score.max()  # unstable filters rank last
             if self.params.rule == "threshold":
                 below = (score < score.mean() - self.params.alpha * score.std(unbiased=False)) & stable
-                share = min(below.float().mean().item(), target.max_layer_ratio)
-                ratios[group.name] = exact_ratio(group.channels, kept_channels(group.channels, share, target.round_to))
-        return super().prune(model, example_inputs, replace(target, layer_ratios={**target.layer_ratios, **ratios}),
+                share = min(below.float().mean().item(), plan.max_layer_ratio)
+                ratios[group.name] = exact_ratio(group.channels, kept_channels(group.channels, share, plan.round_to))
+        return super().prune(model, example_inputs, replace(plan, layer_ratios={**plan.layer_ratios, **ratios}),
                              calib_batches)

@@ -30,10 +30,11 @@ class Taylor(PruningMethod):
         was_training = model.training
         model.eval()
         model.zero_grad(set_to_none=True)
+        loss = task_of(batches).loss  # cross-entropy, or MSE for SR
         seen = 0
         try:
             for images, labels in batches:
-                task_of(labels).loss(model(images), labels).backward()  # cross-entropy, or MSE for SR
+                loss(model(images), labels).backward()
                 seen += 1
         finally:
             model.train(was_training)

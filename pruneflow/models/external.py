@@ -17,7 +17,7 @@ ModelFactory = Callable[..., nn.Module]
 
 def torchvision_factory(name: str) -> ModelFactory:
     """A torchvision classification model, built untrained (``weights=None``) with our class count."""
-    import torchvision  # imported on demand: it costs ~1.5 s and most runs never use it
+    import torchvision  # imported on demand: it is slow to import and most runs never use it
 
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in known:

@@ -1,0 +1,101 @@
+"""The stage table against dvc.yaml, and the pruning plan from JSON to Torch-Pruning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pruneflow.checkpoint import ModelSpec, load_model, save_model
+from pruneflow.config import PipelineConfig
+from pruneflow.layout import ProjectLayout
+from pruneflow.methods import create_method
+from pruneflow.methods.groups import channel_groups
+from pruneflow.plan import PlanOrigin, PrunePlan
+from pruneflow.search import SearchOutcome
+from pruneflow.stages import STAGES, PruneSummary
+
+REPO = Path(__file__).resolve().parents[1]
+RESNET = ModelSpec("resnet20", in_channels=3, num_classes=10, input_shape=(3, 16, 16))
+
+
+def declared(entry: dict, dataset: str, method: str) -> tuple[str, set[str], set[str]]:
+    """A dvc.yaml stage's command, deps and outs (metrics count as outs) for one method."""
+    def expand(text: str) -> str:
+        return text.replace("${key}", method).replace("${data.dataset}", dataset)
+
+    outs = [*entry.get("outs", []), *entry.get("metrics", [])]
+    return (expand(entry["cmd"]), {expand(dep) for dep in entry.get("deps", [])},
+            {expand(out if isinstance(out, str) else next(iter(out))) for out in outs})
+
+
+def covers(declared: set[str], paths: set[str]) -> bool:
+    """Each path is declared or inside a declared folder, and each declaration holds one of the paths."""
+    def inside(path: str, folder: str) -> bool:
+        return path == folder or path.startswith(folder + "/")
+
+    return (all(any(inside(path, entry) for entry in declared) for path in paths)
+            and all(any(inside(path, entry) for path in paths) for entry in declared))
+
+
+def test_dvc_yaml_declares_what_each_stage_of_the_table_reads_and_writes(tmp_path):
+    cfg = PipelineConfig(methods={"l1": {}})
+    layout = ProjectLayout(tmp_path, cfg)
+    layout.dataset_dir.mkdir(parents=True)
+    layout.dataset_dir.with_name("digits.dvc").write_text(f"outs:\n- md5: {'0' * 32}.dir\n  path: digits\n")
+    run = layout.dvc_run()
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(dvc) == set(STAGES)
+    for name, stage in STAGES.items():
+        entry, context = dvc[name], run.method("l1") if stage.per_method else run
+        if stage.per_method:
+            assert entry["foreach"] == "${methods}", name
+            entry = entry["do"]
+        cmd, deps, outs = declared(entry, cfg.data.dataset, "l1")
+        assert cmd == f"pruneflow stage {name}" + (" --method l1" if stage.per_method else "")
+
+        def relative(names: tuple[str, ...]) -> set[str]:
+            return {path.relative_to(tmp_path).as_posix() for path in stage.paths(context, names)}
+
+        assert covers(deps, relative(stage.reads)), (name, deps, relative(stage.reads))
+        assert covers(outs, relative(stage.writes)), (name, outs, relative(stage.writes))
+
+
+def test_pruneflow_stage_runs_the_stages_of_the_table(project):
+    done = CliRunner().invoke(app, ["stage", "nope", "--params", str(project / "params.yaml")])
+    assert done.exit_code == 2
+    assert f"no stage nope: choose one of data, {', '.join(STAGES)}, compare" in done.output
+
+
+def test_a_plan_and_what_the_search_decided_round_trip_through_json():
+    plan = PrunePlan(ratio=0.0, layer_ratios={"layer1.0.conv1": 0.25}, kept_channels={"layer2.0.conv1": 16},
+                     removed_blocks=["layer3.1"], round_to=None, origin=PlanOrigin("search", "study-x", 4, "trial 4"))
+    outcome = SearchOutcome(plan, 97.5, {"macs_reduction": 0.52}, 6, 2, 0, [1, 4], 0.25)
+    again = SearchOutcome.from_dict(json.loads(json.dumps(outcome.as_dict())))
+    assert again == outcome and again.searched and (again.study_name, again.trial_number) == ("study-x", 4)
+    summary = PruneSummary(plan, 10, 5, 4, 2, [], "")
+    assert PruneSummary.from_dict(json.loads(json.dumps(summary.as_dict()))) == summary
+    assert "layer2.0.conv1=16" in plan.describe() and "(trial 4)" in plan.describe()
+
+
+def test_a_plan_keeps_exact_channel_counts_and_removes_blocks_before_pruning(tmp_path):
+    model = RESNET.build()
+    group = channel_groups(model, RESNET.example_inputs())[1].name
+    block = RESNET.build().removable_blocks()[-1]
+    plan = PrunePlan(ratio=0.3, kept_channels={group: 5}, removed_blocks=[block], round_to=None)
+    result = create_method("l1").prune(model, RESNET.example_inputs(), plan)
+    assert model.get_submodule(group).out_channels == 5  # the count, not the ratio
+    assert isinstance(model.get_submodule(block), nn.Identity) and result.removed_blocks == [block]
+    assert result.plan == plan
+    path = save_model(tmp_path / "pruned.pt", model, RESNET, result.history, result.removed_blocks)
+    assert load_model(path)[0].get_submodule(group).out_channels == 5  # the checkpoint replays both
+
+
+def test_a_plan_naming_layers_the_model_lacks_is_refused():
+    with pytest.raises(ValueError, match="the plan names layers the model lacks: nowhere"):
+        create_method("l1").prune(RESNET.build(), RESNET.example_inputs(), PrunePlan(kept_channels={"nowhere": 4}))
