@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import dask
 from mlflow.entities import RunStatus
 from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
@@ -34,44 +33,34 @@ def method_chains(run: ProjectRun, parent_run_id: str) -> dict:
     logger = get_run_logger()
     cfg = run.cfg
     tracker = Tracker.open(run.layout)
-    client = FlowRunContext.get().task_runner.client  # starts the local cluster, or connects to the scheduler
-    with cluster.api_for_workers() as api:
-        workers = cluster.check_workers(client, cluster.worker_needs(run.layout, api, run))
-        client.register_plugin(cluster.TorchThreads(workers.threads_by_host))
-        if cfg.project.cluster is None:  # a remote cluster's workers log where their owner started them
-            client.register_plugin(cluster.QuietDaskLogs())
-        where = cfg.project.cluster or "a local cluster"
-        logger.info(f"method chains on {where}: {len(workers.addresses)} worker process(es), torch threads "
-                    f"{workers.threads_by_host}; latency timed on {workers.timing}")
+    with cluster.workers_for(run, FlowRunContext.get().task_runner, logger.warning) as workers:
+        where = cfg.project.cluster or ("a local cluster" if workers.addresses else "this process")
+        logger.info(f"method chains on {where}: {workers.describe()}")
         tracker.set_tags(parent_run_id, {"pruneflow.cluster": where,
                                          "pruneflow.cluster_workers": len(workers.addresses)})
-        try:
-            run_ids, chains = {}, {}
-            with dask.annotate(resources=workers.chain_resources):
-                for method in cfg.methods:
-                    run_ids[method] = tracker.start_run(method, parent_run_id, {"pruneflow.method": method})
-                    tracker.log_params(run_ids[method], {
-                        "method": method, **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
-                    chains[method] = method_chain.submit(run.method(method), run_ids[method])
-            wait(list(chains.values()))
-            for orphan in tracker.end_orphaned_runs():  # a trial's run, left RUNNING by a worker that died
-                logger.warning(f"MLflow run {orphan} belonged to a worker process that is gone: marked KILLED")
-            results, failures = {}, {}
-            with dask.annotate(workers=[workers.timing], allow_other_workers=True):  # elsewhere only if it died
-                for method, chain in chains.items():
-                    run_id = run_ids[method]
-                    try:
-                        chain.result()  # the chain's failure raises itself
-                        outcomes = [STAGE_TASKS[name].submit(name, run.method(method), run_id).result()
-                                    for name in TIMED]
-                    except Exception as err:  # one broken method must not hide the others' results
-                        failures[method] = f"{type(err).__name__}: {err}"
-                        logger.error(f"{method} failed: {failures[method]}")
-                        if tracker.client.get_run(run_id).info.status == "RUNNING":  # its worker died
-                            tracker.finish(run_id, RunStatus.to_string(RunStatus.FAILED))
-                        continue
-                    tracker.finish(run_id)
-                    results[method] = {key: value for outcome in outcomes for key, value in flat(outcome).items()}
-        finally:
-            cluster.flush_prefect_events(client, logger.warning)
+        run_ids, chains = {}, {}
+        with workers.for_chains():
+            for method in cfg.methods:
+                run_ids[method] = tracker.start_run(method, parent_run_id, {"pruneflow.method": method})
+                tracker.log_params(run_ids[method], {
+                    "method": method, **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
+                chains[method] = method_chain.submit(run.method(method), run_ids[method])
+        wait(list(chains.values()))
+        for orphan in tracker.end_orphaned_runs():  # a trial's run, left RUNNING by a worker that died
+            logger.warning(f"MLflow run {orphan} belonged to a worker process that is gone: marked KILLED")
+        results, failures = {}, {}
+        with workers.for_timing():
+            for method, chain in chains.items():
+                run_id = run_ids[method]
+                try:
+                    chain.result()  # the chain's failure raises itself
+                    outcomes = [STAGE_TASKS[name].submit(name, run.method(method), run_id).result() for name in TIMED]
+                except Exception as err:  # one broken method must not hide the others' results
+                    failures[method] = f"{type(err).__name__}: {err}"
+                    logger.error(f"{method} failed: {failures[method]}")
+                    if tracker.client.get_run(run_id).info.status == "RUNNING":  # its worker died
+                        tracker.finish(run_id, RunStatus.to_string(RunStatus.FAILED))
+                    continue
+                tracker.finish(run_id)
+                results[method] = {key: value for outcome in outcomes for key, value in flat(outcome).items()}
     return {"results": results, "failures": failures, "run_ids": run_ids}

@@ -1,7 +1,8 @@
 """Where the method chains run: a Dask cluster, reached through prefect-dask's ``DaskTaskRunner``.
 
-``project.cluster: null`` starts a cluster of worker processes on this machine for the length of the run: one per
-core (per GPU when there are GPUs), at most one per method and at most ``project.max_parallel_methods``.
+``project.cluster: null`` starts a cluster of worker processes on this machine for the length of the run:
+``project.max_parallel_methods`` of them, by default one per core (per GPU when there are GPUs), at most one per
+method; with room for one chain only, the chains run one after another in the pipeline's process, no cluster.
 ``project.cluster: tcp://host:8786`` sends the chains to the workers of that scheduler, on as many machines as
 it has. Every worker runs one chain at a time (``--nthreads 1``), in its own process: torch's ONNX exporter
 flags its whole process as exporting, which breaks the optimiser steps of chains running beside it as threads,
@@ -27,9 +28,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import dask
 import distributed
 from distributed import Nanny, Scheduler, SpecCluster
 from distributed.diagnostics.plugin import WorkerPlugin
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 import flows
@@ -95,11 +98,10 @@ class WorkerNeeds:
 def worker_needs(layout: ProjectLayout, prefect_api: str | None, run: ProjectRun | None = None) -> WorkerNeeds:
     """What the pipeline of ``layout`` expects on a worker; with ``run``, also its data, baseline and run folder."""
     cfg = layout.cfg
-    searches = any(fixed_plan(cfg, method) is None for method in cfg.methods)
     return WorkerNeeds(
         socket.gethostname(), code_digest(), git_commit(Path(list(flows.__path__)[0]).parent),
         {name: version(name) for name in LIBRARIES}, str(layout.root.resolve()), tracking_uri(layout),
-        layout.study_storage if searches else None, prefect_api,
+        layout.study_storage if searches(cfg) else None, prefect_api,
         run and str(run.data.path), run and run.data.md5, run and str(run.baseline_dir), run and str(run.run_dir))
 
 
@@ -195,16 +197,32 @@ def _prefect_api_problem(needs: WorkerNeeds, host: str) -> list[str]:
 
 @dataclass
 class Workers:
-    """The cluster as the flow uses it, once checked."""
+    """Where the chains and the timed stages run, once the cluster is checked; no addresses: in the flow's process."""
 
-    addresses: list[str]
-    threads_by_host: dict[str, int]  # torch threads of each worker process: the host's cores shared out
+    addresses: list[str] = field(default_factory=list)
+    threads_by_host: dict[str, int] = field(default_factory=dict)  # torch threads of each worker process
     chain_resources: dict[str, int] = field(default_factory=dict)  # {"GPU": 1} when workers declare GPUs
 
     @property
-    def timing(self) -> str:
+    def timing(self) -> str | None:
         """The worker every latency is measured on, so the methods' latencies compare."""
-        return self.addresses[0]
+        return self.addresses[0] if self.addresses else None
+
+    def for_chains(self) -> contextlib.AbstractContextManager:
+        """Annotates the chains' tasks: one GPU each when the workers have GPUs."""
+        return dask.annotate(resources=self.chain_resources) if self.chain_resources else contextlib.nullcontext()
+
+    def for_timing(self) -> contextlib.AbstractContextManager:
+        """Annotates the timed stages' tasks: on the timing worker, elsewhere only if it died."""
+        if not self.addresses:
+            return contextlib.nullcontext()
+        return dask.annotate(workers=[self.timing], allow_other_workers=True)
+
+    def describe(self) -> str:
+        if not self.addresses:
+            return "one at a time in this process"
+        return (f"{len(self.addresses)} worker process(es), torch threads {self.threads_by_host}; latency timed on "
+                f"{self.timing}")
 
 
 def check_workers(client: distributed.Client, needs: WorkerNeeds) -> Workers:
@@ -302,12 +320,24 @@ def api_for_workers() -> Iterator[str]:
         yield url
 
 
+def searches(cfg: PipelineConfig) -> bool:
+    """Does a method search its plan (rather than take a fixed one)?"""
+    return any(fixed_plan(cfg, method) is None for method in cfg.methods)
+
+
+def trials_time_latency(cfg: PipelineConfig) -> bool:
+    """Do search trials measure latency (``search.measure_latency``, a latency target or objective)?"""
+    search = cfg.search
+    return searches(cfg) and (search.measure_latency or "latency_ms" in (search.target.metric, *search.objectives))
+
+
 def local_size(cfg: PipelineConfig) -> tuple[int, int]:
-    """(worker processes, GPUs) of the local cluster: one worker per GPU, else per core, at most one per method
-    and at most ``project.max_parallel_methods``."""
+    """(worker processes, GPUs) of the local cluster: ``project.max_parallel_methods`` workers (at most one per GPU
+    when there are GPUs), by default one per GPU, else per core; at most one per method. One only when search
+    trials time latency: a trial timed while other chains train on the same cores would choose its plan by noise."""
     gpus = cuda_devices() if cfg.retrain.device != "cpu" else 0  # chains train with the retrain settings
-    slots = gpus or usable_cores()
-    return min(slots, len(cfg.methods), cfg.project.max_parallel_methods or slots), gpus
+    wanted = 1 if trials_time_latency(cfg) else cfg.project.max_parallel_methods or gpus or usable_cores()
+    return min(wanted, gpus or wanted, len(cfg.methods)), gpus
 
 
 def local_cluster(workers: int, gpus: int) -> SpecCluster:
@@ -327,12 +357,35 @@ def local_cluster(workers: int, gpus: int) -> SpecCluster:
     return SpecCluster(workers=specs, scheduler=scheduler, silence_logs=logging.WARNING, name="pruneflow")
 
 
-def task_runner(cfg: PipelineConfig) -> DaskTaskRunner:
-    """The Dask task runner of ``project.cluster``: that scheduler's workers, or a local cluster for the run."""
+def task_runner(cfg: PipelineConfig) -> TaskRunner:
+    """The task runner of ``project.cluster``: that scheduler's workers, or a local cluster for the run; with room
+    for one chain at a time (one core, one method, ``max_parallel_methods: 1``), no cluster: a worker process
+    would only add its start-up to chains that run one after another anyway."""
     if cfg.project.cluster:
         return DaskTaskRunner(address=cfg.project.cluster, client_kwargs={"timeout": CONNECT_TIMEOUT})
     workers, gpus = local_size(cfg)
+    if workers == 1 and not gpus:
+        return ThreadPoolTaskRunner(max_workers=1)
     return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"workers": workers, "gpus": gpus})
+
+
+@contextlib.contextmanager
+def workers_for(run: ProjectRun, runner: TaskRunner, log: Callable[[str], None]) -> Iterator[Workers]:
+    """The flow's workers, checked (``check_workers``) and set up (torch threads, quiet Dask logs), for the length
+    of the chains; at the end each worker sends the Prefect events it still holds. No cluster: ``Workers()``."""
+    if not isinstance(runner, DaskTaskRunner):
+        yield Workers()
+        return
+    client = runner.client  # the runner started the local cluster, or connected to the scheduler
+    with api_for_workers() as api:
+        workers = check_workers(client, worker_needs(run.layout, api, run))
+        client.register_plugin(TorchThreads(workers.threads_by_host))
+        if run.cfg.project.cluster is None:  # a remote cluster's workers log where their owner started them
+            client.register_plugin(QuietDaskLogs())
+        try:
+            yield workers
+        finally:
+            flush_prefect_events(client, log)
 
 
 def check_cluster(cfg: PipelineConfig, root: Path) -> None:

@@ -52,8 +52,8 @@ class ProjectConfig(Section):
         None, description="Dask scheduler (tcp://host:8786) whose workers run the method chains; null: a local "
                           "cluster of worker processes on this machine")
     max_parallel_methods: int | None = Field(
-        None, ge=1, description="local cluster: method chains at once, one worker process each; null: one per "
-                                "core (per GPU if there are GPUs), at most one per method")
+        None, ge=1, description="local cluster: method chains at once, one worker process each (1: one after "
+                                "another in the pipeline's process); null: one per core, or per GPU if there are GPUs")
 
     @field_validator("cluster")
     @classmethod

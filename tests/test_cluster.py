@@ -187,3 +187,28 @@ def test_a_worker_is_told_what_it_lacks(tmp_path):
     assert problems[2].startswith(f"cannot reach search.storage postgresql+psycopg://u:***@127.0.0.1:{port}/db: ")
     assert problems[3].startswith(f"cannot reach the Prefect API http://127.0.0.1:{port}/api to report its task runs")
     assert len(problems) == 4 and all("refused" in p for p in problems[1:]), problems
+
+
+def test_local_cluster_size(tmp_path, monkeypatch):
+    """One worker process per core by default, at most one per method; ``max_parallel_methods`` overrides; one chain
+    at a time (no cluster, the pipeline's own process) when only one fits or when search trials time latency."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    monkeypatch.setattr(cluster, "usable_cores", lambda: 3)
+    monkeypatch.setattr(cluster, "cuda_devices", lambda: 0)
+    four = {"l1": {}, "random": {}, "fpgm": {}, "l2": {}}
+
+    def size(**params) -> tuple[int, int]:
+        return cluster.local_size(load_config(write_params(tmp_path, {**PARAMS, **params}))[0])
+
+    assert size() == (2, 0) and size(methods=four) == (3, 0)
+    assert size(methods=four, project={"max_parallel_methods": 4}) == (4, 0)
+    assert size(methods=four, search={**PARAMS["search"], "measure_latency": True}) == (1, 0)
+    assert size(methods=four, search={**PARAMS["search"], "measure_latency": True}, prune={"ratio": 0.5}) == (3, 0)
+    cfg, _ = load_config(write_params(tmp_path, {**PARAMS, "project": {"max_parallel_methods": 1}}))
+    assert isinstance(cluster.task_runner(cfg), ThreadPoolTaskRunner)
+    cfg, _ = load_config(write_params(tmp_path, PARAMS))
+    assert isinstance(cluster.task_runner(cfg), DaskTaskRunner)
+    monkeypatch.setattr(cluster, "cuda_devices", lambda: 2)
+    assert size(methods=four) == (2, 2)  # one chain per GPU
