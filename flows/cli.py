@@ -8,6 +8,7 @@
     pruneflow prune  --model M --method NAME [--ratio R] [--json]     prune once: MACs/params before/after, layers
     pruneflow export --run-id ID [--target T] [--params ...] [-S ...]  re-export a logged method run for a target
     pruneflow ui     [--port 5000]                                    MLflow UI on 127.0.0.1
+    pruneflow dashboard [--port 8080]                                 Optuna dashboard of the studies on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -369,6 +370,29 @@ def ui(params: Path = PARAMS, port: int = typer.Option(5000, help="port on 127.0
     typer.echo(f"MLflow UI for {uri} at http://{HOST}:{port} (Ctrl-C stops it)")
     command, env = mlflow_command("ui", uri, port)
     raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))
+
+
+@app.command()
+def dashboard(params: Path = PARAMS, port: int = typer.Option(8080, help="port on 127.0.0.1")) -> None:
+    """Start optuna-dashboard on 127.0.0.1 against the project's study storage (search.storage, else
+    runs/optuna.db): every method's study, its trials, history and parameter importances."""
+    cfg, root = _config(params, [])
+    from sqlalchemy.engine import make_url
+
+    from flows.servers import HOST, QUIET
+    from pruneflow.concurrency import sqlite_file
+    from pruneflow.layout import ProjectLayout
+
+    storage = ProjectLayout(root, cfg).study_storage
+    database = sqlite_file(storage)
+    if database is not None and not database.is_file():  # the dashboard would create an empty one and show nothing
+        typer.echo(f"error: no study storage at {database} yet: run the pipeline first (pruneflow run), or point "
+                   "search.storage at the studies", err=True)
+        raise typer.Exit(1)
+    shown = make_url(storage).render_as_string(hide_password=True)
+    typer.echo(f"Optuna dashboard for {shown} at http://{HOST}:{port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "optuna_dashboard._cli", storage, "--host", HOST, "--port", str(port)]
+    raise typer.Exit(subprocess.call(command, env={**os.environ, **QUIET}))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,19 @@ class ProjectConfig(Section):
     runs_dir: str = "runs"
     data_dir: str = "data"
     seed: int = 0
-    max_parallel_methods: int = Field(2, ge=1, description="method chains searched/retrained at once")
+    cluster: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786) whose workers run the method chains; null: a local "
+                          "cluster of worker processes on this machine")
+    max_parallel_methods: int | None = Field(
+        None, ge=1, description="local cluster: method chains at once, one worker process each (1: one after "
+                                "another in the pipeline's process); null: one per core, or per GPU if there are GPUs")
+
+    @field_validator("cluster")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls)://[^\s/:]+:\d+", value):
+            raise ValueError(f"a Dask scheduler address is tcp://host:port (e.g. tcp://10.0.0.5:8786), got {value!r}")
+        return value
 
 
 class DataConfig(Section):

@@ -7,10 +7,11 @@ the baseline's outputs (``Distillation``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -84,60 +85,63 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: 
     A loss or a weight that is NaN or infinite raises ``gates.GateError`` (the run diverged): nothing trained
     here goes on to be saved, pruned or exported with broken weights.
     """
+    history = []
+    with contextlib.closing(train_epochs(model, batches, cfg, val_batches=val_batches, regularizers=regularizers,
+                                         distill=distill)) as epochs:
+        for result in epochs:
+            history.append(result)
+            if on_epoch_end:
+                on_epoch_end(result)
+    return history
+
+
+def train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: Batches | None = None,
+                 regularizers: Iterable[Regularizer] = (), distill: Distillation | None = None,
+                 ) -> Iterator[EpochResult]:
+    """``train``, one epoch per step of the iterator, so that a caller can interleave the training of several
+    models (benchmarks time them in turn). The models are on ``cfg.device`` until the iterator ends or is closed;
+    the weights are checked for NaN/Inf when it ends."""
     regularizers = list(regularizers)
     device = resolve_device(cfg.device)
     model.to(device)
     if distill is not None:
         distill.teacher.to(device).eval()
     try:
-        history = _train_epochs(model, batches, cfg, device, val_batches, regularizers, on_epoch_end, distill)
+        if cfg.optimizer == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        steps = max(1, cfg.epochs * len(batches))  # type: ignore[arg-type]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, (lambda step: 1.0) if cfg.schedule == "constant" else
+            (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))))
+        task = task_of(batches)
+        for epoch in range(1, cfg.epochs + 1):
+            start, total, count = time.perf_counter(), 0.0, 0
+            model.train()
+            for batch, (images, labels) in enumerate(batches, 1):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                outputs = model(images)
+                loss = distill.loss(task, outputs, images, labels) if distill else task.loss(outputs, labels)
+                for regularizer in regularizers:
+                    loss = loss + regularizer(model)
+                value = loss.item()
+                gates.check_finite_loss(value, epoch, batch, cfg.lr)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += value * len(labels)
+                count += len(labels)
+            val_metric = evaluate(model, val_batches) if val_batches is not None else None
+            yield EpochResult(epoch, total / max(count, 1), val_metric, time.perf_counter() - start)
         gates.check_finite_weights(model, cfg.lr)
-        return history
     finally:
         model.to("cpu")
         model.eval()
         if distill is not None:
             distill.teacher.to("cpu")
-
-
-def _train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, device: torch.device,
-                  val_batches: Batches | None, regularizers: list[Regularizer],
-                  on_epoch_end: Callable[[EpochResult], None] | None,
-                  distill: Distillation | None) -> list[EpochResult]:
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    steps = max(1, cfg.epochs * len(batches))  # type: ignore[arg-type]
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, (lambda step: 1.0) if cfg.schedule == "constant" else
-        (lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))))
-    task = task_of(batches)
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        start, total, count = time.perf_counter(), 0.0, 0
-        model.train()
-        for batch, (images, labels) in enumerate(batches, 1):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            outputs = model(images)
-            loss = distill.loss(task, outputs, images, labels) if distill else task.loss(outputs, labels)
-            for regularizer in regularizers:
-                loss = loss + regularizer(model)
-            value = loss.item()
-            gates.check_finite_loss(value, epoch, batch, cfg.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += value * len(labels)
-            count += len(labels)
-        val_metric = evaluate(model, val_batches) if val_batches is not None else None
-        result = EpochResult(epoch, total / max(count, 1), val_metric, time.perf_counter() - start)
-        history.append(result)
-        if on_epoch_end:
-            on_epoch_end(result)
-    return history
 
 
 def resolve_device(name: str) -> torch.device:

@@ -60,20 +60,28 @@ def check_tracking(layout: ProjectLayout) -> None:
         except StoreError as err:
             raise ConfigError(str(err)) from None
         return
+    reason = probe_tracking(uri)
+    if reason is None:
+        return
+    if uri.startswith(("http:", "https:")):
+        raise ConfigError(f"{source}: no MLflow tracking server answers at {uri} ({reason}); start it, or set "
+                          "project.tracking_uri: null to use the project's sqlite store")
+    raise ConfigError(f"{source}: MLflow cannot use {uri}: {reason}")
+
+
+def probe_tracking(uri: str) -> str | None:
+    """Why MLflow cannot use the tracking store ``uri`` (one quick request to a server), or None if it can."""
     try:
         with _environment(PROBE_ENV):
             client = MlflowClient(uri)  # an unsupported scheme fails here
             if uri.startswith(("http:", "https:")):
                 client.search_experiments(max_results=1)
     except MlflowException as err:
-        reason = _root_cause(err)
-        if uri.startswith(("http:", "https:")):
-            raise ConfigError(f"{source}: no MLflow tracking server answers at {uri} ({reason}); start it, or set "
-                              "project.tracking_uri: null to use the project's sqlite store") from None
-        raise ConfigError(f"{source}: MLflow cannot use {uri}: {reason}") from None
+        return root_cause(err)
+    return None
 
 
-def _root_cause(err: BaseException) -> str:
+def root_cause(err: BaseException) -> str:
     """A network error's innermost message (``[Errno 111] Connection refused``), not MLflow's wrapping of urllib3's;
     else the first two sentences of MLflow's own message."""
     inner = err
