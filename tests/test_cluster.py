@@ -31,7 +31,7 @@ from pruneflow.layout import ProjectLayout
 from tasks.chain import WORKER_TAG
 from tests.conftest import write_params
 from tests.system_deps import free_port
-from tests.test_operations import cli, start, subprocess_env, tail, wait_for
+from tests.test_operations import cli, start, subprocess_env, tail, trials_by_worker, wait_for
 
 HOST = socket.gethostname()
 PARAMS = {"train": {"epochs": 1}, "methods": {"l1": {}, "random": {}}, "retrain": {"epochs": 1, "lr": 0.01},
@@ -69,18 +69,16 @@ def scheduler(tmp_path_factory) -> Iterator[str]:
             process.wait(timeout=60)
 
 
-def method_runs(mlflow_db: Path) -> dict[str, dict[str, str]]:
-    """Method run name -> its id, the worker tag and its trial runs' count, read with plain sqlite (read-only:
-    an MLflow client would migrate a database the pipeline may be creating)."""
+def method_runs(mlflow_db: Path) -> dict[str, str]:
+    """Method run name -> the worker tag, read with plain sqlite (read-only: an MLflow client would migrate a
+    database the pipeline may be creating)."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{mlflow_db}?mode=ro", uri=True, timeout=30)) as db:
-            rows = db.execute(
-                "SELECT r.name, r.run_uuid, w.value, (SELECT COUNT(*) FROM tags p WHERE p.key = 'mlflow.parentRunId' "
-                "AND p.value = r.run_uuid) FROM runs r JOIN tags w ON w.run_uuid = r.run_uuid "
-                "WHERE w.key = ?", (WORKER_TAG,)).fetchall()
+            rows = db.execute("SELECT r.name, w.value FROM runs r JOIN tags w ON w.run_uuid = r.run_uuid "
+                              "WHERE w.key = ?", (WORKER_TAG,)).fetchall()
     except sqlite3.OperationalError:  # no database or no table yet
         return {}
-    return {name: {"id": run_id, "worker": worker, "trials": trials} for name, run_id, worker, trials in rows}
+    return dict(rows)
 
 
 @pytest.mark.e2e
@@ -96,14 +94,18 @@ def test_chains_run_in_two_worker_processes_and_survive_one_killed(scheduler, pr
                 subprocess_env(PREFECT_API_URL=PREFECT_API_URL.value()), log)
     watched = {log: run}
     try:
-        first = wait_for(lambda: (runs := method_runs(tmp_path / "mlflow.db")).keys() == set(PARAMS["methods"])
-                         and runs, 600, "both chains to start", watched)
-        workers = {method: found["worker"] for method, found in first.items()}
+        workers = wait_for(lambda: (runs := method_runs(tmp_path / "mlflow.db")).keys() == set(PARAMS["methods"])
+                           and runs, 600, "both chains to start", watched)
         assert workers["l1"] != workers["random"] and all(w.startswith(f"{HOST}:") for w in workers.values())
         assert str(run.pid) not in {w.split(":")[1] for w in workers.values()}  # in workers, not the pipeline
 
-        wait_for(lambda: method_runs(tmp_path / "mlflow.db")["l1"]["trials"] >= 1, 600, "l1's first trial", watched)
         killed = workers["l1"]
+
+        def finished_one_and_running_one() -> bool:  # killed mid-trial, once the trial has named its worker
+            states = set(trials_by_worker(tmp_path / "runs" / "optuna.db", {killed}).values())
+            return bool({"COMPLETE", "PRUNED"} & states) and "RUNNING" in states
+
+        wait_for(finished_one_and_running_one, 600, "a finished and a running trial of l1", watched)
         os.kill(int(killed.split(":")[1]), signal.SIGKILL)
         assert run.wait(timeout=900) == 0, tail(log)
     finally:
