@@ -10,7 +10,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 
-.PHONY: install demo test system-deps ui repro constraints clean servers servers-stop
+.PHONY: install demo lint test system-deps ui repro constraints clean servers servers-stop
 
 install: $(STAMP)
 
@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/pruneflow run --params params.yaml
 
-test: $(STAMP) system-deps
+# ruff (lint and import order, all Python files) and mypy (pyproject.toml's [tool.mypy] files); CI runs it
+# through `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -n auto --dist loadgroup  # tests needing the Prefect server share one worker
 
 # Debian's PostgreSQL and Chromium for the distributed-search and browser tests. Never fails make: where
@@ -56,7 +62,7 @@ constraints: $(STAMP)
 	{ head -2 constraints.txt; cat constraints.txt.new; } > constraints.txt && rm constraints.txt.new
 
 clean:
-	rm -rf runs mlartifacts mlflow.db .pytest_cache
+	rm -rf runs mlartifacts mlflow.db .pytest_cache .mypy_cache .ruff_cache
 
 # The pipeline through DVC instead of Prefect: version the data, then `dvc repro` (pruneflow on PATH).
 repro: $(STAMP)
