@@ -6,7 +6,8 @@ method: ``pruneflow.targeting.ratio_for_macs_reduction`` scans and bisects the m
 trials until ≈ ``--target`` of the MACs are gone; ``stages.prune_model`` prunes at that ratio,
 ``stages.retrain_model`` fine-tunes for ``--finetune-epochs`` (the method's own recipe if it has one), and
 ``stages.evaluate_model`` measures test accuracy, MACs, params and ONNX Runtime latency at batch 1 and at
-``--latency-batch``, interleaved with the baseline. ``magnitude_unstructured`` runs as an extra row at the same share of zeroed weights.
+``--latency-batch``, interleaved with the baseline. ``magnitude_unstructured`` runs as an extra row at the same
+share of zeroed weights.
 
 Everything runs in one process (the decoded JPEGs are cached in memory by ``stages.load_data``). Results go
 to a JSON file after every method, so a crash loses one method at most and a rerun with the same settings
@@ -76,7 +77,7 @@ PAPER = {
 PUBLIC_BAR = "HRank (ResNet-56): 93.26 → 93.17 at −50 % FLOPs; DepGraph is the other public bar"
 
 
-def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006 (the run's start, fixed once)
+def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006, B008 (the run's start, fixed once)
     elapsed = time.perf_counter() - _start[0]
     print(f"[{elapsed / 60:6.1f} min] {message}", flush=True)
 
@@ -209,7 +210,8 @@ def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, basel
                out: Path) -> dict[str, Any]:
     """One row: target, prune, fine-tune, evaluate (in ``<out>/<method>/``)."""
     splits = stages.load_data(cfg, data_path)
-    run = ProjectRun(ProjectLayout(out, cfg), DataVersion(data_path, "cifar10-jpg"), baseline_dir, out).method(method)
+    project = ProjectRun(ProjectLayout(out, cfg), DataVersion(data_path, "cifar10-jpg"), baseline_dir, out)
+    run = project.method_run(method)
     row: dict[str, Any] = {"method": method, "structured": METHODS.get(method).structured,
                            "params": cfg.methods[method]}
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -252,7 +254,8 @@ def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, basel
     # with the baseline's ONNX file.
     row.update(stages.evaluate_model(run, log=log))
     large = f"_b{cfg.evaluate.latency_batch_large}"
-    row.update({"latency_big_ms": row[f"latency_ms{large}"], "baseline_latency_big_ms": row[f"baseline_latency_ms{large}"],
+    row.update({"latency_big_ms": row[f"latency_ms{large}"],
+                "baseline_latency_big_ms": row[f"baseline_latency_ms{large}"],
                 "speedup_big": row[f"speedup{large}"]})
     log(f"{method}: batch {cfg.evaluate.latency_batch_large} latency {row['latency_big_ms']:.2f} ms "
         f"(x{row['speedup_big']:.2f})")
@@ -344,7 +347,8 @@ def render(results: dict[str, Any], existing: str | None) -> str:
         f"| method | ratio | MACs −% | params −% | acc. before FT | acc. after FT | Δ vs baseline | "
         f"latency b1 (ms) | speed-up b1 | latency b{big} (ms) | speed-up b{big} |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| **baseline** | — | {fmt(base.get('macs', 0) / 1e6, '.1f')} M | {fmt(base.get('params', 0) / 1e3, '.1f')} k | — | "
+        f"| **baseline** | — | {fmt(base.get('macs', 0) / 1e6, '.1f')} M | "
+        f"{fmt(base.get('params', 0) / 1e3, '.1f')} k | — | "
         f"**{fmt(base.get('accuracy'), '.2f')}** | 0 | " + " | ".join(latency("baseline")) + " |",
     ]
     def far_off(name: str) -> bool:  # more than 5 points from the target: not comparable with the rest
@@ -375,14 +379,16 @@ def render(results: dict[str, Any], existing: str | None) -> str:
 
     lines += ["### Targeting: achieved MACs reduction per method", "",
               "Every prune-only trial is listed (ratio → MACs reduction), in the order tried.", "",
-              "| method | ratio | achieved | off target | reached ±tolerance | trials | notes |", "|---|---|---|---|---|---|---|"]
+              "| method | ratio | achieved | off target | reached ±tolerance | trials | notes |",
+              "|---|---|---|---|---|---|---|"]
     for name in order:
         row, t = ok[name], ok[name]["targeting"]
         notes = row.get("notes", "").replace("|", "/")
         if len(notes) > 300:
             notes = notes[:300] + " …"
         trials = ", ".join(f"{ratio:.3f}→{100 * reduction:.1f}" for ratio, reduction in t["trials"])
-        lines.append(f"| {name} | {t['ratio']:.4f} | {pct(t['reduction'])} | {100 * (t['reduction'] - t['goal']):+.2f} pt | "
+        lines.append(f"| {name} | {t['ratio']:.4f} | {pct(t['reduction'])} | "
+                     f"{100 * (t['reduction'] - t['goal']):+.2f} pt | "
                      f"{'yes' if t['reached'] else 'no'} | {trials} | {notes} |")
     lines.append("")
 
@@ -400,8 +406,10 @@ def render(results: dict[str, Any], existing: str | None) -> str:
               "|---|---|---|---|---|---|"]
     for name in order:
         row = ok[name]
-        lines.append(f"| {name} | {row['bisect_s']:.0f} ({fmt(row.get('bisect_cpu_s'), '.0f')}) | {row['prune_s']:.0f} | "
-                     f"{row['retrain_seconds']:.0f} ({fmt(row.get('retrain_cpu_s'), '.0f')}) | {row['evaluate_s']:.0f} | "
+        lines.append(f"| {name} | {row['bisect_s']:.0f} ({fmt(row.get('bisect_cpu_s'), '.0f')}) | "
+                     f"{row['prune_s']:.0f} | "
+                     f"{row['retrain_seconds']:.0f} ({fmt(row.get('retrain_cpu_s'), '.0f')}) | "
+                     f"{row['evaluate_s']:.0f} | "
                      f"{row['total_s']:.0f} ({fmt(row.get('total_cpu_s'), '.0f')}) |")
     total, cpu = timings.get("total_s"), timings.get("cpu_s")
     lines += ["", f"Total: **{fmt(total / 60 if total else None, '.1f')} min wall**, "
@@ -422,8 +430,9 @@ def render(results: dict[str, Any], existing: str | None) -> str:
     m = results["machine"]
     lines += ["## Settings and machine", "",
               f"- Data: `../shared/data/cifar10-jpg.tar.gz` (CIFAR-10 re-encoded as JPEG, quality ≈ 75), an image "
-              f"folder; first {settings['subset']} training images (seeded shuffle), {100 * settings['val_fraction']:.0f} % "
-              f"of them held out as validation ({base.get('train_images', '?')} train / {base.get('val_images', '?')} val), "
+              f"folder; first {settings['subset']} training images (seeded shuffle), "
+              f"{100 * settings['val_fraction']:.0f} % of them held out as validation "
+              f"({base.get('train_images', '?')} train / {base.get('val_images', '?')} val), "
               f"full test set ({base.get('test_images', '?')}). Augmentation: random crop (pad 4) + horizontal flip.",
               f"- Baseline: ResNet-20 (option-B shortcuts), {settings['epochs']} epochs, SGD momentum 0.9, lr "
               f"{settings['lr']} cosine, weight decay 5e-4, batch {settings['batch_size']}. As in the pipeline, the "
@@ -437,14 +446,16 @@ def render(results: dict[str, Any], existing: str | None) -> str:
               f"`round_to={settings['round_to']}`, "
               f"`max_layer_ratio=0.9`, stem conv and classifier never pruned; data-driven methods see "
               f"{settings['calib_batches']} training batches of {settings['batch_size']}.",
-              f"- Method params: defaults, except slimming λ = {METHOD_PARAMS['slimming']['sparsity']:g} and adversarial "
-              f"`epochs={settings['adversarial_epochs']}` (mask-learning passes over the {settings['calib_batches'] - 1} "
-              "fitting batches per λ, default 40, to bound its cost). adversarial's masks do not depend on the ratio, "
+              f"- Method params: defaults, except slimming λ = {METHOD_PARAMS['slimming']['sparsity']:g} and "
+              f"adversarial `epochs={settings['adversarial_epochs']}` (mask-learning passes over the "
+              f"{settings['calib_batches'] - 1} fitting batches per λ, default 40, to bound its cost). "
+              "adversarial's masks do not depend on the ratio, "
               "so the benchmark learns them once per λ and reuses them across the bisection and the final prune "
               "(identical results under the fixed seed). layer_entropy and info_richness retrain with the standard "
               "loop, not joint grafting (grafting trains K = 2 copies, twice the fine-tune budget).",
-              f"- Fine-tune: {settings['finetune_epochs']} epochs, lr {settings['finetune_lr']} cosine, the method's own "
-              "recipe where it has one (channel_sparsity adds its λ‖W‖² term; magnitude_unstructured holds its zeros).",
+              f"- Fine-tune: {settings['finetune_epochs']} epochs, lr {settings['finetune_lr']} cosine, the method's "
+              "own recipe where it has one (channel_sparsity adds its λ‖W‖² term; magnitude_unstructured holds its "
+              "zeros).",
               f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
               f"torch-pruning {m['torch_pruning']}, onnxruntime {m['onnxruntime']}, Python {m['python']}, "
               f"`OMP_WAIT_POLICY={m.get('omp_wait_policy')}`. No GPU. "
@@ -464,7 +475,8 @@ def render(results: dict[str, Any], existing: str | None) -> str:
               "to the nearest multiple, the channel-group methods round up), so the MACs reduction moves in steps: "
               "see the trials in the targeting table (in the run recorded here the uniform methods jumped "
               "44.5 → 49.7 → 60.0 %, apoz and channel_sparsity, which leave the residual channels whole, "
-              "48.7 → 52.7 %, cascade 46.2 → 57.8 % by whole blocks). Torch-Pruning's own rounding (kept channels rounded down, a layer skipped when "
+              "48.7 → 52.7 %, cascade 46.2 → 57.8 % by whole blocks). Torch-Pruning's own rounding "
+              "(kept channels rounded down, a layer skipped when "
               "that would empty it) still applies to the global-threshold methods (slimming, lamp) and can make "
               "the reduction fall as the ratio grows, which is why the targeting scans before it bisects. Rows "
               "differ by a few points of MACs: read accuracy together with the achieved reduction.",

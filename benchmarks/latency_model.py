@@ -48,10 +48,10 @@ from pruneflow.latency.graph import sliced_model  # noqa: E402
 from pruneflow.latency.table import graph_hash  # noqa: E402
 from pruneflow.latency.units import optimized  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
-from pruneflow.plan import PrunePlan  # noqa: E402
 from pruneflow.methods.blocks import find_residual_blocks  # noqa: E402
 from pruneflow.methods.groups import channel_groups  # noqa: E402
 from pruneflow.models import build_model  # noqa: E402
+from pruneflow.plan import PrunePlan  # noqa: E402
 
 ANALYSIS = "## What this shows"  # a rerun rewrites the file above this heading and keeps what follows it
 SHAPE = (3, 32, 32)

@@ -52,8 +52,8 @@ from pruneflow.data import load_splits  # noqa: E402
 from pruneflow.data.loading import Split, TensorLoader, read_split  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.metrics import count_macs_params, reductions  # noqa: E402
-from pruneflow.proxy import recalibrate_batchnorm  # noqa: E402
 from pruneflow.plan import PrunePlan  # noqa: E402
+from pruneflow.proxy import recalibrate_batchnorm  # noqa: E402
 from pruneflow.search import fit_to_target  # noqa: E402
 from pruneflow.training import evaluate, train  # noqa: E402
 

@@ -68,7 +68,7 @@ QUICK_IMAGES = {"train": 40, "test": 10}  # per class, in the --quick image fold
 ANALYSIS = "## What this shows"  # a rerun rewrites the report above this heading and keeps what follows
 
 
-def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006 (the run's start, fixed once)
+def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006, B008 (the run's start, fixed once)
     print(f"[{(time.perf_counter() - _start[0]) / 60:6.1f} min] {message}", flush=True)
 
 
@@ -146,7 +146,7 @@ def run_arm(args: argparse.Namespace, name: str, seed: int, baseline: Path, out:
         cfg.prune.ratio = ratio_for_macs_reduction(create_method(method), model, spec.example_inputs(), args.target,
                                                    round_to=cfg.prune.round_to, scan=8).ratio
     run = ProjectRun(ProjectLayout(out, cfg), DataVersion(Path(cfg.data.path), "cifar10-jpg"), baseline,
-                     out / f"seed{seed}" / name.replace(" ", "_").replace(",", "")).method(method)
+                     out / f"seed{seed}" / name.replace(" ", "_").replace(",", "")).method_run(method)
     chosen = stages.search_ratio(run, log=log)
     judged = finetuned = 0
     if chosen.searched:

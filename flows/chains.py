@@ -45,7 +45,7 @@ def method_chains(run: ProjectRun, parent_run_id: str) -> dict:
                 with tracker.failing(run_ids[method]):
                     tracker.log_params(run_ids[method], {
                         "method": method, **{f"method.{k}": v for k, v in cfg.methods[method].items()}})
-                chains[method] = method_chain.submit(run.method(method), run_ids[method])
+                chains[method] = method_chain.submit(run.method_run(method), run_ids[method])
         wait(list(chains.values()))
         for orphan in tracker.end_orphaned_runs():  # a trial's run, left RUNNING by a worker that died
             logger.warning(f"MLflow run {orphan} belonged to a worker process that is gone: marked KILLED")
@@ -55,7 +55,7 @@ def method_chains(run: ProjectRun, parent_run_id: str) -> dict:
                 run_id = run_ids[method]
                 try:
                     chain.result()  # the chain's failure raises itself
-                    outcomes = [STAGE_TASKS[name].submit(name, run.method(method), run_id).result() for name in TIMED]
+                    outcomes = [STAGE_TASKS[name].submit(name, run.method_run(method), run_id).result() for name in TIMED]
                 except Exception as err:  # one broken method must not hide the others' results
                     failures[method] = f"{type(err).__name__}: {err}"
                     logger.error(f"{method} failed: {failures[method]}")

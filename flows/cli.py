@@ -19,8 +19,8 @@ import random
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
@@ -43,7 +43,7 @@ PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="params file; 
 SET = typer.Option(None, "--set", "-S", help="override a params key, e.g. -S train.epochs=3 (repeatable)")
 
 
-def _config(params: Path, overrides: Optional[list[str]]) -> tuple[PipelineConfig, Path]:
+def _config(params: Path, overrides: list[str] | None) -> tuple[PipelineConfig, Path]:
     try:
         return load_config(params, overrides or [])
     except ConfigError as err:
@@ -52,7 +52,7 @@ def _config(params: Path, overrides: Optional[list[str]]) -> tuple[PipelineConfi
 
 
 @app.command()
-def run(params: Path = PARAMS, overrides: Optional[list[str]] = SET) -> None:
+def run(params: Path = PARAMS, overrides: list[str] | None = SET) -> None:
     """Run the whole pipeline (Prefect flow ``prune_pipeline``), logging everything to MLflow."""
     cfg, root = _config(params, overrides)
     from flows.pipeline import preflight, prune_pipeline
@@ -125,10 +125,10 @@ def _end_own_runs(cfg: PipelineConfig, root: Path, status: str) -> None:
 
 @app.command()
 def serve(
-    params: Path = PARAMS, overrides: Optional[list[str]] = SET,
-    cron: Optional[str] = typer.Option(None, help='cron schedule, e.g. "0 2 * * *" (every night at 2:00)'),
-    interval: Optional[int] = typer.Option(None, min=1, help="also (or instead) run every SECONDS"),
-    timezone: Optional[str] = typer.Option(None, help="IANA time zone of the schedule, e.g. Europe/Paris; default UTC"),
+    params: Path = PARAMS, overrides: list[str] | None = SET,
+    cron: str | None = typer.Option(None, help='cron schedule, e.g. "0 2 * * *" (every night at 2:00)'),
+    interval: int | None = typer.Option(None, min=1, help="also (or instead) run every SECONDS"),
+    timezone: str | None = typer.Option(None, help="IANA time zone of the schedule, e.g. Europe/Paris; default UTC"),
     name: str = typer.Option("pruneflow", help="deployment name: Prefect shows prune_pipeline/NAME"),
     port: int = typer.Option(4200, help="port of the Prefect server started on 127.0.0.1 when none is configured"),
 ) -> None:
@@ -158,8 +158,8 @@ def serve(
 
 @app.command()
 def stage(name: str = typer.Argument(..., help="data (version the data), a stage of dvc.yaml, or compare (the table)"),
-          params: Path = PARAMS, overrides: Optional[list[str]] = SET,
-          method: Optional[str] = typer.Option(None, "--method", "-m", help="the method, for per-method stages")) -> None:
+          params: Path = PARAMS, overrides: list[str] | None = SET,
+          method: str | None = typer.Option(None, "--method", "-m", help="the method, for per-method stages")) -> None:
     """Run one stage alone, writing to runs/dvc/ (the fixed paths dvc.yaml declares); no Prefect, no MLflow.
 
     ``search`` starts a study of its own each time (runs/dvc/<method>/study.db, ``MethodRun.own_study``), so
@@ -185,13 +185,13 @@ def stage(name: str = typer.Argument(..., help="data (version the data), a stage
             return
         run = layout.dvc_run()
         if name == "compare":
-            results = {m: stages.read_json(run.method(m).metrics_json) for m in cfg.methods}
+            results = {m: stages.read_json(run.method_run(m).metrics_json) for m in cfg.methods}
             table = stages.compare(stages.read_json(run.baseline_metrics), results, cfg.evaluate.latency_batch_large,
                                    cfg.task)
             run.compare_md.write_text(table)
             typer.echo(table)
         elif step.per_method:
-            step.run(run.method(method), stages.say)
+            step.run(run.method_run(method), stages.say)
         else:
             check_model(cfg, stages.load_data(cfg, run.data_dir))  # fails before training, not at its export
             step.run(run, stages.say)
@@ -211,9 +211,9 @@ def _to_stderr(line: str) -> None:
 @app.command("search-worker")
 def search_worker(
     method: str = typer.Option(..., "--method", "-m", help="the method whose study to add trials to"),
-    params: Path = PARAMS, overrides: Optional[list[str]] = SET,
-    n_trials: Optional[int] = typer.Option(None, "--n-trials", min=1, help="trials to add; default search.n_trials"),
-    seed: Optional[int] = typer.Option(None, help="sampler seed; default random, so workers try different ratios"),
+    params: Path = PARAMS, overrides: list[str] | None = SET,
+    n_trials: int | None = typer.Option(None, "--n-trials", min=1, help="trials to add; default search.n_trials"),
+    seed: int | None = typer.Option(None, help="sampler seed; default random, so workers try different ratios"),
 ) -> None:
     """Add trials to a method's Optuna study, beside a running pipeline or other workers.
 
@@ -246,7 +246,7 @@ def search_worker(
             raise FileNotFoundError(f"{layout.dataset_dir} is missing: `dvc pull` it or run `pruneflow stage data`")
         project = stages.project_run(layout, data, layout.runs_dir)  # a worker adds trials, it writes no run files
         stages.ensure_baseline(project, log=_to_stderr)
-        run = project.method(method, trial_callbacks=(stages.trial_progress(method, _to_stderr),))
+        run = project.method_run(method, trial_callbacks=(stages.trial_progress(method, _to_stderr),))
         name, storage = stages.study_name(cfg, method, data.md5), layout.study_storage
         trials = n_trials or cfg.search.n_trials
         _to_stderr(f"search-worker {worker_id()}: {trials} trial(s) in study {name} at "
@@ -269,21 +269,23 @@ def methods() -> None:
 
 @app.command()
 def prune(
-    model: Optional[str] = typer.Option(None, help="model name: registered, torchvision:<name> or package.module:function"),
+    model: str | None = typer.Option(
+        None, help="model name: registered, torchvision:<name> or package.module:function"),
     method: str = typer.Option(..., help="pruning method (see: pruneflow methods)"),
     ratio: float = typer.Option(0.5, help="share of channels to remove, in [0, 1)"),
     dataset: str = typer.Option("digits", help="sets a fresh model's channels/classes/input size; feeds calibration"),
-    data_path: Optional[Path] = typer.Option(None, help="the dataset's data.path (imagefolder root, torchvision files)"),
+    data_path: Path | None = typer.Option(
+        None, help="the dataset's data.path (imagefolder root, torchvision files)"),
     data_dir: Path = typer.Option(Path("data"), help="where prepared datasets live (project.data_dir)"),
-    checkpoint: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+    checkpoint: Path | None = typer.Option(None, exists=True, dir_okay=False,
                                               help="prune trained weights: a model file pruneflow wrote, or a "
                                                    "state_dict for --model"),
     calib_batches: int = typer.Option(4, min=1, help="training batches given to data-driven methods"),
     round_to: int = typer.Option(8, min=1, help="round kept channels to a multiple (1: no rounding)"),
-    input_size: Optional[int] = typer.Option(None, min=1, help="side of the square input; default: the data's or checkpoint's"),
-    channels: Optional[int] = typer.Option(None, min=1, help="input channels; default: the data's"),
-    classes: Optional[int] = typer.Option(None, min=1, help="classes; default: the data's"),
-    out: Optional[Path] = typer.Option(None, dir_okay=False, help="write the pruned model here (a model file)"),
+    input_size: int | None = typer.Option(None, min=1, help="side of the square input; default: the data's or checkpoint's"),
+    channels: int | None = typer.Option(None, min=1, help="input channels; default: the data's"),
+    classes: int | None = typer.Option(None, min=1, help="classes; default: the data's"),
+    out: Path | None = typer.Option(None, dir_okay=False, help="write the pruned model here (a model file)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """Prune a fresh (or --checkpoint) model once and print MACs/params before and after, layer by layer.
@@ -332,8 +334,8 @@ def prune(
 @app.command("export")
 def export_run(
     run_id: str = typer.Option(..., "--run-id", help="an MLflow method run of a pipeline (its child run per method)"),
-    target: Optional[str] = typer.Option(None, help="cpu | jetson | generic-gpu; default: params' export.target"),
-    params: Path = PARAMS, overrides: Optional[list[str]] = SET,
+    target: str | None = typer.Option(None, help="cpu | jetson | generic-gpu; default: params' export.target"),
+    params: Path = PARAMS, overrides: list[str] | None = SET,
 ) -> None:
     """Re-export a logged method run's model for a target without rerunning the pipeline; logs the files to that run.
 

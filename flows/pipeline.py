@@ -9,8 +9,8 @@ be noise.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from prefect import flow, get_run_logger
 

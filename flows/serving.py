@@ -10,8 +10,8 @@ deployment for ``prefect deploy`` and a process work pool.
 from __future__ import annotations
 
 import zoneinfo
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from prefect.schedules import Cron, Interval, Schedule
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def bisect(side: Callable[[float], int], low: float, high: float, steps: int) -> tuple[float, float]:

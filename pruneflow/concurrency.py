@@ -20,7 +20,6 @@ import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import ContextManager
 
 import psutil
 from filelock import FileLock
@@ -45,7 +44,7 @@ def sqlite_file(url: str) -> Path | None:
     return Path(database).resolve() if database and database != ":memory:" else None
 
 
-def store_lock(url: str) -> ContextManager[object]:
+def store_lock(url: str) -> contextlib.AbstractContextManager[object]:
     """A lock on a sqlite store (the file ``<database>.lock`` beside it) for creating its schema or first rows.
 
     Two processes opening a new sqlite file at once both run ``CREATE TABLE`` (Optuna) or the migrations

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 # (key path, value) a config of the task gets where it does not say otherwise (the schema's defaults are the
 # classification ones); slimming, a default method, needs BatchNorm, which ESPCN has none of
-TASK_DEFAULTS = {
+TASK_DEFAULTS: dict[str, tuple[tuple[tuple[str, ...], Any], ...]] = {
     "super_resolution": ((("data", "dataset"), "skimage"), (("model", "name"), "espcn"),
                          (("search", "objectives"), ["psnr"]),
                          (("methods",), {"l1": {}, "layer_entropy": {}, "random": {}})),
@@ -34,6 +34,11 @@ TASK_DEFAULTS = {
 # a methods entry: a registered method name (lowercase, digits, _), optionally -<label>; "@" would break DVC's
 # foreach stage names (search@<entry>), "." and "=" the -S overrides (methods.<entry>.<param>=value)
 METHOD_ENTRY = re.compile(r"[a-z0-9_]+(-[A-Za-z0-9_-]+)?")
+
+Objective = Literal["accuracy", "psnr", "macs_reduction", "params_reduction", "latency_ms"]
+# the classification defaults of a list and a dict field (each config gets its own copy)
+DEFAULT_OBJECTIVES: list[Objective] = ["accuracy"]
+DEFAULT_METHODS: dict[str, dict[str, Any]] = {"l1": {}, "slimming": {}, "random": {}}
 
 
 class Section(BaseModel):
@@ -95,7 +100,7 @@ class BaselineConfig(Section):
     std: list[float] | None = Field(None, description="per-channel input std it was trained with (with mean)")
 
     @model_validator(mode="after")
-    def _normalisation(self) -> "BaselineConfig":
+    def _normalisation(self) -> BaselineConfig:
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std: give both or neither")
         if self.mean is not None:
@@ -139,7 +144,7 @@ class TargetConfig(Section):
                                                 "evaluate.latency_batch (≤); speedup: baseline ÷ pruned latency (≥)")
 
     @model_validator(mode="after")
-    def _value_in_range(self) -> "TargetConfig":
+    def _value_in_range(self) -> TargetConfig:
         if self.metric in ("macs_reduction", "params_reduction") and self.value >= 1:
             raise ValueError(f"value: a {self.metric} target is a fraction below 1, got {self.value}")
         if self.metric == "speedup" and self.value <= 1:
@@ -164,11 +169,13 @@ class SearchConfig(Section):
     top_k: int = Field(5, ge=1, description="adaptive_bn: feasible trials with the best proxy score that are then "
                                             "fine-tuned for finetune_epochs before the selection policy picks one")
     target: TargetConfig = Field(default_factory=TargetConfig)
-    objectives: list[Literal["accuracy", "psnr", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
-        default_factory=lambda: ["accuracy"],
+    objectives: list[Objective] = Field(
+        default_factory=DEFAULT_OBJECTIVES.copy,
         description="[<the task's metric>] (accuracy; psnr for super-resolution), or it plus one cost (Pareto search)")
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field("auto", description="auto: tpe, or nsga2 if multi-objective")
-    pruner: Literal["auto", "none", "median", "hyperband"] = Field("auto", description="auto: median, none if multi-objective")
+    sampler: Literal["auto", "tpe", "nsga2", "random"] = Field(
+        "auto", description="auto: tpe, or nsga2 if multi-objective")
+    pruner: Literal["auto", "none", "median", "hyperband"] = Field(
+        "auto", description="auto: median, none if multi-objective")
     selection: Literal["best_under_target", "max_reduction_within_drop", "pareto_knee"] = "best_under_target"
     tolerance: float = Field(1.0, ge=0, description="main-metric points (accuracy %, PSNR dB) max_reduction_within_drop "
                                                      "may lose vs the baseline")
@@ -181,7 +188,7 @@ class SearchConfig(Section):
                           "until the target is just met, so trials compare ways to share one budget")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SearchConfig":
+    def _consistent(self) -> SearchConfig:
         if self.ratio_low > self.ratio_high:
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
@@ -220,7 +227,7 @@ class EvaluateConfig(Section):
     threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads for latency")
 
     @model_validator(mode="after")
-    def _batches_differ(self) -> "EvaluateConfig":
+    def _batches_differ(self) -> EvaluateConfig:
         if self.latency_batch_large <= self.latency_batch:
             raise ValueError(f"latency_batch_large ({self.latency_batch_large}) must exceed latency_batch "
                              f"({self.latency_batch})")
@@ -272,7 +279,7 @@ class PipelineConfig(Section):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"l1": {}, "slimming": {}, "random": {}},
+        default_factory=lambda: copy.deepcopy(DEFAULT_METHODS),
         description="pruning methods to run, each with its own params",
     )
     search: SearchConfig = Field(default_factory=SearchConfig)
@@ -316,7 +323,7 @@ class PipelineConfig(Section):
         return data
 
     @model_validator(mode="after")
-    def _baseline_is_trained(self) -> "PipelineConfig":
+    def _baseline_is_trained(self) -> PipelineConfig:
         if self.train.epochs == 0 and self.baseline.checkpoint is None and not self.model.kwargs.get("weights"):
             raise ValueError("train.epochs: 0 leaves the baseline untrained; give baseline.checkpoint (a trained "
                              "model) or pretrained model.kwargs.weights, or train for some epochs")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,12 +25,20 @@ from torch import nn
 from pruneflow.checkpoint import ModelSpec
 from pruneflow.config import PipelineConfig
 from pruneflow.data import DataSplits
-from pruneflow.export import (CPU, ProviderUnavailable, check_parity, export_onnx, export_torchscript, file_scores,
-                              measure_latency)
+from pruneflow.export import (
+    CPU,
+    ProviderUnavailable,
+    check_parity,
+    export_onnx,
+    export_torchscript,
+    file_scores,
+    measure_latency,
+)
 from pruneflow.profiles import PROFILES, TargetProfile
 from pruneflow.quantize import convert_fp16, quantize_int8
 from pruneflow.registry import Registry
 from pruneflow.task import TASKS, Batches
+
 
 @dataclass
 class Export:
@@ -203,8 +212,9 @@ def report(deployment: Deployment, cfg: PipelineConfig) -> str:
                       ["file", "format", "check"], tablefmt="github", disable_numparse=True)]
     timings = {key: value for key, value in m.items() if "latency_ms" in key or "speedup" in key}
     if timings:
-        lines += ["", f"Latency: ONNX Runtime, {cfg.evaluate.threads} threads, median of {cfg.evaluate.latency_repeats} "
-                      "interleaved runs on real test images (int8_speedup: fp32 ONNX ÷ int8, same pruned model).", "",
+        lines += ["", f"Latency: ONNX Runtime, {cfg.evaluate.threads} threads, "
+                      f"median of {cfg.evaluate.latency_repeats} interleaved runs on real test images "
+                      "(int8_speedup: fp32 ONNX ÷ int8, same pruned model).", "",
                   tabulate([[key, f"{value:.4g}"] for key, value in timings.items()], ["metric", "value"],
                            tablefmt="github", disable_numparse=True)]
     lines += ["", f"Device latency: {deployment.device_latency}."]
@@ -232,5 +242,6 @@ def choose_champion(results: dict[str, dict[str, Any]], max_drop: float,
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:
-    """``export.registered_model``, else ``pruneflow-<model>`` with characters a ``models:/`` URI cannot hold replaced."""
+    """``export.registered_model``, else ``pruneflow-<model>`` with the characters a ``models:/`` URI cannot hold
+    replaced."""
     return cfg.export.registered_model or "pruneflow-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.model.name)

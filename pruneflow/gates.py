@@ -40,7 +40,7 @@ class GateError(ValueError):
     """A stage's result that must not go further: a broken model, an empty split, a step that did nothing."""
 
 
-def check_training_split(splits: "DataSplits", data: "DataConfig") -> None:
+def check_training_split(splits: DataSplits, data: DataConfig) -> None:
     """Enough training images (and classes) to train on, or a GateError naming the data keys to change."""
     images = len(splits.train)
     if images < MIN_TRAIN_IMAGES:
@@ -77,7 +77,7 @@ def check_finite_weights(model: nn.Module, lr: float) -> None:
 
 
 @torch.no_grad()
-def check_learned(model: nn.Module, splits: "DataSplits", what: str, remedy: str) -> None:
+def check_learned(model: nn.Module, splits: DataSplits, what: str, remedy: str) -> None:
     """Fail a trained classifier that is no better than chance on its own training images.
 
     Chance is the majority share p: the accuracy of always answering the training split's most common class,
@@ -105,7 +105,7 @@ def check_learned(model: nn.Module, splits: "DataSplits", what: str, remedy: str
                         f"> {100 * bound:.1f} %): {remedy}")
 
 
-def check_removed(method: str, structured: bool, plan: "PrunePlan", result: "PruneResult",
+def check_removed(method: str, structured: bool, plan: PrunePlan, result: PruneResult,
                   keys: tuple[str, str] = ("prune.ratio", "prune.round_to")) -> None:
     """Fail a pruning step that was asked for a reduction and removed nothing: no channel, no block, or (for a
     mask method, ``structured`` False) no weight. ``keys`` name the ratio and rounding settings the way the

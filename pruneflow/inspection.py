@@ -6,17 +6,25 @@ baseline or tracking, so a model/method pair can be checked before a pipeline ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pruneflow import gates
-from pruneflow.checkpoint import (ModelSpec, Surgery, is_model_file, load_foreign_model, load_trained, read_checkpoint,
-                                  save_model)
+from pruneflow.checkpoint import (
+    ModelSpec,
+    Surgery,
+    is_model_file,
+    load_foreign_model,
+    load_trained,
+    read_checkpoint,
+    save_model,
+)
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
 from pruneflow.methods import MethodUnsuitable, PruneResult, PruningMethod
@@ -137,6 +145,7 @@ def prune_once(pruner: PruningMethod, plan: PrunePlan, model_name: str | None = 
     check_input_fits(spec.name, model, shape)
     calib = None
     if pruner.needs_calibration:
+        assert splits is not None  # loaded above for the calibration
         if splits.input_shape != shape:
             log(f"calibrating on {data.dataset} images {'x'.join(map(str, splits.input_shape))} "
                 f"fitted to the model's input {'x'.join(map(str, shape))}")

@@ -13,9 +13,11 @@ writes (the stages take them as their one argument besides ``log``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
@@ -59,11 +61,11 @@ class ProjectLayout:
     def baseline_dir(self, key: str) -> Path:
         return self.runs_dir / "baselines" / key
 
-    def data_lock(self) -> ContextManager[None]:
+    def data_lock(self) -> AbstractContextManager[None]:
         """Held while the data is prepared and versioned: pipelines and workers on this project take turns."""
         return file_lock(self.runs_dir / "locks" / "data.lock")
 
-    def baseline_lock(self, key: str) -> ContextManager[None]:
+    def baseline_lock(self, key: str) -> AbstractContextManager[None]:
         """Held while a baseline is checked for and trained, so processes starting at once train it once."""
         return file_lock(self.runs_dir / "locks" / f"baseline-{key}.lock")
 
@@ -116,7 +118,7 @@ class ProjectRun:
     def compare_md(self) -> Path:
         return self.run_dir / "compare.md"
 
-    def method(self, name: str, trial_callbacks: tuple[Callable, ...] = ()) -> MethodRun:
+    def method_run(self, name: str, trial_callbacks: tuple[Callable, ...] = ()) -> MethodRun:
         return MethodRun(self.layout, self.data, self.baseline_dir, self.run_dir, name, trial_callbacks)
 
 

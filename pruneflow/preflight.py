@@ -12,8 +12,8 @@ import copy
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch_pruning as tp

@@ -10,8 +10,9 @@ onnx itself has none), keeping float32 inputs and outputs so callers feed the sa
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -46,6 +47,7 @@ def quantize_int8(fp32_path: Path, path: Path, mode: Int8Mode = "static",
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         if mode == "static":
+            assert calibration is not None  # checked on entry
             input_name = onnx.load(str(prepared), load_external_data=False).graph.input[0].name
             quantize_static(str(prepared), str(tmp), BatchReader(input_name, calibration), quant_format=QuantFormat.QDQ,
                             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)

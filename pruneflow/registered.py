@@ -8,7 +8,7 @@ so the schema imports no registry and the registries' modules can import the sch
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
@@ -79,7 +79,8 @@ def _parts_fit_task(cfg: PipelineConfig) -> None:
     if wrong:
         raise ValueError(f"methods: {', '.join(wrong)} cannot prune {cfg.task} models")
     if not accepts(cfg.model.name, task.model_argument):
-        raise ValueError(f"model.name: {cfg.model.name} takes no {task.model_argument}, so it is not a {cfg.task} model")
+        raise ValueError(f"model.name: {cfg.model.name} takes no {task.model_argument}, "
+                         f"so it is not a {cfg.task} model")
 
 
 def _space_fits_methods(cfg: PipelineConfig) -> None:

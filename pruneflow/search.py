@@ -20,9 +20,9 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import optuna
 import sqlalchemy.exc
@@ -161,7 +161,8 @@ def open_study(storage_url: str, study_name: str, cfg: SearchConfig, seed: int) 
     with _STORAGE_LOCK, store_lock(storage_url), warnings.catch_warnings():  # threads, then processes
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are what we want
         storage = _rdb_storage(storage_url, engine_kwargs)
-    directions = ["maximize"] + ["minimize" if cost in LOWER_IS_BETTER else "maximize" for cost in cfg.objectives[1:]]
+    up, down = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    directions = [up] + [down if cost in LOWER_IS_BETTER else up for cost in cfg.objectives[1:]]
     return optuna.create_study(study_name=study_name, storage=storage, directions=directions,
                                sampler=make_sampler(cfg, seed), pruner=make_pruner(cfg), load_if_exists=True)
 
@@ -215,12 +216,13 @@ def check_reachable(cfg: SearchConfig, space: SearchSpace, measure: Measure, pro
     slimming and lamp, are monotone since ``PruningMethod.global_kept_channels``.)
     """
     ratios = [cfg.ratio_high] + [cfg.ratio_low + (cfg.ratio_high - cfg.ratio_low) * i / probes for i in range(probes)]
-    best = None
+    measured = []
     for ratio in ratios:
         costs = measure(space.plan({name: ratio for name in space.params}))
         if target_gap(cfg, costs) <= 0:
             return
-        best = costs if best is None or target_gap(cfg, costs) < target_gap(cfg, best) else best
+        measured.append(costs)
+    best = min(measured, key=lambda costs: target_gap(cfg, costs))
     raise SearchError(
         f"search.target unreachable: the best {cfg.target.metric} over ratios {cfg.ratio_low:g}..{cfg.ratio_high:g} "
         f"is {best[cfg.target.metric]:.3f}, which does not meet {cfg.target.value:g}; raise search.ratio_high or "
@@ -234,7 +236,7 @@ def worker_id() -> str:
 
 
 def run_trials(study: optuna.Study, cfg: SearchConfig, space: SearchSpace, score: Score, n_trials: int,
-               callbacks: list[TrialCallback] = (), measure: Measure | None = None) -> None:
+               callbacks: Sequence[TrialCallback] = (), measure: Measure | None = None) -> None:
     """Add ``n_trials`` trials to the study; ``measure`` (prune-only costs) lets trials be fitted to the target."""
 
     def objective(trial: optuna.Trial):
@@ -329,7 +331,7 @@ def knee(front: list[optuna.trial.FrozenTrial], cfg: SearchConfig) -> optuna.tri
         low, high = min(values), max(values)
         return [(v - low) / (high - low) if high > low else 0.0 for v in values]
 
-    points = sorted(zip(normalise(cost), normalise(metric), front), key=lambda p: p[0])
+    points = sorted(zip(normalise(cost), normalise(metric), front, strict=True), key=lambda p: p[0])
     (x0, y0, _), (x1, y1, _) = points[0], points[-1]
     length = math.hypot(x1 - x0, y1 - y0) or 1.0
     return max(points, key=lambda p: abs((y1 - y0) * p[0] - (x1 - x0) * p[1] + x1 * y0 - y1 * x0) / length)[2]
@@ -413,7 +415,7 @@ def epochs_saved(study: optuna.Study, cfg: SearchConfig) -> float:
     return skipped / planned if planned else 0.0
 
 
-def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int, limit: int = 10) -> str:
+def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int | None, limit: int = 10) -> str:
     """The best completed trials as a markdown table (the chosen one marked)."""
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     done.sort(key=lambda t: (target_gap(cfg, t.user_attrs) <= 0, metric_of(t)), reverse=True)
@@ -427,7 +429,7 @@ def top_trials_markdown(study: optuna.Study, cfg: SearchConfig, chosen: int, lim
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True) + "\n"
 
 
-def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) -> Path:
+def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int | None, path: Path) -> Path:
     """One PNG: Optuna's optimisation history (trials that miss the target in grey) beside the metric vs the
     target metric, with the Pareto front of the trials that meet it; the chosen trial starred in both."""
     import matplotlib
@@ -441,7 +443,8 @@ def plot_search(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path)
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         history = plot_optimization_history(study, target=metric_of if cfg.multi_objective else None,
                                             target_name=label)
-        figure = history.figure
+        figure = history.get_figure(root=True)
+        assert figure is not None  # optuna draws the history on a figure of its own
         figure.set_size_inches(11, 4)
         grid = figure.add_gridspec(1, 2)
         history.set_subplotspec(grid[0])

@@ -14,10 +14,11 @@ import json
 import multiprocessing
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -41,9 +42,23 @@ from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_
 from pruneflow.plan import PlanOrigin, PrunePlan
 from pruneflow.profiles import PROFILES
 from pruneflow.proxy import adaptive_bn_score
-from pruneflow.search import (SearchOutcome, SearchSpace, TrialCallback, TrialMeasure, check_reachable, fail_stale,
-                              feasible_trials, finetune_top, open_study, plot_search, run_trials, select,
-                              target_gap, top_trials_markdown, trial_ratios)
+from pruneflow.search import (
+    SearchOutcome,
+    SearchSpace,
+    TrialCallback,
+    TrialMeasure,
+    check_reachable,
+    fail_stale,
+    feasible_trials,
+    finetune_top,
+    open_study,
+    plot_search,
+    run_trials,
+    select,
+    target_gap,
+    top_trials_markdown,
+    trial_ratios,
+)
 from pruneflow.task import TASKS
 from pruneflow.training import Distillation, EpochResult, distillation, evaluate, evaluate_all, train
 from pruneflow.versioning import DataVersion
@@ -159,8 +174,9 @@ def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
             recorder.on_epoch_end(model, result.epoch)
 
     start = time.perf_counter()
-    train(model, splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed),
-          cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(), on_epoch_end=on_epoch_end)
+    batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
+    train(model, batches, cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(),
+          on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
     gates.check_learned(model, splits, "the trained baseline", "check train.lr, train.epochs and the labels")
     for name, recorder in records.items():
@@ -362,7 +378,8 @@ def search_space(cfg: PipelineConfig, model: torch.nn.Module, spec: ModelSpec) -
     return SearchSpace.of(cfg.search.space, stages_by_resolution(model, spec.example_inputs(), layers), layers, base)
 
 
-def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor, layers: list[str]) -> dict[str, list[str]]:
+def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor,
+                         layers: list[str]) -> dict[str, list[str]]:
     """Consecutive layers working at one spatial size form a stage (a ResNet's stage, a VGG block)."""
     sizes: dict[str, str] = {}
 
@@ -435,8 +452,8 @@ class TrialRunner:
             return TrialMeasure(evaluate(model, val), costs)
         torch.manual_seed(self.cfg.project.seed)
         batches = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, augment=self.cfg.data.augment)
-        history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_metric))
-        return TrialMeasure(history[-1].val_metric, costs, len(history))
+        history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_score))
+        return TrialMeasure(history[-1].val_score, costs, len(history))
 
     def fine_tuned_metric(self, plan: PrunePlan) -> float:
         """``fine_tuned`` for a plan (the top-k rung of an adaptive-BN search)."""
@@ -590,7 +607,7 @@ def retrain_model(run: MethodRun, log: Log = say) -> dict[str, float]:
         gates.check_learned(model, splits, f"the retrained {run.method} model",
                             "prune less (search.ratio_high, prune.ratio) or retrain longer (retrain.epochs)")
     save_model(run.retrained, model, spec, surgery.history, surgery.removed_blocks)
-    return {f"val_{metric}": epochs[-1].val_metric if epochs else evaluate(model, splits.loader("val", 256)),
+    return {f"val_{metric}": epochs[-1].val_score if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}
 
 
@@ -620,7 +637,8 @@ def evaluate_model(run: MethodRun, log: Log = say) -> dict[str, float]:
     }
     for suffix, timing in latency.items():
         speedup = timing["baseline"].median_ms / timing["pruned"].median_ms
-        metrics.update({f"latency_ms{suffix}": timing["pruned"].median_ms, f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
+        metrics.update({f"latency_ms{suffix}": timing["pruned"].median_ms,
+                        f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
                         f"baseline_latency_ms{suffix}": timing["baseline"].median_ms, f"speedup{suffix}": speedup,
                         f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
     if cfg.search.target.metric in LATENCY_METRICS and not PROFILES[cfg.export.target].device_providers:
@@ -697,7 +715,8 @@ def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_
     # The baseline's latency is measured beside each method's (same session, interleaved); show their median.
     base_latency = sorted(m["baseline_latency_ms"] for m in methods.values() if "baseline_latency_ms" in m)
     base = {**baseline, TASKS[task].drop: 0.0, "macs_reduction": 0.0, "params_reduction": 0.0, "speedup": 1.0,
-            f"speedup_b{large_batch}": 1.0, "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
+            f"speedup_b{large_batch}": 1.0,
+            "latency_ms": base_latency[len(base_latency) // 2] if base_latency else None}
     rows = [[name, *(f"{metrics[c]:.4g}" if isinstance(metrics.get(c), (int, float)) else "" for c in columns)]
             for name, metrics in [("baseline", base), *methods.items()]]
     table = tabulate(rows, ["model", *columns], tablefmt="github", disable_numparse=True)

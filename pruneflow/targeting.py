@@ -9,8 +9,8 @@ goal as channel rounding allows. Pruning is cheap next to training, so a few pru
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

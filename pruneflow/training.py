@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,13 @@ class EpochResult:
     train_loss: float
     val_metric: float | None  # the task's main metric on the validation batches (accuracy %, PSNR dB)
     seconds: float
+
+    @property
+    def val_score(self) -> float:
+        """``val_metric`` of an epoch trained with validation batches; asking it of one without is a bug."""
+        if self.val_metric is None:
+            raise ValueError(f"epoch {self.epoch} ran without validation batches: it has no val_metric")
+        return self.val_metric
 
 
 @dataclass

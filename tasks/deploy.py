@@ -4,8 +4,9 @@ registry with its lineage, and re-exporting a logged run for another target (``p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import onnx
@@ -99,13 +100,14 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
         raise LookupError(f"run {run_id} not found in {tracker.uri}") from None
     method, parent_id = logged.data.tags.get("pruneflow.method"), logged.data.tags.get(MLFLOW_PARENT_RUN_ID)
     if method is None or parent_id is None or "pruneflow.trial" in logged.data.tags:
-        raise LookupError(f"run {run_id} is not a pruneflow method run (a child of a pipeline run, tagged pruneflow.method)")
+        raise LookupError(f"run {run_id} is not a pruneflow method run "
+                          "(a child of a pipeline run, tagged pruneflow.method)")
     used_md5 = tracker.client.get_run(parent_id).data.tags.get("pruneflow.data_md5")
     data = DataVersion(layout.dataset_dir)
     if used_md5 != data.md5:
         raise ValueError(f"run {run_id} used data {used_md5}, but {layout.dataset_dir} is now {data.md5}: "
                          "calibration and checks would run on other data")
-    run = stages.project_run(layout, data, layout.runs_dir / parent_id).method(method)
+    run = stages.project_run(layout, data, layout.runs_dir / parent_id).method_run(method)
     stage = STAGES["export"]
     run.dir.mkdir(parents=True, exist_ok=True)
     for path in stage.paths(run, stage.reads):

@@ -8,9 +8,10 @@ Prefect. The I/O-bound tasks (DVC, MLflow uploads) retry; compute tasks do not, 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import yaml
@@ -87,8 +88,8 @@ class TrialLogger:
         tracker.log_params(run_id, trial_ratios(trial))  # what the trial pruned at (fitted to the target)
         reported = list(trial.intermediate_values.values())  # a pruned trial has only its per-epoch reports
         value = trial.values[0] if trial.values else (reported[-1] if reported else float("nan"))
-        tracker.log_metrics(run_id, {self.metric: value, **{k: v for k, v in trial.user_attrs.items()
-                                                            if k in ("macs_reduction", "params_reduction", "latency_ms")}})
+        costs = {k: v for k, v in trial.user_attrs.items() if k in ("macs_reduction", "params_reduction", "latency_ms")}
+        tracker.log_metrics(run_id, {self.metric: value, **costs})
         tracker.finish(run_id, "FINISHED" if trial.state.name in ("COMPLETE", "PRUNED") else "FAILED")
 
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -124,7 +125,7 @@ class Tracker:
         self.client = MlflowClient(uri)
 
     @classmethod
-    def open(cls, layout: ProjectLayout) -> "Tracker":
+    def open(cls, layout: ProjectLayout) -> Tracker:
         uri = tracking_uri(layout)
         previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)  # for the fluent calls (log_model); it also exports the env variable,

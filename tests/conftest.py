@@ -90,8 +90,9 @@ def project(tmp_path) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test`` runs ``-n auto``: two workers on two cores), keep every test that needs the Prefect server on one
-    worker: the session fixtures (the server, the shared pipeline run) then start once, not once per worker."""
+    """Under pytest-xdist (``make test`` runs ``-n auto``: two workers on two cores), keep every test that needs the
+    Prefect server on one worker: the session fixtures (the server, the shared pipeline run) then start once, not
+    once per worker."""
     for item in items:
         if {"prefect_server", "pipeline_run"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("prefect"))

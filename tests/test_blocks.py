@@ -8,9 +8,9 @@ import torchvision
 from torch import nn
 
 from pruneflow.methods import create_method
-from pruneflow.plan import PrunePlan
 from pruneflow.methods.blocks import find_residual_blocks, removable_blocks
 from pruneflow.models import build_model
+from pruneflow.plan import PrunePlan
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])

@@ -13,9 +13,9 @@ import signal
 import socket
 import sqlite3
 import sys
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import pytest

@@ -15,7 +15,7 @@ import pytest
 import torchvision.datasets
 
 from pruneflow.config import DataConfig
-from pruneflow.data import DATASETS, load_splits, prepare_dataset
+from pruneflow.data import DATASETS, load_dataset, prepare_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -79,9 +79,9 @@ def test_local_torchvision_files_become_the_image_folder(dataset, write_fake, fi
                                                          tmp_path, monkeypatch) -> None:
     trust_files(monkeypatch)
     write_fake(tmp_path / "raw")
-    folder = prepare_dataset(DataConfig(dataset=dataset, path=str(tmp_path / "raw")), tmp_path / "data",
-                             log=lambda _: None)
-    splits = load_splits(folder, val_fraction=0.2)
+    cfg = DataConfig(dataset=dataset, path=str(tmp_path / "raw"), val_fraction=0.2)
+    # loaded as the pipeline loads it, through the source (whose download once shadowed DatasetSource.load)
+    splits = load_dataset(cfg, prepare_dataset(cfg, tmp_path / "data", log=lambda _: None))
     assert splits.input_shape == (3, 32, 32)
     assert splits.classes[0] == first_class
     assert len(splits.train) + len(splits.val) == train_images

@@ -33,14 +33,15 @@ def export(cfg: PipelineConfig, retrained: Path, digits_dir: Path, **log) -> dic
     """The export stage, run on the method folder that holds ``retrained``."""
     folder = retrained.parent
     run = ProjectRun(ProjectLayout(folder, cfg), DataVersion(digits_dir, "digits"), folder, folder.parent)
-    return stages.export_model(run.method(folder.name), **log).as_dict()
+    return stages.export_model(run.method_run(folder.name), **log).as_dict()
 
 
 @pytest.fixture(scope="module")
 def retrained(digits_dir, tmp_path_factory) -> Path:
     """A small CNN trained on digits, pruned by l1 (uneven widths, as a pipeline's) and fine-tuned."""
     splits = stages.load_data(config(), digits_dir)
-    spec = ModelSpec("small_cnn", splits.in_channels, splits.num_classes, splits.input_shape, {}, splits.mean, splits.std)
+    spec = ModelSpec("small_cnn", splits.in_channels, splits.num_classes, splits.input_shape, {}, splits.mean,
+                     splits.std)
     torch.manual_seed(0)
     model = spec.build()
     train(model, splits.loader("train", 64, shuffle=True), TrainConfig(epochs=3))
@@ -122,5 +123,6 @@ def test_champion_is_the_fastest_within_the_drop_else_none():
 
 def test_registered_model_name_defaults_to_the_model_and_is_uri_safe():
     assert registered_model_name(PipelineConfig()) == "pruneflow-small_cnn"
-    assert registered_model_name(PipelineConfig(model={"name": "torchvision:resnet18"})) == "pruneflow-torchvision-resnet18"
+    torchvision = PipelineConfig(model={"name": "torchvision:resnet18"})
+    assert registered_model_name(torchvision) == "pruneflow-torchvision-resnet18"
     assert registered_model_name(PipelineConfig(export={"registered_model": "digits-prod"})) == "digits-prod"

@@ -88,7 +88,8 @@ def worker_project(tmp_path_factory, digits_dir) -> Path:
     return root
 
 
-def test_four_workers_share_one_study_and_the_pipeline_chooses_among_their_trials(worker_project, postgres_url, tmp_path):
+def test_four_workers_share_one_study_and_the_pipeline_chooses_among_their_trials(worker_project, postgres_url,
+                                                                                   tmp_path):
     project = worker_project
     env = {**os.environ, "PRUNEFLOW_SEARCH_STORAGE": postgres_url, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "flows.cli", "search-worker", "--method", "l1",
@@ -117,7 +118,7 @@ def test_four_workers_share_one_study_and_the_pipeline_chooses_among_their_trial
                                                                                   "n_trials": 1,
                                                                                   "storage": postgres_url}})
     pipeline = ProjectLayout(project, pipeline_cfg)
-    run = stages.project_run(pipeline, DataVersion(pipeline.dataset_dir, data_md5), tmp_path).method("l1")
+    run = stages.project_run(pipeline, DataVersion(pipeline.dataset_dir, data_md5), tmp_path).method_run("l1")
     chosen = stages.search_ratio(run, log=lambda _: None)
     assert chosen.study_name == name
     assert chosen.completed_trials + chosen.pruned_trials == WORKERS * TRIALS_EACH + 1

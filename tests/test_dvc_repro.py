@@ -77,7 +77,7 @@ def test_search_stage_chooses_the_same_whatever_ran_before(tmp_path, digits_dir)
             more = cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_trials": earlier_trials})})
             layout = ProjectLayout(project, more)
             pipeline = ProjectRun(layout, DataVersion(layout.dataset_dir), layout.dvc_run_dir / "baseline",
-                                  layout.runs_dir / "pipeline").method("l1")
+                                  layout.runs_dir / "pipeline").method_run("l1")
             assert pipeline.study_storage == layout.study_storage  # runs/optuna.db, which `pruneflow run` resumes
             stages.search(pipeline, log=lambda _: None)
         with inside(project, tmp_path):

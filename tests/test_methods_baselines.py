@@ -58,7 +58,8 @@ def test_magnitude_unstructured_zeros_weights_but_keeps_channels_and_macs(model_
     result = create_method("magnitude_unstructured").prune(model, x, PrunePlan(ratio=0.5))
     assert zero_weight_share(model) >= 0.45
     assert count_macs_params(model, x[:1])[0] == macs_before
-    assert all(l.channels_after == l.channels_before and l.macs_after == l.macs_before for l in result.layers)
+    assert all(layer.channels_after == layer.channels_before and layer.macs_after == layer.macs_before
+               for layer in result.layers)
     assert "no speed-up" in result.notes
     assert not result.history and not any(name.endswith("_orig") for name, _ in model.named_parameters())
 
@@ -71,7 +72,7 @@ def test_magnitude_unstructured_retraining_keeps_the_pruned_weights_at_zero():
     before = [module.weight.detach().clone() for module, _ in masked_weights(model)]
     history = method.retrain(model, batches, batches, TrainConfig(epochs=2, lr=0.05))
     assert len(history) == 2
-    for (module, _), zero, old in zip(masked_weights(model), pruned, before):
+    for (module, _), zero, old in zip(masked_weights(model), pruned, before, strict=True):
         assert (module.weight[zero] == 0).all()
         assert not torch.equal(module.weight, old)  # the unpruned weights did train
     assert not any(name.endswith("_orig") for name, _ in model.named_parameters())

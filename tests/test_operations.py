@@ -17,9 +17,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import optuna
 import psutil
@@ -27,8 +28,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
 from flows import servers as server_control
+from flows.cli import app
 from flows.servers import ServerError, ServerSpec, answers, prefect_api
 from pruneflow.concurrency import owner_alive, owner_id
 from pruneflow.config import load_config

@@ -97,7 +97,8 @@ def assert_reexport_logs_a_jetson_export(client: MlflowClient, project: Path, ru
     assert done.exit_code == 0, done.output
     assert "Export for target `jetson` (opset 17)" in done.output
     paths = artifact_paths(client, run_id)
-    assert {"export/jetson/model.fp16.onnx", "export/jetson/model.torchscript.pt", "export/cpu/model.int8.onnx"} <= paths
+    assert {"export/jetson/model.fp16.onnx", "export/jetson/model.torchscript.pt",
+            "export/cpu/model.int8.onnx"} <= paths
     run = client.get_run(run_id)
     assert run.data.metrics["jetson/fp16_max_abs_diff"] > 0
     assert "pruneflow.device_latency.jetson" in run.data.tags

@@ -17,9 +17,9 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 from unittest import mock
 
 import numpy as np
@@ -286,7 +286,8 @@ ROWS = [
     Row("class-mismatch", "train/ and test/ classes differ", IMAGES, "only in test/: dgo",
         given="my_images/test/dog/ misspelt dgo/",
         setup=image_folder(lambda root: (root / "test" / "dog").rename(root / "test" / "dgo"))),
-    Row("corrupt-image", "an image file that is not an image", IMAGES, "my_images/train/cat/0.png is not a readable image",
+    Row("corrupt-image", "an image file that is not an image", IMAGES,
+        "my_images/train/cat/0.png is not a readable image",
         given="my_images/train/cat/0.png holds text",
         setup=image_folder(lambda root: (root / "train" / "cat" / "0.png").write_text("not a png"))),
     Row("truncated-image", "a truncated image", IMAGES,
@@ -309,7 +310,8 @@ ROWS = [
         "the factory returned a dict, not a torch.nn.Module", digits=True),
     Row("model-output-shape", "model ignores num_classes", ("run", S, "model.name=my_models:imagenet_head"),
         "gives 2x1000, not 2x10 class scores", digits=True),
-    Row("model-forward", "model does not fit the data (RGB model, grey digits)", ("run", S, "model.name=my_models:rgb_only"),
+    Row("model-forward", "model does not fit the data (RGB model, grey digits)",
+        ("run", S, "model.name=my_models:rgb_only"),
         "a forward pass on a 2x1x8x8 batch of the data failed", digits=True),
     Row("model-unprunable-layer", "layer Torch-Pruning cannot prune (GRU)", ("run", S, "model.name=my_models:gru"),
         "Torch-Pruning cannot prune it (IndexError", digits=True),
@@ -318,7 +320,8 @@ ROWS = [
     Row("torchvision-unknown", "unknown torchvision model", ("run", S, "model.name=torchvision:resnet9000"),
         "torchvision has no classification model 'resnet9000'"),
     Row("prune-unprunable-layer", "`pruneflow prune` of that GRU model",
-        ("prune", "--model", "my_models:gru", "--method", "l1"), "Torch-Pruning cannot prune it (IndexError", code=1, digits=True),
+        ("prune", "--model", "my_models:gru", "--method", "l1"), "Torch-Pruning cannot prune it (IndexError", code=1,
+        digits=True),
     # tracking
     Row("tracking-unreachable", "MLflow server not running", ("run", S, "project.tracking_uri=http://127.0.0.1:9"),
         "no MLflow tracking server answers at http://127.0.0.1:9 ([Errno 111] Connection refused)", digits=True),
@@ -334,12 +337,14 @@ ROWS = [
         setup=lambda project, shared: shutil.copy(shared.tracking_store, project / "mlflow.db"),
         absent=("runs", "mlartifacts")),
     # prune, stage
-    Row("checkpoint-missing", "`prune --checkpoint` file missing", ("prune", "--checkpoint", "model.pt", "--method", "l1"),
+    Row("checkpoint-missing", "`prune --checkpoint` file missing",
+        ("prune", "--checkpoint", "model.pt", "--method", "l1"),
         "Invalid value for '--checkpoint': file 'model.pt' does not exist"),
     Row("checkpoint-foreign", "`prune --checkpoint` not a pruneflow model",
         ("prune", "--checkpoint", "model.pt", "--method", "l1"), "model.pt: not a model file pruneflow wrote", code=1,
         given="model.pt holds text", setup=lambda project, shared: (project / "model.pt").write_text("weights")),
-    Row("prune-ratio", "`prune --ratio` out of range", ("prune", "--model", "resnet20", "--method", "l1", "--ratio", "1"),
+    Row("prune-ratio", "`prune --ratio` out of range",
+        ("prune", "--model", "resnet20", "--method", "l1", "--ratio", "1"),
         "--ratio must be in [0, 1)"),
     Row("stage-method", "`stage` for a method not in params", ("stage", "search", "--method", "l2"),
         "--method must be one of the configured methods"),

@@ -13,8 +13,19 @@ from pruneflow.checkpoint import load_model
 from pruneflow.config import ConfigError, PipelineConfig, SearchConfig, load_config
 from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
 from pruneflow.plan import PrunePlan
-from pruneflow.search import (SearchError, SearchSpace, TrialMeasure, check_reachable, feasible_trials, make_sampler,
-                              open_study, pareto_front, run_trials, select, target_gap)
+from pruneflow.search import (
+    SearchError,
+    SearchSpace,
+    TrialMeasure,
+    check_reachable,
+    feasible_trials,
+    make_sampler,
+    open_study,
+    pareto_front,
+    run_trials,
+    select,
+    target_gap,
+)
 from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 
@@ -26,7 +37,7 @@ FAST = {"train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "methods":
 def l1_run(cfg: PipelineConfig, tmp_path, baseline, digits_dir) -> MethodRun:
     """l1's stages on the digits, writing to tmp_path/l1."""
     data = DataVersion(digits_dir, "digits-md5")
-    return ProjectRun(ProjectLayout(tmp_path, cfg), data, baseline, tmp_path).method("l1")
+    return ProjectRun(ProjectLayout(tmp_path, cfg), data, baseline, tmp_path).method_run("l1")
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +177,8 @@ def test_bad_search_configs_are_rejected_with_the_key(tmp_path):
 
 def test_study_name_ignores_settings_that_do_not_change_trials():
     a = PipelineConfig.model_validate(FAST)
-    b = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "n_trials": 50, "selection": "pareto_knee"}})
+    b = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "n_trials": 50,
+                                                          "selection": "pareto_knee"}})
     c = PipelineConfig.model_validate({**FAST, "search": {**FAST["search"], "ratio_high": 0.6}})
     assert stages.study_name(a, "l1", "x") == stages.study_name(b, "l1", "x") != stages.study_name(c, "l1", "x")
     assert json.dumps(a.search.model_dump())  # the config stays serialisable for worker processes

@@ -161,7 +161,8 @@ def test_image_dir_follows_the_classic_protocol(tmp_path) -> None:
                      val_fraction=0.3)
     logged = []
     splits = load_dataset(cfg, prepare_dataset(cfg, tmp_path / "data", log=logged.append), progress=logged.append)
-    assert splits.task == "super_resolution" and splits.num_classes is None and splits.model_kwargs == {"upscale_factor": 3}
+    assert splits.task == "super_resolution" and splits.num_classes is None
+    assert splits.model_kwargs == {"upscale_factor": 3}
     assert (len(splits.train), len(splits.val), len(splits.test)) == (2, 1, 1)
     assert splits.test.labels.shape == (1, 1, 24, 24) and splits.test.images.shape == (1, 1, 8, 8)  # 25 → 24 (×3)
     assert any("1.png (20x40)" in line for line in logged)
@@ -229,9 +230,10 @@ def test_one_method_can_run_twice_under_labels() -> None:
 
 
 def test_methods_whose_params_fix_the_result_skip_the_search(tmp_path) -> None:
-    cfg = validate({"task": "super_resolution", "model": {"name": "espcn_cascade"}, "methods": {"cascade-both": {"drop": 2}}})
+    cfg = validate({"task": "super_resolution", "model": {"name": "espcn_cascade"},
+                    "methods": {"cascade-both": {"drop": 2}}})
     data = DataVersion(tmp_path / "no-data", "unused")
-    run = ProjectRun(ProjectLayout(tmp_path, cfg), data, tmp_path / "no-baseline", tmp_path).method("cascade-both")
+    run = ProjectRun(ProjectLayout(tmp_path, cfg), data, tmp_path / "no-baseline", tmp_path).method_run("cascade-both")
     chosen = stages.search_ratio(run, log=lambda _: None)
     assert chosen.searched is False and run.search_json.is_file()
 
@@ -250,7 +252,8 @@ SR_PARAMS = {
     "train": {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "schedule": "constant", "weight_decay": 0},
     "retrain": {"epochs": 1, "optimizer": "adam", "lr": 1e-3, "schedule": "constant", "weight_decay": 0},
     "methods": {"cascade-half": {}},  # searched ratio 0.5: the cheaper of the two downscaled branches goes
-    "search": {"n_trials": 1, "ratio_low": 0.5, "ratio_high": 0.5, "target": {"metric": "params_reduction", "value": 0.3}},
+    "search": {"n_trials": 1, "ratio_low": 0.5, "ratio_high": 0.5,
+               "target": {"metric": "params_reduction", "value": 0.3}},
     "evaluate": {"latency_repeats": 3, "latency_warmup": 1, "latency_batch_large": 4},
 }
 

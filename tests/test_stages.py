@@ -51,19 +51,20 @@ def test_dvc_yaml_declares_what_each_stage_of_the_table_reads_and_writes(tmp_pat
     run = layout.dvc_run()
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert set(dvc) == set(STAGES)
+
+    def relative(paths: list[Path]) -> set[str]:
+        return {path.relative_to(tmp_path).as_posix() for path in paths}
+
     for name, stage in STAGES.items():
-        entry, context = dvc[name], run.method("l1") if stage.per_method else run
+        entry, context = dvc[name], run.method_run("l1") if stage.per_method else run
         if stage.per_method:
             assert entry["foreach"] == "${methods}", name
             entry = entry["do"]
         cmd, deps, outs = declared(entry, cfg.data.dataset, "l1")
         assert cmd == f"pruneflow stage {name}" + (" --method l1" if stage.per_method else "")
-
-        def relative(names: tuple[str, ...]) -> set[str]:
-            return {path.relative_to(tmp_path).as_posix() for path in stage.paths(context, names)}
-
-        assert covers(deps, relative(stage.reads)), (name, deps, relative(stage.reads))
-        assert covers(outs, relative(stage.writes)), (name, outs, relative(stage.writes))
+        reads, writes = relative(stage.paths(context, stage.reads)), relative(stage.paths(context, stage.writes))
+        assert covers(deps, reads), (name, deps, reads)
+        assert covers(outs, writes), (name, outs, writes)
 
 
 def test_pruneflow_stage_runs_the_stages_of_the_table(project):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -69,7 +69,8 @@ def mlflow_ui(pipeline_run: PipelineRun) -> Iterator[str]:
 def browser():
     """Headless Chromium with a viewport of exactly ``SIZE``, so the screenshot has that size."""
     require("chromium", lambda: bool(shutil.which("chromium") and shutil.which("chromedriver")))
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is a dev dependency: pip install -e '.[dev]'")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="selenium is a dev dependency: pip install -e '.[dev]'")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in CHROMIUM_FLAGS:
@@ -121,7 +122,8 @@ def test_the_runs_table_shows_the_pipeline_and_its_methods_with_compare_columns(
         checkbox.click()
     columns.click()
     for metric in METRICS:
-        wait.until(ready.visibility_of_element_located((By.XPATH, f"//div[@role='columnheader'][@col-id='metrics.`{metric}`']")))
+        header = f"//div[@role='columnheader'][@col-id='metrics.`{metric}`']"
+        wait.until(ready.visibility_of_element_located((By.XPATH, header)))
 
     # Wider name and metric columns, so the screenshot shows whole names and numbers.
     for col_id, extra in (("attributes.`Run Name`", 140), *((f"metrics.`{m}`", 40) for m in METRICS)):
@@ -129,7 +131,8 @@ def test_the_runs_table_shows_the_pipeline_and_its_methods_with_compare_columns(
                                                 "//div[contains(@class, 'ag-header-cell-resize')]")
         ActionChains(browser).drag_and_drop_by_offset(handle, extra, 0).perform()
 
-    visible = [e for e in browser.find_elements(By.XPATH, f"//a[normalize-space()='{experiment.name}']") if e.is_displayed()]
+    links = browser.find_elements(By.XPATH, f"//a[normalize-space()='{experiment.name}']")
+    visible = [e for e in links if e.is_displayed()]
     assert visible, f"experiment {experiment.name} is not shown"
     for run in (parent, children["baseline"], *methods.values()):
         name = browser.find_element(By.XPATH, f"{row(run.info.run_id)}//a[normalize-space()='{run.info.run_name}']")

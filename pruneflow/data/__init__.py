@@ -6,19 +6,22 @@ hashes and what ``dataset: imagefolder`` users already have, so built-in and use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
+from pruneflow.data import (
+    super_resolution,  # noqa: F401  (registers skimage, bsds300, image_dir)
+    torchvision_sources,  # noqa: F401  (registers cifar10, cifar100, svhn)
+)
 from pruneflow.data.loading import DataSplits, TensorLoader, load_splits
 from pruneflow.data.sources import DATASETS, DatasetSource, prepare_dataset
-from pruneflow.data import torchvision_sources  # noqa: F401  (registers cifar10, cifar100, svhn)
-from pruneflow.data import super_resolution  # noqa: F401  (registers skimage, bsds300, image_dir)
 
 if TYPE_CHECKING:
     from pruneflow.config import DataConfig
 
 
-def load_dataset(cfg: "DataConfig", data_path: Path, seed: int = 0,
+def load_dataset(cfg: DataConfig, data_path: Path, seed: int = 0,
                  progress: Callable[[str], None] | None = None) -> DataSplits:
     """A prepared dataset as in-memory splits, read as its source says (labelled images, or SR pairs)."""
     return DATASETS.get(cfg.dataset).load(data_path, cfg, seed, progress)

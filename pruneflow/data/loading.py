@@ -7,9 +7,10 @@ high-resolution targets as ``labels``, both uint8 images, served as float pairs 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class DataSplits:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, augment: str = "none",
-               seed: int = 0, max_batches: int | None = None) -> "TensorLoader":
+               seed: int = 0, max_batches: int | None = None) -> TensorLoader:
         return TensorLoader(getattr(self, split), batch_size, self.mean, self.std, shuffle, augment, seed, max_batches)
 
 
@@ -84,7 +85,7 @@ class PairSplits(DataSplits):
         return {SUPER_RESOLUTION.model_argument: self.scale}
 
     def loader(self, split: str, batch_size: int, shuffle: bool = False, augment: str = "none",
-               seed: int = 0, max_batches: int | None = None) -> "PairLoader":
+               seed: int = 0, max_batches: int | None = None) -> PairLoader:
         return PairLoader(getattr(self, split), batch_size, self.scale, self.patch, shuffle, augment, seed, max_batches)
 
 

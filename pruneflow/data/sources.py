@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,26 +45,26 @@ class DatasetSource:
     description = ""
     task = CLASSIFICATION.name  # the params task whose models it trains (pruneflow.task)
 
-    def check_config(self, cfg: "DataConfig") -> None:
+    def check_config(self, cfg: DataConfig) -> None:
         """Raise ValueError naming the key at fault; called during config validation."""
 
-    def load(self, data_path: Path, cfg: "DataConfig", seed: int = 0,
+    def load(self, data_path: Path, cfg: DataConfig, seed: int = 0,
              progress: Callable[[str], None] | None = None) -> DataSplits:
         """The prepared folder as in-memory splits: class folders of labelled images."""
         return load_splits(data_path, cfg.val_fraction, cfg.subset, seed, progress)
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         """Changes whenever the prepared files would change; lets ``prepare`` skip work."""
         raise NotImplementedError
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         raise NotImplementedError
 
 
 DATASETS: Registry[DatasetSource] = Registry("dataset")
 
 
-def prepare_dataset(cfg: "DataConfig", data_dir: Path, log: Callable[[str], None] = print) -> Path:
+def prepare_dataset(cfg: DataConfig, data_dir: Path, log: Callable[[str], None] = print) -> Path:
     """Materialise the configured dataset under ``data_dir/<dataset>`` unless it is already current."""
     source = DATASETS.get(cfg.dataset)
     dest = data_dir / cfg.dataset
@@ -93,10 +94,10 @@ class Digits(DatasetSource):
     description = "sklearn's real 8x8 handwritten digits, 10 classes; built in, no download"
     test_fraction = 0.2
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         return f"digits-v1-test{self.test_fraction}"
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -116,17 +117,17 @@ class ImageFolderSource(DatasetSource):
 
     description = "your own images: data.path holds train/<class>/* and test/<class>/*"
 
-    def check_config(self, cfg: "DataConfig") -> None:
+    def check_config(self, cfg: DataConfig) -> None:
         if not cfg.path:
             raise ValueError("dataset imagefolder needs data.path (a folder with train/ and test/)")
         check_image_folder(Path(cfg.path).expanduser())
 
-    def _root(self, cfg: "DataConfig") -> Path:
+    def _root(self, cfg: DataConfig) -> Path:
         root = Path(cfg.path or "").expanduser().resolve()
         check_image_folder(root)
         return root
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         root = self._root(cfg)
         listing = hashlib.md5()
         for path in sorted(root.rglob("*")):
@@ -134,7 +135,7 @@ class ImageFolderSource(DatasetSource):
                 listing.update(f"{path.relative_to(root)}:{path.stat().st_size}:{path.stat().st_mtime_ns}\n".encode())
         return f"imagefolder:{root}:{listing.hexdigest()}"
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         """Link every image in, reading its header on the way: a file that is no image, or an image of another size
         or colour mode, is named here, in the user's folder, instead of failing in the copy after training."""
         root = self._root(cfg)

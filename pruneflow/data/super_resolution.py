@@ -24,8 +24,9 @@ import hashlib
 import shutil
 import tarfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,13 +41,13 @@ if TYPE_CHECKING:
     from pruneflow.config import DataConfig
 
 
-def crop_size(cfg: "DataConfig") -> int:
+def crop_size(cfg: DataConfig) -> int:
     """The side of the centre crop: ``data.crop`` or 256 − 256 mod r, rounded down to a multiple of r."""
     crop = cfg.crop or 256
     return crop - crop % cfg.scale
 
 
-def patch_size(cfg: "DataConfig") -> int:
+def patch_size(cfg: DataConfig) -> int:
     """The side of crop_flip's random patches: ``data.patch`` or half the crop, rounded down to a multiple of r."""
     patch = cfg.patch or crop_size(cfg) // 2
     return patch - patch % cfg.scale
@@ -55,11 +56,11 @@ def patch_size(cfg: "DataConfig") -> int:
 class SRSource(DatasetSource):
     task = SUPER_RESOLUTION.name
 
-    def load(self, data_path: Path, cfg: "DataConfig", seed: int = 0,
+    def load(self, data_path: Path, cfg: DataConfig, seed: int = 0,
              progress: Callable[[str], None] | None = None) -> PairSplits:
         return load_sr_splits(data_path, cfg, seed, progress)
 
-    def check_config(self, cfg: "DataConfig") -> None:
+    def check_config(self, cfg: DataConfig) -> None:
         crop, patch = crop_size(cfg), patch_size(cfg)
         if crop < cfg.scale:
             raise ValueError(f"data.crop: {cfg.crop} is smaller than the scale {cfg.scale}")
@@ -76,10 +77,10 @@ class SkimageImages(SRSource):
              "retina", "rocket", "stereo_motorcycle")
     TEST = ("astronaut", "camera", "chelsea", "coffee")
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         return "skimage-v1-" + hashlib.md5(repr((self.TRAIN, self.TEST)).encode()).hexdigest()[:8]
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         import skimage.data  # imported on demand: only SR runs need it
 
         for split, names in (("train", self.TRAIN), ("test", self.TEST)):
@@ -98,7 +99,7 @@ class BSDS300(SRSource):
     ARCHIVE = "BSDS300-images.tgz"
     COUNTS = {"train": 200, "test": 100}
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         return "bsds300-v1"  # a fixed public archive
 
     def images_dir(self, root: Path) -> Path:
@@ -132,7 +133,7 @@ class BSDS300(SRSource):
             ) from None
         partial.replace(archive)
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         root = Path(cfg.path).expanduser() if cfg.path else dest.parent / ".cache" / "bsds300"
         images = self.images_dir(root)
         for split, expected in self.COUNTS.items():
@@ -148,7 +149,7 @@ class ImageDir(SRSource):
 
     description = "super-resolution: your images, data.path with data.train_dir and data.test_dir below it"
 
-    def folders(self, cfg: "DataConfig") -> dict[str, Path]:
+    def folders(self, cfg: DataConfig) -> dict[str, Path]:
         if not cfg.path:
             raise ValueError("dataset image_dir needs data.path (a folder with data.train_dir and data.test_dir)")
         root = Path(cfg.path).expanduser().resolve()
@@ -160,11 +161,11 @@ class ImageDir(SRSource):
                 raise ValueError(f"data.{split}_dir: {folder} holds no images")
         return folders
 
-    def check_config(self, cfg: "DataConfig") -> None:
+    def check_config(self, cfg: DataConfig) -> None:
         super().check_config(cfg)
         self.folders(cfg)
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         listing = hashlib.md5()
         for split, folder in self.folders(cfg).items():
             for path in image_files(folder):
@@ -172,7 +173,7 @@ class ImageDir(SRSource):
                 listing.update(f"{split}:{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
         return f"image_dir:{listing.hexdigest()}"
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         for split, folder in self.folders(cfg).items():
             for path in image_files(folder):
                 link_or_copy(path, dest / split / "_".join(path.relative_to(folder).parts))
@@ -199,7 +200,7 @@ def read_crops(folder: Path, crop: int, scale: int) -> tuple[torch.Tensor, torch
             continue
         left, top = int(round((width - crop) / 2)), int(round((height - crop) / 2))  # as torchvision's CenterCrop
         high = luma.crop((left, top, left + crop, top + crop))
-        low = high.resize((crop // scale, crop // scale), Image.BILINEAR)
+        low = high.resize((crop // scale, crop // scale), Image.Resampling.BILINEAR)
         highs.append(np.asarray(high))
         lows.append(np.asarray(low))
     if not highs:
@@ -207,7 +208,7 @@ def read_crops(folder: Path, crop: int, scale: int) -> tuple[torch.Tensor, torch
     return (torch.from_numpy(np.stack(highs))[:, None], torch.from_numpy(np.stack(lows))[:, None], skipped)
 
 
-def load_sr_splits(data_path: Path, cfg: "DataConfig", seed: int = 0,
+def load_sr_splits(data_path: Path, cfg: DataConfig, seed: int = 0,
                    progress: Callable[[str], None] | None = None) -> PairSplits:
     """Train/val/test pairs from a prepared SR folder; val is a seeded hold-out of the training images."""
     crop = crop_size(cfg)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from pruneflow.data.sources import DATASETS, SPLITS, DatasetSource
 
@@ -42,15 +43,15 @@ class TorchvisionSource(DatasetSource):
         self.description = description
 
     @property
-    def dataset_class(self) -> type["VisionDataset"]:
+    def dataset_class(self) -> type[VisionDataset]:
         import torchvision.datasets  # imported on demand: most runs never need torchvision
 
         return getattr(torchvision.datasets, self.class_name)
 
-    def signature(self, cfg: "DataConfig") -> str:
+    def signature(self, cfg: DataConfig) -> str:
         return f"torchvision-{self.class_name}-v1"  # torchvision's files are md5-pinned: the content never varies
 
-    def open(self, root: Path, split: str) -> "VisionDataset":
+    def open(self, root: Path, split: str) -> VisionDataset:
         return self.dataset_class(str(root), train=split == "train", download=True)
 
     def url(self, split: str) -> str:
@@ -60,11 +61,12 @@ class TorchvisionSource(DatasetSource):
         cls = self.dataset_class
         return f"{cls.filename} or the {cls.base_folder}/ folder it extracts to"
 
-    def class_names(self, dataset: "VisionDataset") -> list[str]:
+    def class_names(self, dataset: VisionDataset) -> list[str]:
         return list(dataset.classes)
 
-    def load(self, root: Path, split: str) -> "VisionDataset":
-        """The split, downloaded into ``root`` if missing; a failed download becomes a ValueError that says what to do."""
+    def download(self, root: Path, split: str) -> VisionDataset:
+        """The split, downloaded into ``root`` if missing; a failed download becomes a ValueError that says what to
+        do."""
         try:
             with socket_timeout(DOWNLOAD_TIMEOUT_S):
                 return self.open(root, split)
@@ -75,10 +77,10 @@ class TorchvisionSource(DatasetSource):
                 f"holding torchvision's {self.class_name} files: {self.expected_files()}"
             ) from None
 
-    def write(self, cfg: "DataConfig", dest: Path) -> None:
+    def write(self, cfg: DataConfig, dest: Path) -> None:
         root = Path(cfg.path).expanduser() if cfg.path else dest.parent / ".cache" / "torchvision"
         for split in SPLITS:
-            dataset = self.load(root, split)
+            dataset = self.download(root, split)
             names = self.class_names(dataset)
             for name in names:
                 (dest / split / name).mkdir(parents=True, exist_ok=True)
@@ -89,7 +91,7 @@ class TorchvisionSource(DatasetSource):
 class SVHNSource(TorchvisionSource):
     """SVHN's ``split=`` argument and one file per split; classes are the digits 0-9 (torchvision maps 10 to 0)."""
 
-    def open(self, root: Path, split: str) -> "VisionDataset":
+    def open(self, root: Path, split: str) -> VisionDataset:
         return self.dataset_class(str(root), split=split, download=True)
 
     def url(self, split: str) -> str:
@@ -98,7 +100,7 @@ class SVHNSource(TorchvisionSource):
     def expected_files(self) -> str:
         return ", ".join(self.dataset_class.split_list[split][1] for split in SPLITS)
 
-    def class_names(self, dataset: "VisionDataset") -> list[str]:
+    def class_names(self, dataset: VisionDataset) -> list[str]:
         return [str(digit) for digit in range(10)]
 
 

@@ -19,8 +19,8 @@ paper solves the integer problem per pruning step with a dynamic program over a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

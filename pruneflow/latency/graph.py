@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx

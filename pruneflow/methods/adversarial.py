@@ -91,7 +91,7 @@ def learn_masks(model: nn.Module, groups: list[ChannelGroup], batches: LabelledB
     """Soft channel masks of a frozen copy of ``model``, trained against the teacher logits in ``batches``."""
     student = copy.deepcopy(model).eval().requires_grad_(False)
     masks = [torch.ones(group.channels, requires_grad=True) for group in groups]
-    for group, mask in zip(groups, masks):
+    for group, mask in zip(groups, masks, strict=True):
         for norm in group.norms:
             student.get_submodule(norm.name).register_forward_hook(scale_outputs(mask, norm))
     critic = nn.Sequential(nn.Linear(batches[0][1].shape[1], 64), nn.LeakyReLU(0.2), nn.Linear(64, 1))
@@ -109,8 +109,7 @@ def learn_masks(model: nn.Module, groups: list[ChannelGroup], batches: LabelledB
             loss = (student_logits - teacher).pow(2).sum(1).mean() + bce(critic(student_logits), real)
             mask_optimizer.zero_grad()
             loss.backward()
-            for mask in masks:
-                mask.grad.clamp_(-params.max_grad, params.max_grad)
+            nn.utils.clip_grad_value_(masks, params.max_grad)
             mask_optimizer.step()
             with torch.no_grad():
                 for mask in masks:
@@ -128,6 +127,7 @@ class Adversarial(PruningMethod):
     tasks = ("classification",)  # the discriminator reads class logits
     description = "soft channel masks learnt against the frozen model with a discriminator, λ-grid selection (AMAS)"
     Params = AdversarialParams
+    params: AdversarialParams
     needs_calibration = True
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
@@ -141,16 +141,16 @@ class Adversarial(PruningMethod):
         """Channels each group keeps: the dead ones go, at most the target's share of the group."""
         cap = min(plan.ratio, plan.max_layer_ratio)
         return [kept_channels(group.channels, min(int((mask == 0).sum()) / group.channels, cap), plan.round_to)
-                for group, mask in zip(groups, masks)]
+                for group, mask in zip(groups, masks, strict=True)]
 
     def apply(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, groups: list[ChannelGroup],
               masks: list[torch.Tensor], batches: LabelledBatches) -> tuple[PruneResult, int]:
         """Prune ``model`` in place, lowest masks first; also returns the number of channels removed."""
         kept = self.kept(groups, masks, plan)
-        self.scorer.scores = {model.get_submodule(group.name): mask for group, mask in zip(groups, masks)}
-        ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept)}
+        self.scorer.scores = {model.get_submodule(group.name): mask for group, mask in zip(groups, masks, strict=True)}
+        ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept, strict=True)}
         result = super().prune(model, example_inputs, replace(plan, layer_ratios=ratios), batches)
-        return result, sum(group.channels - count for group, count in zip(groups, kept))
+        return result, sum(group.channels - count for group, count in zip(groups, kept, strict=True))
 
     def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:

@@ -97,6 +97,7 @@ class APoZ(PruningMethod):
     name = "apoz"
     description = "share of zero post-ReLU outputs on calibration batches, uniform ratio (Hu et al. 2016)"
     Params = APoZParams
+    params: APoZParams
     needs_calibration = True
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:

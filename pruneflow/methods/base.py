@@ -8,8 +8,9 @@ residual adds, concatenations and depthwise groups stay consistent.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Callable, ClassVar, Iterable
+from typing import ClassVar
 
 import torch
 import torch_pruning as tp
@@ -55,6 +56,8 @@ class PruningMethod:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
+    # The validated ``Params``; a method that reads its fields declares ``params: ItsParams`` beside ``Params``.
+    params: BaseModel
     needs_calibration: ClassVar[bool] = False
     # True: one threshold over every layer's scores decides how many channels each layer keeps
     # (``global_kept_channels``); False: every layer loses the same share.
@@ -79,7 +82,7 @@ class PruningMethod:
         """True when the params alone say how much goes (the pruning ratio is ignored): nothing to search."""
         return False
 
-    def recorder(self) -> "TrainingRecorder | None":
+    def recorder(self) -> TrainingRecorder | None:
         """Something to run after every baseline epoch, for methods that score filters by training history."""
         return None
 
@@ -98,7 +101,7 @@ class PruningMethod:
     def layer_ratios(model: nn.Module, plan: PrunePlan) -> dict[nn.Module, float]:
         """Per-layer ratios for uniform pruning: the exact ratio of each group listed in ``kept_channels``, else
         ``layer_ratios`` or ``ratio`` with the channels kept rounded as ``kept_channels`` says."""
-        ratios = {}
+        ratios: dict[nn.Module, float] = {}
         for name, module in model.named_modules():
             if isinstance(module, PRUNABLE):
                 channels = module.weight.shape[0]
@@ -228,7 +231,7 @@ def ignored_layers(model: nn.Module) -> list[nn.Module]:
     custom = getattr(model, "pruneflow_ignored_layers", None)
     if callable(custom):
         return list(custom())
-    layers = [module for module in model.modules() if isinstance(module, PRUNABLE)]
+    layers: list[nn.Module] = [module for module in model.modules() if isinstance(module, PRUNABLE)]
     return [layers[0], layers[-1]] if len(layers) > 1 else layers
 
 

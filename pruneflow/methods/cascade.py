@@ -40,7 +40,7 @@ class CascadeParams(BaseModel):
                                                      "(the ratio is then ignored)")
 
     @model_validator(mode="after")
-    def _one_rule(self) -> "CascadeParams":
+    def _one_rule(self) -> CascadeParams:
         if self.blocks is not None and self.drop is not None:
             raise ValueError("give blocks or drop, not both")
         return self
@@ -58,7 +58,7 @@ def blocks_of(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
 def loss_without(model: nn.Module, block: str, batches: list[tuple[torch.Tensor, torch.Tensor]], task: Task) -> float:
     """Mean loss over ``batches`` of a copy of ``model`` with ``block`` removed."""
     trial = remove_blocks(copy.deepcopy(model), [block]).eval()
-    total = count = 0
+    total, count = 0.0, 0
     for inputs, targets in batches:
         loss = task.loss(trial(inputs), targets)
         total, count = total + loss.item() * len(inputs), count + len(inputs)
@@ -71,6 +71,7 @@ class Cascade(PruningMethod):
     accepts_layer_ratios = False
     description = "removes whole residual blocks/branches, cheapest validation-loss increase first (Zhong 2022)"
     Params = CascadeParams
+    params: CascadeParams
     needs_calibration = True
 
     def fixed_by_params(self) -> bool:

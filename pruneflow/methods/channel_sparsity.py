@@ -52,6 +52,7 @@ class ChannelSparsity(PruningMethod):
     name = "channel_sparsity"
     description = "APoZ + μ·(1 − relative filter L2) per channel, uniform ratio; L2-penalised fine-tune"
     Params = ChannelSparsityParams
+    params: ChannelSparsityParams
     needs_calibration = True
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
@@ -70,7 +71,8 @@ class ChannelSparsity(PruningMethod):
         strength = self.params.weight_penalty
 
         def weight_l2(net: nn.Module) -> torch.Tensor:
-            return strength * sum(m.weight.pow(2).sum() for m in net.modules() if isinstance(m, PRUNABLE))
+            squares = (m.weight.pow(2).sum() for m in net.modules() if isinstance(m, PRUNABLE))
+            return strength * sum(squares, torch.zeros(()))
 
         return training.train(model, train_batches, cfg, val_batches=val_batches, regularizers=[weight_l2],
                               on_epoch_end=on_epoch_end)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -81,7 +81,7 @@ def graft_retrain(model: nn.Module, train_batches: Batches, val_batches: Batches
         start = time.perf_counter()
         decay = (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs)) / 2
         losses = [training.train(net, train_batches, cfg.model_copy(update={"epochs": 1, "lr": peak * decay}))[-1]
-                  .train_loss for net, peak in zip(nets, peaks)]
+                  .train_loss for net, peak in zip(nets, peaks, strict=True)]
         graft(nets, pairs, params.graft_a, params.graft_c, params.bins)
         metric = training.evaluate(model, val_batches) if val_batches is not None else None
         result = training.EpochResult(epoch, sum(losses) / k, metric, time.perf_counter() - start)

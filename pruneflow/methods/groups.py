@@ -9,8 +9,8 @@ the name ``PrunePlan.layer_ratios`` and ``PrunePlan.kept_channels`` take.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch_pruning as tp
@@ -26,7 +26,7 @@ class Member:
     """One module of a group: which of its channels are which of the group's channels."""
 
     name: str
-    module: nn.Module
+    module: nn.Conv2d | nn.Linear | _BatchNorm  # a producer or consumer (PRUNABLE), or a norm
     idxs: list[int]  # the module's own channel indices ...
     root_idxs: list[int]  # ... and the group channels they are (the same, except across concat/split)
 

@@ -38,6 +38,7 @@ class InfoRichness(LayerEntropy):
     name = "info_richness"
     description = "entropy + mean |W| per layer, Tukey-clipped and fused, in ALE's allocation (Wei 2023)"
     Params = InfoRichnessParams
+    params: InfoRichnessParams
 
     def richness(self, groups: list[ChannelGroup]) -> list[float]:
         if not groups:

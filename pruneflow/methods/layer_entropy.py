@@ -17,8 +17,8 @@ what gets removed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import torch
 import torch_pruning as tp
@@ -54,7 +54,7 @@ def share_removed(groups: list[ChannelGroup], macs: dict[str, int] | None) -> Ca
 
     def macs_removed(kept: list[int]) -> float:
         factor = dict.fromkeys(macs, 1.0)
-        for group, count in zip(groups, kept):
+        for group, count in zip(groups, kept, strict=True):
             for member in group.producers + group.consumers + group.norms:
                 if member.name in factor:
                     factor[member.name] *= count / group.channels
@@ -77,7 +77,7 @@ def allocate(groups: list[ChannelGroup], richness: list[float], plan: PrunePlan,
 
     def kept_at(lambda_min: float) -> list[int]:
         return [kept_channels(group.channels, min(lambda_min * top / max(value, 1e-12), cap), plan.round_to)
-                for group, value in zip(groups, richness)]
+                for group, value in zip(groups, richness, strict=True)]
 
     # at λ_min = cap every layer is clipped to the cap
     ends = bisect(lambda lambda_min: -1 if removed(kept_at(lambda_min)) < goal else 1, 0.0, cap, BISECTION_STEPS)
@@ -91,6 +91,7 @@ class LayerEntropy(PruningMethod):
     accepts_layer_ratios = False
     description = "per-layer ratios from weight entropy bisected to the target, L1 filters within (Wei 2023, ALE)"
     Params = GraftingParams
+    params: GraftingParams
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         super().__init__(params)
@@ -112,10 +113,10 @@ class LayerEntropy(PruningMethod):
         macs = layer_macs(model, example_inputs) if plan.macs_reduction is not None else None
         kept, lambda_min = allocate(groups, self.richness(groups), plan, share_removed(groups, macs))
         self.scorer.scores = {group.module: group.per_channel(filter_l1) for group in groups}
-        ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept)}
+        ratios = {group.name: exact_ratio(group.channels, count) for group, count in zip(groups, kept, strict=True)}
         result = super().prune(model, example_inputs, replace(plan, layer_ratios=ratios), calib_batches)
         result.notes = f"λ_min={lambda_min:.4f}; layer ratios: " + ", ".join(
-            f"{group.name}={1 - count / group.channels:.3f}" for group, count in zip(groups, kept))
+            f"{group.name}={1 - count / group.channels:.3f}" for group, count in zip(groups, kept, strict=True))
         return result
 
     def retrain(self, model: nn.Module, train_batches: Batches, val_batches: Batches, cfg, on_epoch_end=None):

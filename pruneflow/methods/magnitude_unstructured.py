@@ -10,7 +10,7 @@ The zeros are the mask: retraining re-applies it from them, or SGD would grow th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -28,6 +28,7 @@ class Slimming(PruningMethod):
     name = "slimming"
     description = "BN scale |γ| after L1 sparsity training, one global threshold (Liu et al. 2017)"
     Params = SlimmingParams
+    params: SlimmingParams
     global_pruning = True
 
     def regularizer(self) -> Regularizer:

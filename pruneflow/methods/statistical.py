@@ -65,6 +65,7 @@ class Statistical(PruningMethod):
     name = "statistical"
     description = "mean |W| per filter averaged over the last baseline epochs, lowest first (Yang et al. 2018)"
     Params = StatisticalParams
+    params: StatisticalParams
 
     def __init__(self, params: BaseModel | dict | None = None) -> None:
         super().__init__(params)

@@ -40,7 +40,8 @@ def accepts(name: str, argument: str) -> bool:
     return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def build_model(name: str, in_channels: int, num_classes: int | None, kwargs: dict[str, Any] | None = None) -> nn.Module:
+def build_model(name: str, in_channels: int, num_classes: int | None,
+                kwargs: dict[str, Any] | None = None) -> nn.Module:
     """``num_classes`` None: a model that outputs no class scores (super-resolution takes ``upscale_factor`` in
     ``kwargs`` instead), so the factory is not given one."""
     classes = {} if num_classes is None else {"num_classes": num_classes}

@@ -17,6 +17,8 @@ whose r² output channels are the sub-pixels PixelShuffle rearranges: removing o
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,7 +73,8 @@ class CascadeESPCN(nn.Module):
         del self.branches[name.removeprefix("branches.")]
 
     def pruneflow_ignored_layers(self) -> list[nn.Module]:
-        return [layer for branch in self.branches.values() for layer in branch.pruneflow_ignored_layers()]
+        branches = cast("list[ESPCN]", list(self.branches.values()))  # nn.ModuleDict is not generic
+        return [layer for branch in branches for layer in branch.pruneflow_ignored_layers()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

@@ -8,7 +8,8 @@ the user, since config validation shows them as the ``model`` key's problem.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -88,8 +89,10 @@ def replace_stem(model: nn.Module, in_channels: int) -> None:
     its weights: they were for another input."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
-            stem = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                             module.dilation, module.groups, module.bias is not None, module.padding_mode)
+            # torch types _ConvNd's geometry tuple[int, ...] where Conv2d's constructor wants pairs: a Conv2d's are
+            stem = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride,  # type: ignore[arg-type]
+                             module.padding, module.dilation, module.groups,  # type: ignore[arg-type]
+                             module.bias is not None, module.padding_mode)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, stem)
             return

@@ -59,7 +59,8 @@ class MobileNetV2(nn.Module):
 
     def removable_blocks(self) -> list[str]:
         """Inverted residuals with an identity shortcut: the ``cascade`` method may replace them by identity."""
-        return [name for name, module in self.named_modules() if isinstance(module, InvertedResidual) and module.residual]
+        return [name for name, module in self.named_modules()
+                if isinstance(module, InvertedResidual) and module.residual]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))
