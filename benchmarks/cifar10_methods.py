@@ -258,7 +258,7 @@ def run_method(cfg: PipelineConfig, args: argparse.Namespace, method: str, basel
         f"(x{row['speedup_big']:.2f})")
     retrained, _, _ = load_model(run.retrained)
     row["onnx_max_abs_diff"] = check_parity(run.latency_onnx, retrained, splits.loader("test", 64, max_batches=2),
-                                            atol=cfg.export.atol)
+                                            cfg.export.atol, cfg.export.rtol)
     row["evaluate_s"] = time.perf_counter() - tick
     row["total_s"], row["total_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu_started
     row["status"] = "ok"

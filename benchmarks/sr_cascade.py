@@ -6,14 +6,20 @@ faster. Here the three models are built as the pipeline builds them (``espcn_cas
 after ``pruneflow.methods.base.remove_blocks`` of ``branches.down4``, then also ``branches.down2``: the
 cascade method's removal, which drops a branch from the average) and each is trained from scratch with
 one recipe: the PyTorch sub-pixel example's (Adam, lr 1e-3, constant, batch 4, MSE), by
-``pruneflow.training.train``. With a constant learning rate the model after epoch 30 of a 100-epoch run is
+``pruneflow.training``. With a constant learning rate the model after epoch 30 of a 100-epoch run is
 the model of a 30-epoch run, so each (model, seed) trains once to the largest ``--epochs`` and is scored
 at every listed epoch; the training time is the sum of the epochs' times up to there (scoring excluded).
+
+The three models of a seed train interleaved in this one process, one epoch of each in turn (the order
+rotating every round), and every epoch is timed in wall and CPU time: a machine shared with other work then
+slows the three alike, so the time ratios the report quotes hold (timed one after another, two identical
+runs on a shared CPU gave ratios of 0.63 and 0.68).
 
 Data: the classic protocol of ``pruneflow.data.super_resolution`` (Y channel, centre crop 256 − 256 mod r,
 bilinear ×1/r input). Trained on Sun-Hays80, tested on Set14 (and Set5), from
 ``../shared/data/sr-sunhays80-set5-set14.tar.gz`` (extracted into ``.cache/sr`` on first use); with
-``--bsds300 ROOT`` also on the paper's own data, BSDS300 (200 train / 100 test). PSNR and SSIM on Y,
+``--bsds300 ROOT`` also on the paper's own data, BSDS300 (200 train / 100 test); ``--test-dir FOLDER``
+(repeatable) also tests on a folder of the user's images. PSNR and SSIM on Y,
 mean ± std over ``--seeds``: STACK.md measured seed noise of 0.05-0.6 dB, larger than the paper's effect.
 
 Results go to ``<out>/sr-cascade.json`` after every run (a rerun with the same settings resumes) and the
@@ -27,7 +33,9 @@ report to ``<out>/sr-cascade.md`` at the end (``--report-only`` rewrites it from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -52,7 +60,7 @@ from pruneflow.data.super_resolution import BSDS300, read_crops  # noqa: E402
 from pruneflow.methods.base import remove_blocks  # noqa: E402
 from pruneflow.metrics import count_macs_params  # noqa: E402
 from pruneflow.models import build_model  # noqa: E402
-from pruneflow.training import EpochResult, evaluate_all, resolve_device, train  # noqa: E402
+from pruneflow.training import evaluate_all, resolve_device, train, train_epochs  # noqa: E402
 
 ARCHIVES = (ROOT.parent / "shared" / "data" / "sr-sunhays80-set5-set14.tar.gz",
             ROOT / ".cache" / "sr-sunhays80-set5-set14.tar.gz")
@@ -68,6 +76,7 @@ PAPER_EPOCHS = (30, 50, 100)
 PAPER_PSNR = {3: (24.471, 24.613, 24.727), 2: (24.544, 24.636, 24.768), 1: (24.491, 24.622, 24.732)}
 PAPER_TIME = {3: ("11:31", "19:24", "39:06"), 2: ("10:14", "17:11", "35:00"), 1: ("7:53", "13:35", "26:16")}
 RESUME_IGNORES = ("out", "report_only", "resume", "device", "archive", "data")  # do not change a finished run
+TIMES = ("train_seconds", "train_cpu_seconds")  # wall and CPU time of the epochs up to a checkpoint
 
 
 def log(message: str, _start: list[float] = [time.perf_counter()]) -> None:  # noqa: B006 (the run's start)
@@ -116,35 +125,57 @@ def datasets(args: argparse.Namespace, crop: int) -> dict[str, dict[str, Split]]
     if args.bsds300:
         images = BSDS300().images_dir(Path(args.bsds300))
         found["BSDS300"] = {"train": split(images / "train"), "BSDS300": split(images / "test")}
+    for folder in map(Path, args.test_dir):  # the user's test images, scored for every training set
+        if not folder.is_dir():
+            raise SystemExit(f"error: --test-dir {folder}: not a folder")
+        if any(folder.name in tests for tests in found.values()):
+            raise SystemExit(f"error: --test-dir {folder}: a test set is already named {folder.name}; "
+                             "rename the folder")
+        test = split(folder)
+        if not len(test):
+            raise SystemExit(f"error: --test-dir {folder}: no image of at least {crop}px (the crop) in it")
+        for tests in found.values():
+            tests[folder.name] = test
     for name, splits in found.items():
         log(f"{name}: " + ", ".join(f"{key} {len(value)}" for key, value in splits.items()) + " images")
     return found
 
 
-def run_one(args: argparse.Namespace, splits: dict[str, Split], branches: int, seed: int, crop: int) -> dict[str, Any]:
-    """Train one model from scratch to max(epochs); score it on every test split at each listed epoch."""
+def run_round(args: argparse.Namespace, splits: dict[str, Split], seed: int, crop: int) -> list[dict[str, Any]]:
+    """Train every model from scratch to max(epochs), interleaved: one epoch of each in turn, the order rotating
+    every round. Each epoch is timed (wall and CPU, scoring excluded); at each listed epoch every model is scored
+    on every test split."""
     device = resolve_device(args.device)
-    model = build(branches, args.scale, seed)
-    train_batches = PairLoader(splits["train"], args.batch_size, args.scale, crop, shuffle=True, seed=seed)
     tests = {name: PairLoader(split, 16, args.scale, crop) for name, split in splits.items() if name != "train"}
     cfg = TrainConfig(epochs=max(args.epochs), lr=args.lr, optimizer="adam", schedule="constant", weight_decay=0.0,
                       device=args.device)
-    checkpoints: dict[str, Any] = {}
-    elapsed = [0.0]
-
-    def on_epoch_end(result: EpochResult) -> None:
-        elapsed[0] += result.seconds
-        if result.epoch not in args.epochs:
-            return
-        scores = {name: evaluate_all(model, loader) for name, loader in tests.items()}
-        model.train()
-        checkpoints[str(result.epoch)] = {"train_seconds": elapsed[0], "train_loss": result.train_loss, "test": scores}
-        log(f"  {branches} branch(es) seed {seed} epoch {result.epoch}: loss {result.train_loss:.5f}, "
-            + ", ".join(f"{name} {s['psnr']:.3f} dB / SSIM {s['ssim']:.4f}" for name, s in scores.items())
-            + f", trained {elapsed[0]:.1f}s")
-
-    train(model, train_batches, cfg, on_epoch_end=on_epoch_end)
-    return {"branches": branches, "seed": seed, "device": str(device), "checkpoints": checkpoints}
+    models = {branches: build(branches, args.scale, seed) for branches in MODELS}
+    runs = {branches: {"branches": branches, "seed": seed, "device": str(device), "checkpoints": {}}
+            for branches in MODELS}
+    times = {branches: dict.fromkeys(TIMES, 0.0) for branches in MODELS}
+    order = list(MODELS)
+    with contextlib.ExitStack() as stack:
+        steps = {branches: stack.enter_context(contextlib.closing(train_epochs(
+            model, PairLoader(splits["train"], args.batch_size, args.scale, crop, shuffle=True, seed=seed), cfg)))
+            for branches, model in models.items()}
+        for epoch in range(1, cfg.epochs + 1):
+            for branches in order:
+                wall, cpu = time.perf_counter(), time.process_time()
+                result = next(steps[branches])
+                times[branches]["train_seconds"] += time.perf_counter() - wall
+                times[branches]["train_cpu_seconds"] += time.process_time() - cpu
+                if epoch in args.epochs:
+                    model = models[branches]
+                    scores = {name: evaluate_all(model, loader) for name, loader in tests.items()}
+                    model.train()
+                    runs[branches]["checkpoints"][str(epoch)] = {**times[branches], "train_loss": result.train_loss,
+                                                                 "test": scores}
+                    log(f"  {branches} branch(es) seed {seed} epoch {epoch}: loss {result.train_loss:.5f}, "
+                        + ", ".join(f"{name} {s['psnr']:.3f} dB / SSIM {s['ssim']:.4f}" for name, s in scores.items())
+                        + f", trained {times[branches]['train_seconds']:.1f}s wall, "
+                        f"{times[branches]['train_cpu_seconds']:.1f}s CPU")
+            order = order[1:] + order[:1]
+    return list(runs.values())
 
 
 def warm_up(args: argparse.Namespace, splits: dict[str, Split], crop: int) -> None:
@@ -162,10 +193,22 @@ def settings(args: argparse.Namespace, crop: int) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]], trainset: str, test: str, branches: int, epoch: int, key: str) -> list[float]:
-    return [run["checkpoints"][str(epoch)]["test"][test][key] if key != "train_seconds"
-            else run["checkpoints"][str(epoch)]["train_seconds"]
-            for run in runs if run["trainset"] == trainset and run["branches"] == branches
-            and str(epoch) in run["checkpoints"]]
+    """``key`` (a test metric, or one of TIMES) at ``epoch`` for every seed of one model."""
+    checkpoints = [run["checkpoints"][str(epoch)] for run in runs if run["trainset"] == trainset
+                   and run["branches"] == branches and str(epoch) in run["checkpoints"]]
+    if key in TIMES:  # results written before CPU time was recorded have wall time only
+        return [checkpoint[key] for checkpoint in checkpoints if key in checkpoint]
+    return [checkpoint["test"][test][key] for checkpoint in checkpoints]
+
+
+def time_ratio(runs: list[dict[str, Any]], trainset: str, test: str, branches: int, epoch: int, key: str) -> float:
+    """Mean training time of ``branches`` over that of the cascade (NaN where not recorded)."""
+    times, cascade = (summarise(runs, trainset, test, b, epoch, key) for b in (branches, 3))
+    return statistics.mean(times) / statistics.mean(cascade) if times and cascade else math.nan
+
+
+def ratio_text(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.2f}"
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -181,18 +224,18 @@ def verdict(runs: list[dict[str, Any]], trainset: str, test: str, epochs: list[i
     lines, holds = [], []
     for epoch in epochs:
         full, one = (summarise(runs, trainset, test, b, epoch, "psnr") for b in (3, 1))
-        t_full, t_one = (summarise(runs, trainset, test, b, epoch, "train_seconds") for b in (3, 1))
         if not full or not one:
             continue
+        wall, cpu = (time_ratio(runs, trainset, test, 1, epoch, key) for key in TIMES)
         diff = statistics.mean(one) - statistics.mean(full)
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (full, one)]
         noise = 2 * (spread[0] ** 2 / len(full) + spread[1] ** 2 / len(one)) ** 0.5
         same = abs(diff) <= noise if seeds > 1 else abs(diff) <= 0.05
-        faster = statistics.mean(t_one) < statistics.mean(t_full)
+        faster = wall < 1
         holds.append((same or diff > 0) and faster)
         lines.append(f"- {epoch} epoch{'s' if epoch != 1 else ''}: 1 branch − 3 branches = **{diff:+.3f} dB** (2 standard errors of the "
                      f"difference: {noise:.3f} dB) → {'same PSNR within seed noise' if same else ('better' if diff > 0 else 'worse')}; "
-                     f"training time ratio {statistics.mean(t_one) / statistics.mean(t_full):.2f}.")
+                     f"training time ratio {ratio_text(wall)} wall, {ratio_text(cpu)} CPU.")
     if holds:
         claim = "holds" if all(holds) else ("does not hold" if not any(holds) else "holds only in part")
         lines.append(f"\n**On {trainset} → {test}, the paper's claim (same PSNR with 1/3 of the parameters, less "
@@ -220,6 +263,11 @@ def report(payload: dict[str, Any]) -> str:
         f"- Models: `espcn_cascade` (x{cfg['scale']}) with `branches.down4` removed (2 branches), then also "
         "`branches.down2` (1 branch = ESPCN); removal by `remove_blocks`, as the `cascade` method does: a "
         "removed branch leaves the average. Each trained **from scratch** with the same recipe.",
+        "- Timing: " + ("the three models of a seed trained interleaved in one process, one epoch of each in turn "
+                        "(order rotating), each epoch timed in wall and CPU time (scoring excluded)"
+                        if payload.get("timing") == "interleaved" else
+                        "the models trained one after another, each timed in wall time only (scoring excluded; "
+                        "written before the benchmark interleaved them)") + "; ratios are of means over the seeds.",
         f"- Recipe: Adam, lr {cfg['lr']:g} constant, batch {cfg['batch_size']}, MSE, "
         f"{max(epochs)} epochs, scored at {', '.join(map(str, epochs))}; seeds {', '.join(map(str, cfg['seeds']))} "
         "(mean ± std below).",
@@ -235,18 +283,20 @@ def report(payload: dict[str, Any]) -> str:
             lines += ["", f"### Trained on {trainset}, tested on {test}", "",
                       f"| model | params | MACs (input {payload['crop'] // cfg['scale']}²) | " + " | ".join(f"PSNR {e} ep (dB)" for e in epochs)
                       + " | " + " | ".join(f"SSIM {e} ep" for e in epochs) + " | "
-                      + " | ".join(f"train time {e} ep (s)" for e in epochs) + " | time vs cascade |",
+                      + " | ".join(f"train time {e} ep, wall / CPU (s)" for e in epochs)
+                      + " | time vs cascade, wall / CPU |",
                       "|" + "---|" * (3 + 3 * len(epochs) + 1)]
-            base_time = [summarise(runs, trainset, test, 3, e, "train_seconds") for e in epochs]
+            done = [e for e in epochs if summarise(runs, trainset, test, 3, e, "psnr")]
             for branches in (3, 2, 1):
                 psnr = [mean_std(summarise(runs, trainset, test, branches, e, "psnr"), 3) for e in epochs]
                 ssim = [mean_std(summarise(runs, trainset, test, branches, e, "ssim"), 4) for e in epochs]
-                times = [summarise(runs, trainset, test, branches, e, "train_seconds") for e in epochs]
-                ratio = [f"{statistics.mean(t) / statistics.mean(b):.2f}" for t, b in zip(times, base_time) if t and b]
+                times = [" / ".join(mean_std(summarise(runs, trainset, test, branches, e, key), 1) for key in TIMES)
+                         for e in epochs]
+                ratio = ", ".join(" / ".join(ratio_text(time_ratio(runs, trainset, test, branches, e, key))
+                                             for key in TIMES) for e in done)
                 lines.append(f"| {NAMES[branches]} | {params[str(branches)]['params']:,} | "
                              f"{params[str(branches)]['macs'] / 1e6:.1f} M | " + " | ".join(psnr) + " | "
-                             + " | ".join(ssim) + " | " + " | ".join(mean_std(t, 1) for t in times) + " | "
-                             + " / ".join(ratio) + " |")
+                             + " | ".join(ssim) + " | " + " | ".join(times) + f" | {ratio} |")
             lines += ["", *verdict(runs, trainset, test, epochs, seeds)]
     lines += ["", "## The paper's table (Zhong 2022; BSD300, x3, Y)", "",
               "| model | " + " | ".join(f"PSNR {e} ep" for e in PAPER_EPOCHS) + " | "
@@ -272,6 +322,8 @@ def main() -> None:
     parser.add_argument("--archive", default=None, help="the sr-sunhays80-set5-set14 tarball (default: shared/.cache)")
     parser.add_argument("--bsds300", default=None, help="a folder holding BSDS300/ or BSDS300-images.tgz: also "
                                                         "train and test on BSDS300")
+    parser.add_argument("--test-dir", action="append", default=[], help="also test on this folder of images, named "
+                                                                        "by the folder (repeatable)")
     parser.add_argument("--scale", type=int, default=3)
     parser.add_argument("--crop", type=int, default=None, help="centre crop side; default 256 - 256 mod scale")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -281,6 +333,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the JSON")
     args = parser.parse_args()
     args.epochs = sorted(set(args.epochs))
+    args.test_dir = [str(Path(folder).resolve()) for folder in args.test_dir]
     crop = args.crop or 256
     crop -= crop % args.scale
     out = Path(args.out)
@@ -306,7 +359,7 @@ def main() -> None:
     payload = {
         "settings": settings(args, crop), "crop": crop, "command": shlex.join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "platform": platform.platform(), "runs": runs,
+        "torch": torch.__version__, "platform": platform.platform(), "timing": "interleaved", "runs": runs,
         "images": {f"{trainset} {name}": len(split) for trainset, splits in data.items() for name, split in splits.items()},
         "tests": {trainset: [name for name in splits if name != "train"] for trainset, splits in data.items()},
         "params": {str(b): dict(zip(("macs", "params"), count_macs_params(build(b, args.scale, 0), example)))
@@ -315,13 +368,13 @@ def main() -> None:
     warm_up(args, next(iter(data.values())), crop)
     for trainset, splits in data.items():
         for seed in args.seeds:
-            for branches in MODELS:
-                if any(r["trainset"] == trainset and r["seed"] == seed and r["branches"] == branches for r in runs):
-                    continue
-                log(f"{trainset}: {branches} branch(es), seed {seed}, {max(args.epochs)} epochs on {device}")
-                runs.append({"trainset": trainset, **run_one(args, splits, branches, seed, crop)})
-                payload["wall_seconds"] = (previous.get("wall_seconds", 0) if same else 0) + time.perf_counter() - start
-                results.write_text(json.dumps(payload, indent=1) + "\n")  # after every run: a rerun resumes
+            if any(r["trainset"] == trainset and r["seed"] == seed for r in runs):
+                continue
+            log(f"{trainset}: seed {seed}, {', '.join(map(str, MODELS))} branches interleaved, {max(args.epochs)} "
+                f"epochs on {device}")
+            runs += [{"trainset": trainset, **run} for run in run_round(args, splits, seed, crop)]
+            payload["wall_seconds"] = (previous.get("wall_seconds", 0) if same else 0) + time.perf_counter() - start
+            results.write_text(json.dumps(payload, indent=1) + "\n")  # after every seed: a rerun resumes
     doc.write_text(report(payload))
     log(f"wrote {results} and {doc}")
 

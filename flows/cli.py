@@ -8,15 +8,19 @@
     pruneflow prune  --model M --method NAME [--ratio R] [--json]     prune once: MACs/params before/after, layers
     pruneflow export --run-id ID [--target T] [--params ...] [-S ...]  re-export a logged method run for a target
     pruneflow ui     [--port 5000]                                    MLflow UI on 127.0.0.1
+    pruneflow dashboard [--port 8080]                                 Optuna dashboard of the studies on 127.0.0.1
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import subprocess
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
@@ -58,17 +62,65 @@ def run(params: Path = PARAMS, overrides: Optional[list[str]] = SET) -> None:
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    from flows.servers import STATE_DIR
+    from flows.watchdog import guard_children
+
+    guard_children(root / STATE_DIR)  # stops the temporary Prefect server whenever this process ends
     try:
-        result = prune_pipeline(params=str(params.resolve()), overrides=list(overrides or []))
+        with _sigterm_raises():
+            result = prune_pipeline(params=str(params.resolve()), overrides=list(overrides or []))
+    except Terminated:
+        _end_own_runs(cfg, root, "KILLED")
+        typer.echo("error: pipeline stopped by SIGTERM; its MLflow runs are marked KILLED", err=True)
+        sys.stderr.flush()
+        os._exit(143)  # not a normal exit: that would wait for the training threads to end
     except Exception as err:
+        _end_own_runs(cfg, root, "FAILED")
         typer.echo(f"error: pipeline failed: {type(err).__name__}: {err}", err=True)
         raise typer.Exit(1) from None
     typer.echo("\n" + (Path(result["run_dir"]) / "compare.md").read_text())
     typer.echo(f"Artifacts:    {result['run_dir']}")
     champion = result["champion"]
-    typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} ({champion['method']})")
+    if champion["method"] is None:
+        typer.echo(f"Registered:   nothing: {champion['reason']}")
+    else:
+        typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} "
+                   f"({champion['method']})")
     typer.echo(f"MLflow run:   {result['parent_run_id']} in experiment '{cfg.project.experiment}' ({result['tracking_uri']})")
     typer.echo(f"Open the UI:  pruneflow ui --params {params}   (or: make ui), then browse http://127.0.0.1:5000")
+
+
+class Terminated(BaseException):
+    """SIGTERM, as an exception, so that the pipeline's runs are marked before the process goes."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _end_own_runs(cfg: PipelineConfig, root: Path, status: str) -> None:
+    """Mark the MLflow runs this process left RUNNING (method runs of tasks that were still going). A store that
+    cannot be written now (a full disk) is left alone: the next run on the project ends them as orphans."""
+    from mlflow.entities import RunStatus
+
+    from pruneflow.concurrency import sqlite_file
+    from pruneflow.layout import ProjectLayout
+    from tasks.tracking import Tracker, tracking_uri
+
+    layout = ProjectLayout(root, cfg)
+    store = sqlite_file(tracking_uri(layout))
+    if store is not None and not store.is_file():
+        return  # the flow failed before it opened the store: no runs, and no empty store to leave behind
+    with contextlib.suppress(Exception):
+        Tracker.open(layout).end_own_runs(RunStatus.from_string(status))
 
 
 @app.command()
@@ -89,12 +141,14 @@ def serve(
     _, root = _config(params, overrides)  # a bad key stops here, not in the first scheduled run at 2 a.m.
     from flows.servers import STATE_DIR, ServerError
     from flows.serving import deployment_schedules, serve_pipeline
+    from flows.watchdog import guard_children
 
     try:
         schedules = deployment_schedules(cron, interval, timezone)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    guard_children(root / STATE_DIR)  # a Prefect server started here stops with this command, even on SIGKILL
     try:
         serve_pipeline(params.resolve(), list(overrides or []), schedules, name, port, root / STATE_DIR, typer.echo)
     except ServerError as err:
@@ -106,7 +160,10 @@ def serve(
 def stage(name: str = typer.Argument(..., help="data (version the data), a stage of dvc.yaml, or compare (the table)"),
           params: Path = PARAMS, overrides: Optional[list[str]] = SET,
           method: Optional[str] = typer.Option(None, "--method", "-m", help="the method, for per-method stages")) -> None:
-    """Run one stage alone, writing to runs/dvc/ (the fixed paths dvc.yaml declares); no Prefect, no MLflow."""
+    """Run one stage alone, writing to runs/dvc/ (the fixed paths dvc.yaml declares); no Prefect, no MLflow.
+
+    ``search`` starts a study of its own each time (runs/dvc/<method>/study.db, ``MethodRun.own_study``), so
+    `dvc repro` chooses the same ratios from the same params and data whatever ran before."""
     cfg, root = _config(params, overrides)
     from pruneflow import stages, versioning
     from pruneflow.data import prepare_dataset
@@ -219,15 +276,20 @@ def prune(
     data_path: Optional[Path] = typer.Option(None, help="the dataset's data.path (imagefolder root, torchvision files)"),
     data_dir: Path = typer.Option(Path("data"), help="where prepared datasets live (project.data_dir)"),
     checkpoint: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
-                                              help="prune this model file (save_model's) instead of a fresh model"),
+                                              help="prune trained weights: a model file pruneflow wrote, or a "
+                                                   "state_dict for --model"),
     calib_batches: int = typer.Option(4, min=1, help="training batches given to data-driven methods"),
     round_to: int = typer.Option(8, min=1, help="round kept channels to a multiple (1: no rounding)"),
     input_size: Optional[int] = typer.Option(None, min=1, help="side of the square input; default: the data's or checkpoint's"),
+    channels: Optional[int] = typer.Option(None, min=1, help="input channels; default: the data's"),
+    classes: Optional[int] = typer.Option(None, min=1, help="classes; default: the data's"),
+    out: Optional[Path] = typer.Option(None, dir_okay=False, help="write the pruned model here (a model file)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of tables"),
 ) -> None:
     """Prune a fresh (or --checkpoint) model once and print MACs/params before and after, layer by layer.
 
-    No project, training or tracking: a quick look at what a method does to a model. Data-driven methods
+    No project, training or tracking: a quick look at what a method does to a model. With --channels, --classes
+    and --input-size a model needs no dataset; else --dataset sizes what they leave open. Data-driven methods
     calibrate on --dataset, fitted to the model's input (grey repeated to RGB, images resized).
     """
     import json
@@ -260,7 +322,8 @@ def prune(
     try:
         report = prune_once(pruner, PrunePlan(ratio=ratio, round_to=round_to), model, checkpoint,
                             DataConfig(dataset=dataset, path=str(data_path) if data_path else None), data_dir,
-                            calib_batches, input_size, log=lambda line: typer.echo(line, err=True))  # stdout: report only
+                            calib_batches, input_size, log=lambda line: typer.echo(line, err=True),  # stdout: report
+                            in_channels=channels, num_classes=classes, out=out)
     except (OSError, ValueError, RuntimeError) as err:
         fail(err, 1)
     typer.echo(json.dumps(report) if as_json else format_report(report))
@@ -293,14 +356,43 @@ def export_run(
 def ui(params: Path = PARAMS, port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Start the MLflow UI on 127.0.0.1 against the project's tracking store (as ``make servers`` starts MLflow)."""
     cfg, root = _config(params, [])
-    from flows.servers import HOST, mlflow_command
+    from flows.servers import HOST, STATE_DIR, mlflow_command, port_free
+    from flows.watchdog import guard_children
     from pruneflow.layout import ProjectLayout
     from tasks.tracking import tracking_uri
 
+    if not port_free(port):
+        typer.echo(f"error: --port {port}: something already listens on {HOST}:{port} (another pruneflow ui?); stop "
+                   "it or choose another port", err=True)
+        raise typer.Exit(1)
     uri = tracking_uri(ProjectLayout(root, cfg))
+    guard_children(root / STATE_DIR)  # the MLflow server stops with this command, even on SIGKILL
     typer.echo(f"MLflow UI for {uri} at http://{HOST}:{port} (Ctrl-C stops it)")
     command, env = mlflow_command("ui", uri, port)
     raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))
+
+
+@app.command()
+def dashboard(params: Path = PARAMS, port: int = typer.Option(8080, help="port on 127.0.0.1")) -> None:
+    """Start optuna-dashboard on 127.0.0.1 against the project's study storage (search.storage, else
+    runs/optuna.db): every method's study, its trials, history and parameter importances."""
+    cfg, root = _config(params, [])
+    from sqlalchemy.engine import make_url
+
+    from flows.servers import HOST, QUIET
+    from pruneflow.concurrency import sqlite_file
+    from pruneflow.layout import ProjectLayout
+
+    storage = ProjectLayout(root, cfg).study_storage
+    database = sqlite_file(storage)
+    if database is not None and not database.is_file():  # the dashboard would create an empty one and show nothing
+        typer.echo(f"error: no study storage at {database} yet: run the pipeline first (pruneflow run), or point "
+                   "search.storage at the studies", err=True)
+        raise typer.Exit(1)
+    shown = make_url(storage).render_as_string(hide_password=True)
+    typer.echo(f"Optuna dashboard for {shown} at http://{HOST}:{port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "optuna_dashboard._cli", storage, "--host", HOST, "--port", str(port)]
+    raise typer.Exit(subprocess.call(command, env={**os.environ, **QUIET}))
 
 
 if __name__ == "__main__":

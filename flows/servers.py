@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
-from pruneflow.concurrency import owner_alive, owner_id
+from pruneflow.concurrency import end_processes, owner_alive, owner_id
+from pruneflow.stores import sqlite_url
 
 HOST = "127.0.0.1"
 STATE_DIR = ".servers"
@@ -88,7 +89,7 @@ def mlflow_server(port: int, backend_uri: str, artifacts: Path) -> ServerSpec:
 
 def default_prefect_database(state_dir: Path) -> str:
     """The project's own Prefect database, so its deployments and run history stay with the project."""
-    return f"sqlite+aiosqlite:///{state_dir.resolve() / 'prefect.db'}"
+    return sqlite_url(state_dir.resolve() / "prefect.db", "sqlite+aiosqlite")
 
 
 def _state_file(state_dir: Path, name: str) -> Path:
@@ -172,14 +173,7 @@ def stop(state_dir: Path, *names: str, timeout: float = 20.0) -> list[str]:
             processes += [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             pass
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=timeout)
-    for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
-    psutil.wait_procs(alive, timeout=5)
+    end_processes(processes, timeout)
     for state in running:
         _state_file(state_dir, state["name"]).unlink(missing_ok=True)
     return [state["name"] for state in running]
@@ -261,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefect-port", type=int, default=4200)
     parser.add_argument("--prefect-database", help="SQLAlchemy URL; default sqlite DIR/prefect.db")
     parser.add_argument("--mlflow-port", type=int, default=5000)
-    parser.add_argument("--mlflow-backend", default=f"sqlite:///{Path('mlflow.db').resolve()}",
+    parser.add_argument("--mlflow-backend", default=sqlite_url(Path("mlflow.db").resolve()),
                         help="the tracking database (sqlite:///..., postgresql://...); default the project's mlflow.db")
     parser.add_argument("--mlflow-artifacts", type=Path, default=Path("mlartifacts"),
                         help="where the server stores artifacts clients upload through it")

@@ -55,6 +55,18 @@ def store_lock(url: str) -> ContextManager[object]:
     return file_lock(path.with_name(path.name + ".lock")) if path else contextlib.nullcontext()
 
 
+def end_processes(processes: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM them all at once (each may take seconds to shut down), then SIGKILL what is left after ``timeout``."""
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
 def _started(pid: int) -> str:
     return f"{psutil.Process(pid).create_time():.2f}"
 

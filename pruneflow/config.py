@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pruneflow import strict_yaml
 from pruneflow.profiles import PROFILES
 
 
@@ -48,7 +49,19 @@ class ProjectConfig(Section):
     runs_dir: str = "runs"
     data_dir: str = "data"
     seed: int = 0
-    max_parallel_methods: int = Field(2, ge=1, description="method chains searched/retrained at once")
+    cluster: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786) whose workers run the method chains; null: a local "
+                          "cluster of worker processes on this machine")
+    max_parallel_methods: int | None = Field(
+        None, ge=1, description="local cluster: method chains at once, one worker process each (1: one after "
+                                "another in the pipeline's process); null: one per core, or per GPU if there are GPUs")
+
+    @field_validator("cluster")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"(tcp|tls)://[^\s/:]+:\d+", value):
+            raise ValueError(f"a Dask scheduler address is tcp://host:port (e.g. tcp://10.0.0.5:8786), got {value!r}")
+        return value
 
 
 class DataConfig(Section):
@@ -72,6 +85,28 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class BaselineConfig(Section):
+    """A trained model to start from instead of training one from scratch."""
+
+    checkpoint: str | None = Field(
+        None, description="a model file pruneflow wrote, or a state_dict for model.name (relative to the params file)")
+    mean: list[float] | None = Field(None, description="per-channel input mean it was trained with, which every stage "
+                                                       "then feeds it; null: the data's own statistics")
+    std: list[float] | None = Field(None, description="per-channel input std it was trained with (with mean)")
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> "BaselineConfig":
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std: give both or neither")
+        if self.mean is not None:
+            if self.checkpoint is None:
+                raise ValueError("mean and std describe a checkpoint's training; without baseline.checkpoint the "
+                                 "baseline is trained on the data's own statistics")
+            if len(self.mean) != len(self.std) or min(self.std) <= 0:
+                raise ValueError(f"mean and std need one value per input channel and std > 0, got {self.mean}, {self.std}")
+        return self
+
+
 class TrainConfig(Section):
     epochs: int = Field(12, ge=0)
     lr: float = Field(0.05, gt=0)
@@ -81,6 +116,18 @@ class TrainConfig(Section):
     schedule: Literal["cosine", "constant"] = Field("cosine", description="learning rate over the epochs")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where training runs (auto: a CUDA GPU if there is one); pruning and export stay on CPU")
+
+
+class DistillConfig(Section):
+    """Knowledge distillation while retraining a pruned net: it learns from the baseline's outputs as well."""
+
+    weight: float = Field(0.0, ge=0, le=1, description="share of the loss taken from the baseline's outputs "
+                                                        "(0: off; the rest is the task's loss on the labels)")
+    temperature: float = Field(4.0, gt=0, description="classification: softmax temperature of Hinton's KD term")
+
+
+class RetrainConfig(TrainConfig):
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class TargetConfig(Section):
@@ -107,7 +154,15 @@ class SearchConfig(Section):
     n_workers: int = Field(1, ge=1, description="trials run at once, each in its own process")
     ratio_low: float = Field(0.1, ge=0, lt=1)
     ratio_high: float = Field(0.8, ge=0, lt=1)
-    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored")
+    finetune_epochs: int = Field(1, ge=0, description="fine-tune epochs per trial before it is scored (finetune "
+                                                      "proxy), or per top-k trial (adaptive_bn)")
+    proxy: Literal["finetune", "adaptive_bn"] = Field(
+        "finetune", description="how a trial is scored: finetune_epochs of fine-tuning; or adaptive_bn: BatchNorm "
+                                "statistics re-estimated on calib_batches training batches, no gradient step, so "
+                                "many more trials fit a budget; then the top_k are fine-tuned and one is chosen")
+    calib_batches: int = Field(10, ge=1, description="adaptive_bn: training batches the BN statistics are re-estimated on")
+    top_k: int = Field(5, ge=1, description="adaptive_bn: feasible trials with the best proxy score that are then "
+                                            "fine-tuned for finetune_epochs before the selection policy picks one")
     target: TargetConfig = Field(default_factory=TargetConfig)
     objectives: list[Literal["accuracy", "psnr", "macs_reduction", "params_reduction", "latency_ms"]] = Field(
         default_factory=lambda: ["accuracy"],
@@ -131,6 +186,9 @@ class SearchConfig(Section):
             raise ValueError(f"ratio_low ({self.ratio_low}) is greater than ratio_high ({self.ratio_high})")
         if len(self.objectives) == 2 and self.pruner not in ("auto", "none"):
             raise ValueError(f"pruner {self.pruner}: Optuna prunes single-objective studies only; use pruner: none")
+        if self.proxy == "adaptive_bn" and self.pruner not in ("auto", "none"):
+            raise ValueError(f"pruner {self.pruner}: adaptive_bn trials train no epochs, so there is nothing to prune "
+                             "early; use pruner: none")
         return self
 
     @property
@@ -174,7 +232,9 @@ class ExportConfig(Section):
         "cpu", description="deployment profile (pruneflow.profiles): which formats are written, the opset, where "
                            "latency is measured")
     opset: int = Field(18, ge=13, description="ONNX opset; null: the target profile's (jetson 17, else 18)")
-    atol: float = Field(1e-4, ge=0, description="max |onnx - torch| (fp32 ONNX, TorchScript) on real inputs")
+    atol: float = Field(1e-4, ge=0, description="parity of fp32 ONNX and TorchScript on real inputs: max |file - "
+                                                "torch| <= atol·min(1, S) + rtol·S, S the largest |torch output|")
+    rtol: float = Field(1e-5, ge=0, description="the relative part of that bound (large outputs err in proportion)")
     fp16_rtol: float = Field(1e-2, ge=0, description="max |fp16 onnx - torch| as a share of the largest |output|")
     parity_batches: int = Field(2, ge=1)
     int8_mode: Literal["static", "dynamic"] = Field("static", description="static: calibrated on training batches")
@@ -182,6 +242,15 @@ class ExportConfig(Section):
     registered_model: str | None = Field(None, description="MLflow registry name; null: pruneflow-<model name>")
     registry_max_drop: float = Field(1.0, ge=0, description="main-metric drop (accuracy points, PSNR dB) the "
                                                             "registered model may have")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        """What MLflow's registry refuses (empty, ``/``, ``:``), and ``@``, which ends the name in the
+        ``models:/<name>@champion`` URI: caught here instead of after every model has trained."""
+        if value is not None and (not value.strip() or any(char in value for char in "/:@") or value in (".", "..")):
+            raise ValueError(f"{value!r} is not a model registry name: give a non-empty name without '/', ':' or '@'")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -200,6 +269,7 @@ class PipelineConfig(Section):
     project: ProjectConfig = Field(default_factory=ProjectConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     methods: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"l1": {}, "slimming": {}, "random": {}},
@@ -207,7 +277,7 @@ class PipelineConfig(Section):
     )
     search: SearchConfig = Field(default_factory=SearchConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
-    retrain: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=0.01))
+    retrain: RetrainConfig = Field(default_factory=lambda: RetrainConfig(epochs=4, lr=0.01))
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -232,6 +302,26 @@ class PipelineConfig(Section):
                 node.setdefault(key, copy.deepcopy(value))
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_defaults(cls, data: Any) -> Any:
+        """With ``baseline.checkpoint`` the baseline is trained already: ``train.epochs`` defaults to 0 (evaluate it
+        as it is); more epochs fine-tune it on the data."""
+        baseline = data.get("baseline") if isinstance(data, dict) else None
+        if not isinstance(baseline, dict) or not baseline.get("checkpoint"):
+            return data
+        train = data.get("train")
+        if train is None or (isinstance(train, dict) and "epochs" not in train):
+            data = {**data, "train": {**(train or {}), "epochs": 0}}
+        return data
+
+    @model_validator(mode="after")
+    def _baseline_is_trained(self) -> "PipelineConfig":
+        if self.train.epochs == 0 and self.baseline.checkpoint is None and not self.model.kwargs.get("weights"):
+            raise ValueError("train.epochs: 0 leaves the baseline untrained; give baseline.checkpoint (a trained "
+                             "model) or pretrained model.kwargs.weights, or train for some epochs")
+        return self
+
     @field_validator("methods", mode="before")
     @classmethod
     def _methods_as_dict(cls, value: Any) -> Any:
@@ -241,6 +331,10 @@ class PipelineConfig(Section):
         different params (``cascade-one: {drop: 1}``, ``cascade-both: {drop: 2}``).
         """
         if isinstance(value, list):
+            repeated = sorted({name for name in value if isinstance(name, str) and value.count(name) > 1})
+            if repeated:
+                raise ValueError(f"{', '.join(repeated)} listed twice; to run a method twice with other params, "
+                                 "give each entry a label: <method>-<label> (l1-a, l1-b)")
             return {name: {} for name in value}
         if isinstance(value, dict):
             return {name: (params or {}) for name, params in value.items()}
@@ -272,7 +366,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise ConfigError(f"malformed override {text!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = strict_yaml.load(raw) if raw.strip() else None
+    except strict_yaml.YamlProblem as err:
+        raise ConfigError(f"override {key}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err.__class__.__name__})") from None
     return key.strip().split("."), value
@@ -289,12 +385,27 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def read_params(path: Path) -> dict[str, Any]:
+    """The params file's sections. A file that holds no settings at all is refused rather than run on the code
+    defaults (which differ from the shipped params.yaml): ``{}`` says "the defaults" on purpose."""
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: a binary file, not YAML text (it holds NUL bytes)")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                          "params files are UTF-8 YAML") from None
+    try:
+        tree = strict_yaml.load(text)
+    except strict_yaml.YamlProblem as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML{_yaml_problem(err)}") from None
+    if tree is None:
+        raise ConfigError(f"{path} holds no settings (it is empty or only comments): write the sections to change, "
+                          "or {} to run on every default")
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return tree
@@ -341,7 +452,8 @@ def load_config(params_path: str | Path, overrides: list[str] | tuple[str, ...] 
     tree = read_params(path)
     for text in overrides:
         apply_override(tree, *parse_override(text))
-    data = tree.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str):
-        data["path"] = str((path.parent / Path(data["path"]).expanduser()).resolve())
+    for section, key in (("data", "path"), ("baseline", "checkpoint")):  # paths in the file: relative to it
+        node = tree.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str((path.parent / Path(node[key]).expanduser()).resolve())
     return validate(tree, source=path.name), path.parent

@@ -3,8 +3,8 @@
 A target profile (``export.target``, ``pruneflow.profiles``) lists the formats its runtime loads, the ONNX opset
 it reads and the ONNX Runtime execution providers of its hardware. Each format is an entry of ``FORMATS``: its
 file, how it is written and how it is checked before it counts: fp32 ONNX and TorchScript against PyTorch within
-``export.atol``, fp16 within ``export.fp16_rtol`` of the output scale, int8 by its test-set metric (accuracy, or
-PSNR). Latency is measured where this machine can: int8 beside fp32 on the CPU, and on the target's GPU
+``export.atol`` and ``export.rtol`` (NaN or Inf fails), fp16 within ``export.fp16_rtol`` of the output scale, int8
+by its test-set metric (accuracy, or PSNR). Latency is measured where this machine can: int8 beside fp32 on the CPU, and on the target's GPU
 providers if this onnxruntime has them; otherwise the result says it was skipped.
 """
 
@@ -61,19 +61,21 @@ class ExportFormat:
 FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
-def _atol_check(metric: str) -> Callable[[Export, Path], dict[str, float]]:
-    """The check of an fp32 file: its outputs within ``export.atol`` of PyTorch's on real test images."""
-    return lambda job, path: {metric: check_parity(path, job.model, job.parity_batches(), job.cfg.export.atol)}
+def _exact_check(metric: str) -> Callable[[Export, Path], dict[str, float]]:
+    """The check of an fp32 file: its outputs within ``export.atol``/``export.rtol`` of PyTorch's on real test
+    images, none NaN or Inf."""
+    return lambda job, path: {metric: check_parity(path, job.model, job.parity_batches(), job.cfg.export.atol,
+                                                   job.cfg.export.rtol)}
 
 
-def _atol_summary(metric: str) -> Callable[[dict[str, float], PipelineConfig], str]:
+def _exact_summary(metric: str) -> Callable[[dict[str, float], PipelineConfig], str]:
     return lambda m, cfg: (f"max abs diff vs PyTorch {m.get(metric, float('nan')):.3g} "
-                           f"(export.atol {cfg.export.atol:g})")
+                           f"(export.atol {cfg.export.atol:g}, export.rtol {cfg.export.rtol:g})")
 
 
 def _check_fp16(job: Export, path: Path) -> dict[str, float]:
     return {"fp16_max_abs_diff": check_parity(path, job.model, job.parity_batches(), rtol=job.cfg.export.fp16_rtol,
-                                              key="export.fp16_rtol")}
+                                              keys=("", "export.fp16_rtol"))}
 
 
 def _write_int8(job: Export, path: Path) -> Path:
@@ -99,14 +101,15 @@ def _check_int8(job: Export, path: Path) -> dict[str, float]:
 
 def _int8_summary(m: dict[str, float], cfg: PipelineConfig) -> str:
     task = TASKS[cfg.task]
+    change = -m.get(f"int8_{task.metric}_drop", float("nan"))  # int8 − fp32: negative when int8 is worse
     return (f"{cfg.export.int8_mode}; test {task.metric} {m.get(f'int8_{task.metric}', float('nan')):.2f} {task.unit} "
-            f"({m.get(f'int8_{task.metric}_drop', float('nan')):+.2f} vs fp32 ONNX)")
+            f"({change:+.2f} vs fp32 ONNX)")
 
 
 FORMATS.register("onnx")(ExportFormat(
     "model.onnx", "ONNX fp32",
     lambda job, path: export_onnx(job.model, job.spec.example_inputs(), path, job.cfg.export.opset),
-    _atol_check("onnx_max_abs_diff"), _atol_summary("onnx_max_abs_diff"), device_infix=""))
+    _exact_check("onnx_max_abs_diff"), _exact_summary("onnx_max_abs_diff"), device_infix=""))
 FORMATS.register("onnx_fp16")(ExportFormat(
     "model.fp16.onnx", "ONNX fp16 (float32 inputs/outputs)",
     lambda job, path: convert_fp16(job.files["onnx"], path), _check_fp16,
@@ -116,7 +119,7 @@ FORMATS.register("onnx_fp16")(ExportFormat(
 FORMATS.register("torchscript")(ExportFormat(
     "model.torchscript.pt", "TorchScript (torch.jit.trace)",
     lambda job, path: export_torchscript(job.model, job.spec.example_inputs(), path),
-    _atol_check("torchscript_max_abs_diff"), _atol_summary("torchscript_max_abs_diff")))
+    _exact_check("torchscript_max_abs_diff"), _exact_summary("torchscript_max_abs_diff")))
 FORMATS.register("onnx_int8")(ExportFormat(
     "model.int8.onnx", "ONNX int8 (QDQ)", _write_int8, _check_int8, _int8_summary))
 
@@ -208,16 +211,24 @@ def report(deployment: Deployment, cfg: PipelineConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def choose_champion(results: dict[str, dict[str, Any]], max_drop: float, metric: str = "accuracy") -> str:
-    """The method whose model is registered: the fastest (``speedup``) of those within ``max_drop`` of the
-    baseline's ``metric`` (accuracy points, PSNR dB), else (none is) the best by ``metric``. Ties go to the
-    method listed first."""
+def choose_champion(results: dict[str, dict[str, Any]], max_drop: float,
+                    metric: str = "accuracy") -> tuple[str | None, str]:
+    """The method whose model is registered, and why, in one line: the fastest (``speedup``) of those within
+    ``max_drop`` of the baseline's ``metric`` (accuracy points, PSNR dB); ties go to the method listed first.
+
+    None when no model is within ``max_drop`` (a NaN drop is not): a model that lost more is no champion, however
+    the others did, so nothing is registered and the registry's ``champion`` stays where it was. ``results`` hold
+    only methods whose every stage, and so every sanity gate, passed.
+    """
     if not results:
         raise ValueError("no method results to choose a model from")
     within = [method for method, metrics in results.items() if metrics[f"{metric}_drop"] <= max_drop]
     if within:
-        return max(within, key=lambda method: results[method]["speedup"])
-    return max(results, key=lambda method: results[method][metric])
+        method = max(within, key=lambda method: results[method]["speedup"])
+        return method, f"the fastest of {len(within)} model(s) within export.registry_max_drop={max_drop:g}"
+    drops = ", ".join(f"{method} {metrics[f'{metric}_drop']:.2f}" for method, metrics in results.items())
+    return None, (f"no model is within export.registry_max_drop={max_drop:g} of the baseline's {metric} (drops: "
+                  f"{drops}), so none is registered: prune less, retrain longer or raise export.registry_max_drop")
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:

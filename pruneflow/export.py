@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from pruneflow.files import replacing
 from pruneflow.task import Batches, mean_scores
 
 CPU = "CPUExecutionProvider"
@@ -52,25 +53,22 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path, opse
 
     The file's opset is checked, so a request the exporter cannot honour fails instead of shipping another one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    tmp = path.with_name(path.name + ".partial")
-    if opset >= DYNAMO_MIN_OPSET:
-        batch = torch.export.Dim("batch", min=1)
-        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
-            program = torch.onnx.export(model, (example_inputs,), dynamic_shapes=({0: batch},), opset_version=opset,
-                                        dynamo=True, verbose=False)
-        program.save(str(tmp))
-    else:
-        with _deprecated_exporters():
-            torch.onnx.export(model, (example_inputs,), str(tmp), opset_version=opset, dynamo=False,
-                              input_names=["x"], output_names=["logits"],
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    written = onnx_opset(tmp)
-    if written != opset:
-        tmp.unlink()
-        raise ExportError(f"{path}: asked for ONNX opset {opset}, the exporter wrote {written} (export.opset)")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        if opset >= DYNAMO_MIN_OPSET:
+            batch = torch.export.Dim("batch", min=1)
+            with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+                program = torch.onnx.export(model, (example_inputs,), dynamic_shapes=({0: batch},),
+                                            opset_version=opset, dynamo=True, verbose=False)
+            program.save(str(tmp))
+        else:
+            with _deprecated_exporters():
+                torch.onnx.export(model, (example_inputs,), str(tmp), opset_version=opset, dynamo=False,
+                                  input_names=["x"], output_names=["logits"],
+                                  dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+        written = onnx_opset(tmp)
+        if written != opset:
+            raise ExportError(f"{path}: asked for ONNX opset {opset}, the exporter wrote {written} (export.opset)")
     return path
 
 
@@ -81,11 +79,8 @@ def onnx_opset(path: Path) -> int:
 
 def export_torchscript(model: nn.Module, example_inputs: torch.Tensor, path: Path) -> Path:
     """``torch.jit.trace``: the nets here have no data-dependent control flow, so a trace is the whole model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with _deprecated_exporters(), torch.no_grad():
+    with replacing(path) as tmp, _deprecated_exporters(), torch.no_grad():
         torch.jit.trace(model.eval(), example_inputs).save(str(tmp))
-    tmp.replace(path)
     return path
 
 
@@ -125,35 +120,60 @@ def predictor(path: Path, threads: int = 2) -> Predict:
     return run
 
 
+class Gap(NamedTuple):
+    """How an exported file's outputs compare with PyTorch's on real inputs."""
+
+    diff: float  # the largest |file − PyTorch|; NaN when any output is NaN or infinite
+    scale: float  # the largest |PyTorch output|
+    torch_nonfinite: int  # NaN/Inf values PyTorch gave
+    file_nonfinite: int  # NaN/Inf values the file gave
+
+
 @torch.no_grad()
-def output_gap(path: Path, model: nn.Module, batches: Batches) -> tuple[float, float]:
-    """Largest |file − PyTorch| over real input batches, and the largest |PyTorch output| (its scale)."""
+def output_gap(path: Path, model: nn.Module, batches: Batches) -> Gap:
+    """Compare the file with PyTorch over real input batches. NaN compared with NaN is no agreement: the
+    largest difference is then NaN, not the 0 that ``max`` would make of it."""
     model.eval()
     predict = predictor(path)
     worst = scale = 0.0
+    torch_bad = file_bad = 0
     for images, _ in batches:
         expected = model(images).numpy()
-        worst = max(worst, float(np.abs(predict(images.numpy()) - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
-    return worst, scale
+        got = predict(images.numpy())
+        torch_bad += int((~np.isfinite(expected)).sum())
+        file_bad += int((~np.isfinite(got)).sum())
+        if not torch_bad and not file_bad:
+            worst = max(worst, float(np.abs(got - expected).max()))
+            scale = max(scale, float(np.abs(expected).max()))
+    return Gap(float("nan") if torch_bad or file_bad else worst, scale, torch_bad, file_bad)
 
 
 def onnx_max_abs_diff(path: Path, model: nn.Module, batches: Batches) -> float:
-    return output_gap(path, model, batches)[0]
+    return output_gap(path, model, batches).diff
 
 
-def check_parity(path: Path, model: nn.Module, batches: Batches, atol: float | None = None, *,
-                 rtol: float | None = None, key: str = "export.atol") -> float:
-    """Return the largest |file − PyTorch| on real inputs; raise past ``atol``, or past ``rtol`` × the largest
-    |PyTorch output| (reduced precision errs in proportion to the values, so fp16 is held to a relative bound).
-    ``key`` names the params key in the message, so the user knows what to change."""
-    if (atol is None) == (rtol is None):
-        raise ValueError("give exactly one of atol and rtol")
-    diff, scale = output_gap(path, model, batches)
-    bound, rule = (atol, f"{key}={atol:g}") if rtol is None else (rtol * scale, f"{key}={rtol:g} x max|output| {scale:.3g}")
-    if not diff <= bound:
-        raise ExportError(f"{path}: output differs from PyTorch by {diff:.3g} on real inputs, more than {rule}")
-    return diff
+def check_parity(path: Path, model: nn.Module, batches: Batches, atol: float = 0.0, rtol: float = 0.0, *,
+                 keys: tuple[str, str] = ("export.atol", "export.rtol")) -> float:
+    """Return the largest |file − PyTorch| on real inputs; raise ExportError past ``atol·min(1, S) + rtol·S``,
+    S the largest |PyTorch output|, or when either side gives NaN or Inf.
+
+    Reduced precision and reordered sums err in proportion to the values, hence ``rtol``: logits of 7.7e3 may
+    differ by 5e-3. The absolute part is for outputs of order one and shrinks with smaller ones: with a plain
+    ``atol`` an untrained net's outputs of 1e-11 would pass whatever the file computed. ``keys`` name the
+    params keys of ``atol`` and ``rtol`` in the message, so the user knows what to change.
+    """
+    gap = output_gap(path, model, batches)
+    if gap.torch_nonfinite or gap.file_nonfinite:
+        raise ExportError(f"{path}: outputs are not finite on real inputs (PyTorch gives {gap.torch_nonfinite} "
+                          f"NaN/Inf values, the file {gap.file_nonfinite}): the model itself is broken (diverged "
+                          "training?) or the file overflows")
+    bound = atol * min(1.0, gap.scale) + rtol * gap.scale
+    if not gap.diff <= bound:
+        terms = [f"{key}={value:g}{factor}" for key, value, factor in
+                 ((keys[0], atol, " x min(1, S)"), (keys[1], rtol, " x S")) if key]
+        raise ExportError(f"{path}: output differs from PyTorch by {gap.diff:.3g} on real inputs, more than "
+                          f"{' + '.join(terms)} = {bound:.3g} (S = max|output| {gap.scale:.3g})")
+    return gap.diff
 
 
 def file_scores(path: Path, batches: Batches, threads: int = 2) -> dict[str, float]:

@@ -6,6 +6,7 @@ baseline or tracking, so a model/method pair can be checked before a pipeline ru
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneflow.checkpoint import ModelSpec, load_model
+from pruneflow import gates
+from pruneflow.checkpoint import (ModelSpec, Surgery, is_model_file, load_foreign_model, load_trained, read_checkpoint,
+                                  save_model)
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
-from pruneflow.methods import PruningMethod
-from pruneflow.methods.base import MethodError
+from pruneflow.methods import MethodUnsuitable, PruneResult, PruningMethod
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import MODELS
 from pruneflow.plan import PrunePlan
-from pruneflow.preflight import build_checked, unprunable
+from pruneflow.preflight import build_checked, first_line, unprunable
 
 
 def fit_inputs(images: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -48,18 +50,21 @@ def calibration_batches(splits: DataSplits, batches: int, input_shape: tuple[int
 
 
 def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, ...], pruner: PruningMethod,
-                    plan: PrunePlan, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, Any]:
-    """Prune ``model`` in place; return cost before/after and the per-layer report, as plain JSON-able types."""
+                    plan: PrunePlan, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    ) -> tuple[dict[str, Any], PruneResult]:
+    """Prune ``model`` in place; return cost before/after and the per-layer report, as plain JSON-able types,
+    and the pruning's result (its history rebuilds the pruned net)."""
     example = torch.zeros(2, *input_shape)
     macs_before, params_before = count_macs_params(model, example[:1])
     try:
         result = pruner.prune(model, example, plan, calib)
-    except MethodError:
+    except MethodUnsuitable:  # the method's own rule (cascade's declared blocks): its message says what to do
         raise
     except Exception as err:
         if model_name in MODELS:  # the registered models are tested with every method: a failure is a bug
             raise
-        raise unprunable(model_name, model, err) from None  # a user's layer Torch-Pruning cannot handle
+        raise unprunable(model_name, model, err, pruner.name) from None  # a user's layer Torch-Pruning cannot handle
+    gates.check_removed(pruner.name, pruner.structured, plan, result, keys=("--ratio", "--round-to"))
     macs_after, params_after = count_macs_params(model, example[:1])
     return {
         "model": model_name,
@@ -77,44 +82,85 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
         "removed_blocks": result.removed_blocks,
         "notes": result.notes,
         "layers": [layer.as_dict() for layer in result.layers],
-    }
+    }, result
+
+
+def sized_spec(name: str, splits: DataSplits | None, in_channels: int | None, num_classes: int | None,
+               input_size: int | None) -> ModelSpec:
+    """The model sized by the options given and, for the rest, by the data (``splits`` None: all were given)."""
+    if splits is None:
+        return ModelSpec(name, in_channels, num_classes, (in_channels, input_size, input_size))
+    channels = in_channels or splits.in_channels
+    return ModelSpec(name, channels, num_classes or splits.num_classes, (channels, *splits.input_shape[1:]),
+                     splits.model_kwargs, splits.mean, splits.std)
 
 
 def prune_once(pruner: PruningMethod, plan: PrunePlan, model_name: str | None = None,
                checkpoint: Path | None = None, data: DataConfig | None = None, data_dir: Path = Path("data"),
                calib_batches: int = 4, input_size: int | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Prune a fresh ``model_name`` (sized by the dataset) or a ``checkpoint`` once and report the change.
+               log: Callable[[str], None] = print, *, in_channels: int | None = None,
+               num_classes: int | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Prune a fresh ``model_name``, a trained ``checkpoint`` of it or a model file once and report the change.
 
-    The dataset is prepared under ``data_dir`` only when needed: to size a fresh model, or to calibrate a
-    data-driven method. ``input_size`` overrides the side of the square input (e.g. 32 for CIFAR figures).
+    ``checkpoint`` is a model file pruneflow wrote (it names its model and input), or a plain state_dict for
+    ``model_name``. A model is sized by ``in_channels``, ``num_classes`` and ``input_size`` (the side of a square
+    input) where given, else by the dataset; the dataset is prepared under ``data_dir`` only when something is
+    left to size, or to calibrate a data-driven method. ``out`` writes the pruned model as a model file (its
+    architecture replayed from the pruning history), which the pipeline's stages and this command read back.
     """
     data = data or DataConfig()
+    from_file = checkpoint is not None and is_model_file(read_checkpoint(checkpoint))
+    sized = None not in (in_channels, num_classes, input_size)
     splits = None
-    if checkpoint is None or pruner.needs_calibration:
+    if not (from_file or sized) or pruner.needs_calibration:
         DATASETS.get(data.dataset).check_config(data)
         splits = load_dataset(data, prepare_dataset(data, data_dir, log=log))
-    if checkpoint is not None:
-        model, spec, _ = load_model(checkpoint)
+    if from_file:
+        if in_channels or num_classes:
+            raise ValueError(f"{checkpoint} is a model file, which names its own input channels and classes")
+        model, spec, surgery = load_foreign_model(checkpoint, model_name)
         if model_name is not None and model_name != spec.name:
             raise ValueError(f"model {model_name} differs from the checkpoint's model {spec.name}")
-        model_name, shape = spec.name, spec.input_shape
     elif model_name is not None:
+        spec = sized_spec(model_name, splits, in_channels, num_classes, input_size)
         torch.manual_seed(0)
-        model = build_checked(ModelSpec(model_name, splits.in_channels, splits.num_classes, splits.input_shape,
-                                        splits.model_kwargs)).eval()
-        shape = splits.input_shape
+        model = build_checked(spec).eval()
+        if checkpoint is not None:
+            model, spec = load_trained(checkpoint, spec)
+        surgery = Surgery()
     else:
-        raise ValueError("give a model name or a checkpoint")
+        raise ValueError("give a model name, or a model file pruneflow wrote" if checkpoint is None else
+                         f"{checkpoint} is a state_dict: give --model, the model its weights are for")
     if input_size:
-        shape = (shape[0], input_size, input_size)
+        spec = replace(spec, input_shape=(spec.input_shape[0], input_size, input_size))
+    shape = spec.input_shape
+    check_input_fits(spec.name, model, shape)
     calib = None
     if pruner.needs_calibration:
         if splits.input_shape != shape:
             log(f"calibrating on {data.dataset} images {'x'.join(map(str, splits.input_shape))} "
                 f"fitted to the model's input {'x'.join(map(str, shape))}")
         calib = calibration_batches(splits, calib_batches, shape)
-    return inspect_pruning(model_name, model, shape, pruner, plan, calib)
+    report, result = inspect_pruning(spec.name, model, shape, pruner, plan, calib)
+    if out is not None:
+        if surgery.history and result.removed_blocks:
+            raise ValueError(f"{checkpoint}: a pruned model cannot lose blocks too (its history would not replay)")
+        save_model(out, model, spec, [*surgery.history, *result.history], [*surgery.removed_blocks,
+                                                                          *result.removed_blocks])
+        report["out"] = str(out)
+    return report
+
+
+def check_input_fits(model_name: str, model: nn.Module, shape: tuple[int, ...]) -> None:
+    """A batch of the input shape goes through; else a ValueError that names the model, the input and the remedy
+    (an ImageNet net's pooling cannot shrink an 8x8 digit: "Calculated output size: (256x0x0)")."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    except Exception as err:
+        raise ValueError(f"model {model_name!r} cannot run on a {'x'.join(map(str, shape))} input "
+                         f"({type(err).__name__}: {first_line(err)}); set the input side with --input-size (e.g. 32, "
+                         "or 224 for ImageNet models)") from None
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -133,6 +179,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"removed blocks: {', '.join(report['removed_blocks'])}")
     if report["notes"]:
         lines.append(report["notes"])
+    if "out" in report:
+        lines.append(f"pruned model written to {report['out']}")
     width = max(len("layer"), *(len(layer["name"]) for layer in report["layers"]))
     lines += ["", f"{'layer':<{width}}  {'channels':^14}  {'MACs':^24}"]
     lines += [f"{layer['name']:<{width}}  {layer['channels_before']:>5} -> {layer['channels_after']:<5}  "

@@ -19,6 +19,7 @@ from typing import Any, Callable, ContextManager
 
 from pruneflow.concurrency import file_lock
 from pruneflow.config import PipelineConfig
+from pruneflow.stores import in_project, sqlite_url
 from pruneflow.versioning import DataVersion
 
 
@@ -49,9 +50,11 @@ class ProjectLayout:
 
     @property
     def study_storage(self) -> str:
-        """``search.storage``, else ``$PRUNEFLOW_SEARCH_STORAGE`` (e.g. a PostgreSQL URL), else runs/optuna.db."""
-        return (self.cfg.search.storage or os.environ.get("PRUNEFLOW_SEARCH_STORAGE")
-                or f"sqlite:///{self.runs_dir / 'optuna.db'}")
+        """``search.storage`` (a relative sqlite path is the project's), else ``$PRUNEFLOW_SEARCH_STORAGE`` (e.g. a
+        PostgreSQL URL), else runs/optuna.db."""
+        if self.cfg.search.storage:
+            return in_project(self.cfg.search.storage, self.root)
+        return os.environ.get("PRUNEFLOW_SEARCH_STORAGE") or sqlite_url(self.runs_dir / "optuna.db")
 
     def baseline_dir(self, key: str) -> Path:
         return self.runs_dir / "baselines" / key
@@ -100,6 +103,11 @@ class ProjectRun:
         """Written last by the baseline stage: its presence marks a complete baseline."""
         return self.baseline_dir / "metrics.json"
 
+    @property
+    def baseline_checksums(self) -> Path:
+        """The sha256 of each file the baseline stage wrote, recorded when it trained: what a reuse verifies."""
+        return self.baseline_dir / "checksums.json"
+
     def baseline_records(self, method: str) -> Path:
         """What a method's recorder kept during baseline training (``PruningMethod.recorder``)."""
         return self.baseline_dir / "records" / f"{method}.pt"
@@ -135,6 +143,18 @@ class MethodRun(ProjectRun):
     @property
     def records(self) -> Path:
         return self.baseline_records(self.method)
+
+    @property
+    def own_study(self) -> Path | None:
+        """The DVC run's study of this method (``runs/dvc/<method>/study.db``), which its search stage starts
+        afresh every time: `dvc repro` then chooses from params and data alone, not from the trials earlier
+        pipelines left in the project's store. None for a pipeline run, which resumes the project's study."""
+        return self.dir / "study.db" if self.run_dir == self.layout.dvc_run_dir else None
+
+    @property
+    def study_storage(self) -> str:
+        """The Optuna storage the search uses: ``own_study``, else the project's (``ProjectLayout.study_storage``)."""
+        return sqlite_url(self.own_study) if self.own_study is not None else self.layout.study_storage
 
     @property
     def search_json(self) -> Path:

@@ -19,19 +19,19 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pruneflow import stages
+from pruneflow import gates, stages
 from pruneflow.checkpoint import ModelSpec
 from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
 from pruneflow.export import ProviderUnavailable, export_onnx
 from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
 from pruneflow.layout import ProjectLayout
-from pruneflow.methods import create_method
+from pruneflow.methods import MethodUnsuitable, PruningMethod, create_method
 from pruneflow.models import MODELS
 from pruneflow.plan import PrunePlan
 from pruneflow.search import target_gap
+from pruneflow.stores import StoreError, check_store
 
-CHECK_METHOD = "l1"  # every method prunes through the same dependency graph; l1 needs no data or training
 _checked: set[str] = set()  # models that passed, so the flow does not redo the CLI's check in the same process
 
 
@@ -40,7 +40,28 @@ def check_inputs(cfg: PipelineConfig, root: Path, log: Callable[[str], None]) ->
 
     The flow reuses the work: the prepared folder is current and ``stages.load_data`` caches the decoded splits.
     """
-    check_model(cfg, check_data(cfg, ProjectLayout(root, cfg), log))
+    layout = ProjectLayout(root, cfg)
+    check_settings(layout)
+    check_model(cfg, check_data(cfg, layout, log))
+
+
+def check_settings(layout: ProjectLayout) -> None:
+    """Settings that are fine alone but cannot work on this machine or project, found in a second, not when the
+    stage that needs them runs: a CUDA device without a GPU, a study store that is damaged, read-only or on a
+    full disk, a data folder DVC cannot version."""
+    cfg = layout.cfg
+    for section in ("train", "retrain"):
+        if getattr(cfg, section).device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{section}.device is 'cuda' but torch sees no CUDA GPU here: use auto or cpu")
+    if cfg.prune.ratio is None:
+        try:
+            check_store(layout.study_storage, "Optuna study store", "search.storage")
+        except StoreError as err:
+            raise ConfigError(str(err)) from None
+    root, data = layout.root.resolve(), layout.data_dir.resolve()
+    if not data.is_relative_to(root):
+        raise ConfigError(f"project.data_dir: {cfg.project.data_dir} is outside the project {root}; DVC versions "
+                          "data only inside its project: give a folder below it (data.path may point anywhere)")
 
 
 def check_data(cfg: PipelineConfig, layout: ProjectLayout, log: Callable[[str], None]) -> DataSplits:
@@ -61,18 +82,19 @@ def check_data(cfg: PipelineConfig, layout: ProjectLayout, log: Callable[[str], 
 
 
 def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
-    """Build the model for the data and run a batch through it. Models from outside the registry (a user's
-    factory, ``torchvision:<name>``) are also pruned once on a copy and exported to ONNX, as the pipeline will:
-    the registered ones are tested for both, a user's model may hold layers neither tool handles."""
+    """Build the model for the data, run a batch through it and prune a copy with every configured method, as far
+    as the run may. A model from outside the registry (a user's factory, ``torchvision:<name>``) is also exported
+    to ONNX once pruned: the registered ones are tested for that, a user's model may hold ops the exporter lacks."""
     spec = stages.model_spec(cfg, splits)
-    key = repr((spec, cfg.prune.model_dump(), cfg.search.ratio_high, cfg.search.target, cfg.export.opset))
+    key = repr((spec, cfg.methods, cfg.prune.model_dump(), cfg.search.ratio_high, cfg.search.target, cfg.export.opset))
     if key in _checked:
         return
     model = build_checked(spec)
     example = spec.example_inputs()
     _run(spec, model, example)
-    if spec.name not in MODELS:
-        _prune_and_export(cfg, spec, model, example)
+    calibration = list(splits.loader("train", 8, max_batches=1))
+    for index, method in enumerate(cfg.methods):
+        _prune_copy(cfg, spec, model, example, method, calibration, export=index == 0 and spec.name not in MODELS)
     if cfg.prune.ratio is None and cfg.search.target.metric in LATENCY_METRICS:
         check_latency_target(cfg, model, example)
     _checked.add(key)
@@ -91,7 +113,7 @@ def check_latency_target(cfg: PipelineConfig, model: nn.Module, example: torch.T
         exported = export_onnx(model, example, Path(scratch) / "model.onnx", cfg.export.opset)
         predictor = LatencyPredictor(model, example, exported, table, cfg.evaluate.latency_batch)
     smallest = copy.deepcopy(model)
-    create_method(CHECK_METHOD).prune(smallest, example, PrunePlan(
+    create_method("l1").prune(smallest, example, PrunePlan(  # uniform: every layer at the search's bound
         ratio=cfg.search.ratio_high, round_to=cfg.prune.round_to if cfg.prune.round_to != "auto" else None,
         max_layer_ratio=cfg.prune.max_layer_ratio))
     costs = predictor.costs(smallest)
@@ -129,28 +151,63 @@ def _run(spec: ModelSpec, model: nn.Module, example: torch.Tensor) -> None:
             output = model.eval()(example)
     except Exception as err:
         raise ConfigError(f"model {spec.name!r}: a forward pass on a {shape} batch of the data failed: "
-                          f"{type(err).__name__}: {_first_line(err)}") from None
+                          f"{type(err).__name__}: {first_line(err)}") from None
     if spec.num_classes is not None and tuple(getattr(output, "shape", ())) != (len(example), spec.num_classes):
         got = "x".join(map(str, output.shape)) if isinstance(output, torch.Tensor) else type(output).__name__
         raise ConfigError(f"model {spec.name!r}: a {shape} batch gives {got}, not {len(example)}x{spec.num_classes} "
                           f"class scores (num_classes={spec.num_classes} comes from the data's class folders)")
 
 
-def _prune_and_export(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example: torch.Tensor) -> None:
-    """Prune a copy as far as the run may (``prune.ratio``, else ``search.ratio_high``), run it, export it to ONNX."""
-    pruned = copy.deepcopy(model)
-    ratio = cfg.prune.ratio if cfg.prune.ratio is not None else cfg.search.ratio_high
+def _prune_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example: torch.Tensor, method: str,
+                calibration: list[tuple[torch.Tensor, torch.Tensor]], export: bool) -> None:
+    """Prune a copy with ``method`` as far as the run may (``prune.ratio``, else ``search.ratio_high``), run it,
+    ``export`` it to ONNX if asked, and check that the pruning removed something.
+
+    The copy is untrained, so it is first given what training would leave: distinct BatchNorm scales (slimming
+    ranks by them) and recorded statistics for methods that score the training history. Data-driven methods
+    calibrate on one small batch: this checks that the model can be pruned, not how well.
+    """
+    ratio, ratio_key = ((cfg.prune.ratio, "prune.ratio") if cfg.prune.ratio is not None
+                        else (cfg.search.ratio_high, "search.ratio_high"))
     plan = PrunePlan.from_config(cfg.prune, ratio=ratio)
     if plan.round_to == "auto":
         plan.round_to = None  # resolved per layer by the prune stage; the check here is that pruning works at all
+    pruner = create_method(method, cfg.methods[method])
+    pruned = _as_trained(copy.deepcopy(model), pruner)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped parameters; the error says more
-            create_method(CHECK_METHOD).prune(pruned, example, plan)
+            result = pruner.prune(pruned, example, plan, calibration if pruner.needs_calibration else None)
             with torch.no_grad():
                 pruned.eval()(example)
+    except MethodUnsuitable as err:
+        raise ConfigError(f"methods.{method}: {err}") from None
     except Exception as err:  # Torch-Pruning fails on unknown layers with any error (IndexError, RuntimeError...)
-        raise unprunable(spec.name, model, err) from None
+        raise unprunable(spec.name, model, err, method) from None
+    if export:
+        _export(cfg, spec, pruned, example)
+    try:
+        gates.check_removed(method, pruner.structured, plan, result, keys=(ratio_key, "prune.round_to"))
+    except gates.GateError as err:
+        raise ConfigError(f"model {spec.name!r}: {err}") from None
+
+
+def _as_trained(model: nn.Module, pruner: PruningMethod) -> nn.Module:
+    """Distinct BatchNorm scales, as any training leaves them, and the method's recorded statistics, if any."""
+    generator = torch.Generator().manual_seed(0)
+    for norm in model.modules():
+        if isinstance(norm, nn.BatchNorm2d) and norm.affine:
+            with torch.no_grad():
+                norm.weight.copy_(torch.rand(norm.num_features, generator=generator) * 0.9 + 0.1)
+    recorder = pruner.recorder()
+    if recorder is not None:
+        for epoch in (1, 2):
+            recorder.on_epoch_end(model, epoch)
+        pruner.use_records(recorder.state())
+    return model
+
+
+def _export(cfg: PipelineConfig, spec: ModelSpec, pruned: nn.Module, example: torch.Tensor) -> None:
     with tempfile.TemporaryDirectory(prefix="pruneflow-preflight-") as scratch:
         try:
             with warnings.catch_warnings():
@@ -158,16 +215,17 @@ def _prune_and_export(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, ex
                 export_onnx(pruned, example, Path(scratch) / "model.onnx", cfg.export.opset)
         except Exception as err:  # the exporter's errors are many and multi-page; their summary line suffices
             raise ConfigError(f"model {spec.name!r}: ONNX export (opset {cfg.export.opset}) fails: "
-                              f"{type(err).__name__}: {_first_line(err)}") from None
+                              f"{type(err).__name__}: {first_line(err)}") from None
 
 
-def unprunable(name: str, model: nn.Module, err: Exception) -> ConfigError:
-    """The error for a model Torch-Pruning failed on: its own error, and the layers it most likely failed at."""
+def unprunable(name: str, model: nn.Module, err: Exception, method: str) -> ConfigError:
+    """The error for a model Torch-Pruning failed on with ``method``: its own error, and the layers it most likely
+    failed at."""
     foreign = unprunable_layers(model)
     hint = (f"; layers it has no pruner for: {', '.join(foreign)}. Replace them, or return them and the layers "
             "feeding them from a pruneflow_ignored_layers() method of the model" if foreign else "")
     return ConfigError(f"model {name!r}: Torch-Pruning cannot prune it ({type(err).__name__}: "
-                       f"{_first_line(err)}){hint}")
+                       f"{first_line(err)}; method {method}){hint}")
 
 
 def unprunable_layers(model: nn.Module) -> list[str]:
@@ -186,7 +244,7 @@ def unprunable_layers(model: nn.Module) -> list[str]:
     return found
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The line that says what went wrong: torch.onnx's errors open with advice and put the cause under
     '## Exception summary'; others say it first. ANSI colour codes are dropped."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines()]

@@ -20,6 +20,8 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
+from pruneflow.files import replacing
+
 Int8Mode = Literal["static", "dynamic"]
 
 
@@ -40,9 +42,7 @@ def quantize_int8(fp32_path: Path, path: Path, mode: Int8Mode = "static",
     ONNX Runtime recommends."""
     if mode == "static" and calibration is None:
         raise ValueError("static int8 quantisation needs calibration batches")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with tempfile.TemporaryDirectory(prefix="pruneflow-int8-") as scratch:
+    with replacing(path) as tmp, tempfile.TemporaryDirectory(prefix="pruneflow-int8-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))
         if mode == "static":
@@ -51,14 +51,11 @@ def quantize_int8(fp32_path: Path, path: Path, mode: Int8Mode = "static",
                             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
         else:
             quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8)
-    tmp.replace(path)
     return path
 
 
 def convert_fp16(fp32_path: Path, path: Path) -> Path:
     """Write an fp16 copy of ``fp32_path`` with float32 inputs and outputs."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    onnx.save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        onnx.save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), str(tmp))
     return path

@@ -176,7 +176,8 @@ def make_sampler(cfg: SearchConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
-    kind = cfg.pruner if cfg.pruner != "auto" else ("none" if cfg.multi_objective else "median")
+    kind = cfg.pruner if cfg.pruner != "auto" else ("none" if cfg.multi_objective or cfg.proxy == "adaptive_bn"
+                                                    else "median")
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2)
     if kind == "hyperband":
@@ -209,8 +210,9 @@ def fail_stale(study: optuna.Study) -> None:
 def check_reachable(cfg: SearchConfig, space: SearchSpace, measure: Measure, probes: int = 5) -> None:
     """Fail before any fine-tuning if no ratio in the bounds meets the target.
 
-    ``ratio_high`` is tried first, then evenly spaced ratios below it: methods with one global threshold
-    (slimming, lamp) can remove *less* at a higher ratio, when a layer they would empty is left whole.
+    ``ratio_high`` is tried first, then evenly spaced ratios below it: a method that allocates per-layer ratios
+    itself (from data, or learnt masks) need not remove more at a higher ratio. (The global-threshold methods,
+    slimming and lamp, are monotone since ``PruningMethod.global_kept_channels``.)
     """
     ratios = [cfg.ratio_high] + [cfg.ratio_low + (cfg.ratio_high - cfg.ratio_low) * i / probes for i in range(probes)]
     best = None
@@ -363,6 +365,43 @@ def select(study: optuna.Study, cfg: SearchConfig, space: SearchSpace, baseline_
         states.count(optuna.trial.TrialState.COMPLETE), states.count(optuna.trial.TrialState.PRUNED),
         states.count(optuna.trial.TrialState.FAIL), sorted(t.number for t in front), epochs_saved(study, cfg),
     )
+
+
+def finetune_top(study: optuna.Study, rung: optuna.Study, cfg: SearchConfig, space: SearchSpace,
+                 finetuned: Callable[[PrunePlan], float], baseline_metric: float,
+                 log: Callable[[str], None] = lambda _: None) -> SearchOutcome:
+    """The second rung of a search scored by a cheap proxy (successive halving with two rungs): the ``top_k``
+    feasible trials of ``study`` by their proxy score are fine-tuned (``finetuned(plan)``: the validation metric
+    after ``finetune_epochs``), and the selection policy picks among them by that metric.
+
+    Why: adaptive BN ranks candidates well enough to discard most of them cheaply, not to order the best few,
+    which differ by less than its noise; a short fine-tune of a handful does. ``rung`` (a study of its own) keeps
+    every fine-tuned trial with the number it has in ``study`` (``proxy_trial``), so a rerun fine-tunes only the
+    newcomers to the top k. The outcome's plan names the trial of ``study`` it chose.
+    """
+    ranked = sorted(feasible_trials(study, cfg), key=metric_of, reverse=True)[:cfg.top_k]
+    done = {t.user_attrs["proxy_trial"] for t in rung.get_trials(deepcopy=False)}
+    for trial in ranked:
+        if trial.number in done:
+            continue
+        metric = finetuned(space.plan({name: trial_ratios(trial)[name] for name in space.params}))
+        log(f"trial {trial.number}: {cfg.objectives[0]} {metric_of(trial):.2f} by {cfg.proxy}, {metric:.2f} after "
+            f"{cfg.finetune_epochs} fine-tune epoch(s)")
+        rung.add_trial(optuna.trial.create_trial(
+            params=trial.params, distributions=trial.distributions, values=[metric, *trial.values[1:]],
+            user_attrs={**trial.user_attrs, "proxy_trial": trial.number, "proxy_metric": metric_of(trial)}))
+    chosen = select(rung, cfg, space, baseline_metric)
+    in_study = {t.number: t.user_attrs["proxy_trial"] for t in rung.get_trials(deepcopy=False)}
+    number = in_study[chosen.trial_number]
+    origin = PlanOrigin("search", study.study_name, number,
+                        f"trial {number} of study {study.study_name}, {cfg.selection} of the top {cfg.top_k} by "
+                        f"{cfg.proxy} after {cfg.finetune_epochs} fine-tune epoch(s)")
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    return replace(chosen, plan=replace(chosen.plan, origin=origin),
+                   completed_trials=states.count(optuna.trial.TrialState.COMPLETE),
+                   pruned_trials=states.count(optuna.trial.TrialState.PRUNED),
+                   failed_trials=states.count(optuna.trial.TrialState.FAIL),
+                   pareto_trials=sorted(in_study[n] for n in chosen.pareto_trials))
 
 
 def epochs_saved(study: optuna.Study, cfg: SearchConfig) -> float:

@@ -12,9 +12,10 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,12 +24,13 @@ import onnxruntime as ort
 import torch
 from tabulate import tabulate
 
-from pruneflow import deploy
-from pruneflow.checkpoint import ModelSpec, load_model, save_model
+from pruneflow import deploy, gates
+from pruneflow.checkpoint import ModelSpec, load_model, load_trained, save_model
 from pruneflow.config import DataConfig, PipelineConfig, TrainConfig
 from pruneflow.data import DataSplits, load_dataset
 from pruneflow.deploy import Deployment
 from pruneflow.export import Latency, ProviderUnavailable, check_parity, export_onnx, measure_latency
+from pruneflow.files import replacing
 from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
 from pruneflow.latency.table import LatencyTable
 from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
@@ -38,11 +40,12 @@ from pruneflow.methods.groups import channel_groups
 from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
 from pruneflow.plan import PlanOrigin, PrunePlan
 from pruneflow.profiles import PROFILES
+from pruneflow.proxy import adaptive_bn_score
 from pruneflow.search import (SearchOutcome, SearchSpace, TrialCallback, TrialMeasure, check_reachable, fail_stale,
-                              feasible_trials, open_study, plot_search, run_trials, select, target_gap,
-                              top_trials_markdown, trial_ratios)
+                              feasible_trials, finetune_top, open_study, plot_search, run_trials, select,
+                              target_gap, top_trials_markdown, trial_ratios)
 from pruneflow.task import TASKS
-from pruneflow.training import EpochResult, evaluate, evaluate_all, train
+from pruneflow.training import Distillation, EpochResult, distillation, evaluate, evaluate_all, train
 from pruneflow.versioning import DataVersion
 
 Log = Callable[[str], None]
@@ -53,10 +56,8 @@ def say(message: str) -> None:
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -70,8 +71,14 @@ def _cached_splits(data_path: Path, data_json: str, seed: int) -> DataSplits:
 
 
 def load_data(cfg: PipelineConfig, data_path: Path) -> DataSplits:
-    """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders)."""
-    return _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
+    """Decoded splits, shared by every stage of one process (decoding is the slow part on big folders), served
+    with the normalisation a trained baseline expects (``baseline.mean``/``std``) when the params give one; a
+    training split too small to train on raises ``gates.GateError``."""
+    splits = _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
+    gates.check_training_split(splits, cfg.data)
+    if cfg.baseline.mean is not None:
+        splits = replace(splits, mean=cfg.baseline.mean, std=cfg.baseline.std)
+    return splits
 
 
 def model_spec(cfg: PipelineConfig, splits: DataSplits) -> ModelSpec:
@@ -113,17 +120,33 @@ def baseline_key(cfg: PipelineConfig, data_md5: str) -> str:
         "seed": cfg.project.seed,
         "training_hooks": training_hooked_methods(cfg),
     }
+    if cfg.baseline.checkpoint is not None:  # the file's content, not its path, is what the baseline starts from
+        parts["baseline"] = {**cfg.baseline.model_dump(exclude={"checkpoint"}),
+                             "checkpoint_md5": file_md5(Path(cfg.baseline.checkpoint))}
     return hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
-    """Train the model from scratch into the run's baseline folder, export it to ONNX (parity-checked) and write
-    its metrics."""
+    """Train the model into the run's baseline folder — from scratch, or from ``baseline.checkpoint`` for
+    ``train.epochs`` more epochs (0 by default: it is evaluated as it is) — export it to ONNX (parity-checked)
+    and write its metrics."""
     cfg = run.cfg
     torch.manual_seed(cfg.project.seed)
     splits = load_data(cfg, run.data_dir)
     spec = model_spec(cfg, splits)
-    model = spec.build()
+    if cfg.baseline.checkpoint is not None:
+        model, spec = load_trained(Path(cfg.baseline.checkpoint), spec)
+        log(f"baseline: starting from {cfg.baseline.checkpoint}, {cfg.train.epochs} epoch(s) of training on the data")
+    else:
+        model = spec.build()
     task = TASKS[cfg.task]
     terms, records = regularizers(cfg), recorders(cfg)
     if terms or records:
@@ -139,13 +162,14 @@ def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
     train(model, splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed),
           cfg.train, val_batches=splits.loader("val", 256), regularizers=terms.values(), on_epoch_end=on_epoch_end)
     seconds = time.perf_counter() - start
+    gates.check_learned(model, splits, "the trained baseline", "check train.lr, train.epochs and the labels")
     for name, recorder in records.items():
         run.baseline_records(name).parent.mkdir(parents=True, exist_ok=True)
         torch.save(recorder.state(), run.baseline_records(name))
     model_path = save_model(run.baseline_model, model, spec)
     onnx_path = export_onnx(model, spec.example_inputs(), run.baseline_onnx, cfg.export.opset)
     diff = check_parity(onnx_path, model, splits.loader("test", 64, max_batches=cfg.export.parity_batches),
-                        cfg.export.atol)
+                        cfg.export.atol, cfg.export.rtol)
     macs, params = count_macs_params(model, spec.example_inputs(1))
     metrics = {
         **evaluate_all(model, splits.loader("test", 256)),  # accuracy; psnr, ssim
@@ -156,6 +180,8 @@ def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
         "onnx_max_abs_diff": diff,
         "train_seconds": seconds,
     }
+    written = [model_path, onnx_path, *(run.baseline_records(name) for name in records)]
+    write_json(run.baseline_checksums, {path.relative_to(run.baseline_dir).as_posix(): sha256(path) for path in written})
     write_json(run.baseline_metrics, metrics)  # written last: its presence marks a complete baseline
     log(f"baseline: test {task.metric} {metrics[task.metric]:.2f} {task.unit}, {macs / 1e6:.2f} M MACs, "
         f"{params / 1e3:.1f} k params")
@@ -181,13 +207,54 @@ def ensure_baseline(run: ProjectRun, log: Log = say) -> Baseline:
 
     The one place where a pipeline or a search worker gets its baseline (``project_run`` says where), so all
     score the same model. Under the baseline's lock, so processes starting at once (pipelines, workers) train
-    it once and the others reuse it.
+    it once and the others reuse it. A baseline is reused only if ``baseline_problem`` finds none; else it is
+    removed and trained again, or, if it cannot be removed, the error names the folder to delete.
     """
     with run.layout.baseline_lock(run.baseline_dir.name):
         if run.baseline_metrics.is_file():
-            log(f"baseline: reusing {run.baseline_dir} (same data, model and training params)")
-            return Baseline(read_json(run.baseline_metrics), reused=True)
+            problem = baseline_problem(run)
+            if problem is None:
+                log(f"baseline: reusing {run.baseline_dir} (same data, model and training params; files verified)")
+                return Baseline(read_json(run.baseline_metrics), reused=True)
+            log(f"baseline: not reusing {run.baseline_dir}: {problem}; training it again")
+            try:
+                shutil.rmtree(run.baseline_dir)
+            except OSError as err:
+                raise RuntimeError(f"the baseline in {run.baseline_dir} cannot be reused ({problem}) nor removed "
+                                   f"({err.strerror}): delete that folder, then run again") from None
         return Baseline(train_baseline(run, log), reused=False)
+
+
+def sha256(path: Path) -> str:
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def baseline_problem(run: ProjectRun) -> str | None:
+    """Why the complete-looking baseline in ``run.baseline_dir`` must not be reused, or None when it may.
+
+    Each file must still be the one trained there (its sha256 as ``checksums.json`` recorded it then), and the
+    checkpoint must load into its model: a damaged, truncated, deleted or swapped file would otherwise pass on to
+    every later stage, each failing with a message that never says what to delete.
+    """
+    try:
+        read_json(run.baseline_metrics)
+        recorded = read_json(run.baseline_checksums)
+    except FileNotFoundError as err:
+        return f"{err.filename} is missing (no record of the files it trained)"
+    except (OSError, ValueError) as err:
+        return f"its records do not read ({type(err).__name__}: {str(err).splitlines()[0]})"
+    for name, digest in recorded.items():
+        path = run.baseline_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256(path) != digest:
+            return f"{path} is not the file trained there (its sha256 differs from {run.baseline_checksums.name}'s)"
+    try:
+        load_model(run.baseline_model)
+    except (OSError, ValueError, RuntimeError) as err:
+        return f"{run.baseline_model} does not load ({str(err).splitlines()[0]})"
+    return None
 
 
 def method_for(run: MethodRun) -> PruningMethod:
@@ -202,11 +269,12 @@ def method_for(run: MethodRun) -> PruningMethod:
 
 
 def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batches, cfg: TrainConfig,
-              on_epoch_end: Callable[[EpochResult], None]) -> list[EpochResult]:
-    """The method's own retraining recipe if it has one (grafting, masks kept at zero), else the standard loop."""
+              on_epoch_end: Callable[[EpochResult], None], distill: Distillation | None = None) -> list[EpochResult]:
+    """The method's own retraining recipe if it has one (grafting, masks kept at zero), else the standard loop,
+    learning from the baseline's outputs too when ``distill`` is given (a method's own recipe ignores it)."""
     epochs = pruner.retrain(model, batches, val_batches, cfg, on_epoch_end)
     if epochs is None:
-        epochs = train(model, batches, cfg, val_batches=val_batches, on_epoch_end=on_epoch_end)
+        epochs = train(model, batches, cfg, val_batches=val_batches, on_epoch_end=on_epoch_end, distill=distill)
     return epochs
 
 
@@ -271,10 +339,16 @@ def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
     How many trials run, where, and how one is picked afterwards do not change a trial's result, so they
     are left out: asking for more trials or another selection policy reuses the finished ones.
     """
-    search = cfg.search.model_dump(exclude={"n_trials", "n_workers", "storage", "selection", "tolerance"})
+    unchanging = {"n_trials", "n_workers", "storage", "selection", "tolerance", "top_k"}
+    if cfg.search.proxy == "finetune":  # the adaptive-BN settings do not touch its trials (and older names stay)
+        unchanging |= {"proxy", "calib_batches"}
+    search = cfg.search.model_dump(exclude=unchanging)
     parts = {"method": cfg.methods[method], "search": search, "prune": cfg.prune.model_dump(),
-             "retrain": cfg.retrain.model_dump(), "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+             "retrain": cfg.retrain.model_dump(exclude={"distill"}),  # trials fine-tune without a teacher
+             "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
              "data": cfg.data.model_dump(exclude={"path"}), "seed": cfg.project.seed}
+    if cfg.baseline.checkpoint is not None:  # trials prune that checkpoint (its content, not its path)
+        parts["baseline"] = baseline_key(cfg, data_md5)
     digest = hashlib.md5(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
     return f"{method}-{cfg.model.name}-{data_md5[:8]}-{digest}"
 
@@ -342,14 +416,31 @@ class TrialRunner:
         return self.pruned(plan)[1]
 
     def score(self, plan: PrunePlan, report: Callable[[int, float], None]) -> TrialMeasure:
+        """The trial's validation metric by ``search.proxy``; infeasible trials skip the proxy."""
         model, costs = self.pruned(plan)
         val = self.splits.loader("val", 256)
-        if target_gap(self.cfg.search, costs) > 0 or self.finetune.epochs == 0:
-            return TrialMeasure(evaluate(model, val), costs)  # infeasible trials skip the fine-tune
+        if target_gap(self.cfg.search, costs) > 0:
+            return TrialMeasure(evaluate(model, val), costs)
+        if self.cfg.search.proxy == "adaptive_bn":
+            calib = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, seed=self.cfg.project.seed,
+                                       max_batches=self.cfg.search.calib_batches)  # the same images for every trial
+            return TrialMeasure(adaptive_bn_score(model, calib, val), costs)
+        return self.fine_tuned(model, costs, report)
+
+    def fine_tuned(self, model: torch.nn.Module, costs: dict[str, float],
+                   report: Callable[[int, float], None]) -> TrialMeasure:
+        """The validation metric after ``search.finetune_epochs`` of fine-tuning (none: as pruned)."""
+        val = self.splits.loader("val", 256)
+        if self.finetune.epochs == 0:
+            return TrialMeasure(evaluate(model, val), costs)
         torch.manual_seed(self.cfg.project.seed)
         batches = self.splits.loader("train", self.cfg.data.batch_size, shuffle=True, augment=self.cfg.data.augment)
         history = fine_tune(self.pruner, model, batches, val, self.finetune, lambda r: report(r.epoch, r.val_metric))
         return TrialMeasure(history[-1].val_metric, costs, len(history))
+
+    def fine_tuned_metric(self, plan: PrunePlan) -> float:
+        """``fine_tuned`` for a plan (the top-k rung of an adaptive-BN search)."""
+        return self.fine_tuned(*self.pruned(plan), lambda epoch, metric: None).metric
 
 
 def trial_progress(method: str, log: Log) -> TrialCallback:
@@ -366,7 +457,7 @@ def trial_progress(method: str, log: Log) -> TrialCallback:
 def search_worker(run: MethodRun, n_trials: int, seed: int) -> None:
     """One process's share of the trials; several of these (or several machines) can share one study."""
     runner = TrialRunner(run)
-    study = open_study(run.layout.study_storage, study_name(run.cfg, run.method, run.data.md5), run.cfg.search, seed)
+    study = open_study(run.study_storage, study_name(run.cfg, run.method, run.data.md5), run.cfg.search, seed)
     run_trials(study, run.cfg.search, runner.space, runner.score, n_trials, run.trial_callbacks, runner.measure)
 
 
@@ -392,8 +483,11 @@ def search_ratio(run: MethodRun, log: Log = say) -> SearchOutcome:
 
 
 def search(run: MethodRun, log: Log) -> SearchOutcome:
-    """Run the method's study (resumed if it exists) and pick its trial; see ``pruneflow.search``."""
-    cfg, method, storage = run.cfg, run.method, run.layout.study_storage
+    """Run the method's study (resumed if it exists, unless the run has its own) and pick its trial; see
+    ``pruneflow.search``."""
+    cfg, method, storage = run.cfg, run.method, run.study_storage
+    if run.own_study is not None:
+        run.own_study.unlink(missing_ok=True)
     name = study_name(cfg, method, run.data.md5)
     runner = TrialRunner(run)
     study = open_study(storage, name, cfg.search, cfg.project.seed)
@@ -415,7 +509,15 @@ def search(run: MethodRun, log: Log) -> SearchOutcome:
                     for i, share in enumerate(shares) if share]
             for job in jobs:
                 job.result()
-    outcome = select(study, cfg.search, runner.space, runner.baseline[f"val_{runner.metric}"])
+    baseline_metric = runner.baseline[f"val_{runner.metric}"]
+    if cfg.search.proxy == "adaptive_bn" and cfg.search.finetune_epochs:
+        log(f"{method}: fine-tuning the top {cfg.search.top_k} trials by adaptive BN for "
+            f"{cfg.search.finetune_epochs} epoch(s)")
+        rung = open_study(storage, f"{name}-finetuned", cfg.search, cfg.project.seed)
+        outcome = finetune_top(study, rung, cfg.search, runner.space, runner.fine_tuned_metric, baseline_metric,
+                               lambda line: log(f"{method}: {line}"))
+    else:
+        outcome = select(study, cfg.search, runner.space, baseline_metric)
     run.trials_md.parent.mkdir(parents=True, exist_ok=True)
     run.trials_md.write_text(top_trials_markdown(study, cfg.search, outcome.trial_number))
     plot_search(study, cfg.search, outcome.trial_number, run.search_png)
@@ -454,7 +556,9 @@ def prune_model(run: MethodRun, log: Log = say) -> PruneSummary:
     splits = load_data(run.cfg, run.data_dir)
     model, spec, _ = load_model(run.baseline_model)
     macs_before, params_before = count_macs_params(model, spec.example_inputs(1))
-    result = prune_with(run.cfg, method_for(run), model, spec, plan, splits, run.baseline_onnx)
+    pruner = method_for(run)
+    result = prune_with(run.cfg, pruner, model, spec, plan, splits, run.baseline_onnx)
+    gates.check_removed(run.method, pruner.structured, plan, result)
     macs_after, params_after = count_macs_params(model, spec.example_inputs(1))
     save_model(run.pruned, model, spec, result.history, result.removed_blocks)
     write_json(run.history_json, {"removed_blocks": result.removed_blocks,
@@ -469,7 +573,8 @@ def prune_model(run: MethodRun, log: Log = say) -> PruneSummary:
 
 
 def retrain_model(run: MethodRun, log: Log = say) -> dict[str, float]:
-    """Fine-tune the pruned model: the method's own recipe if it has one, else the ``retrain`` schedule."""
+    """Fine-tune the pruned model: the method's own recipe if it has one, else the ``retrain`` schedule (with the
+    baseline as teacher when ``retrain.distill.weight`` is set)."""
     cfg = run.cfg
     splits = load_data(cfg, run.data_dir)
     model, spec, surgery = load_model(run.pruned)
@@ -478,7 +583,12 @@ def retrain_model(run: MethodRun, log: Log = say) -> dict[str, float]:
     batches = splits.loader("train", cfg.data.batch_size, shuffle=True, augment=cfg.data.augment, seed=cfg.project.seed)
     metric = TASKS[cfg.task].metric
     val, progress = splits.loader("val", 256), epoch_logger(f"{run.method} retrain", cfg.retrain.epochs, log, metric)
-    epochs = fine_tune(create_method(run.method, run.params), model, batches, val, cfg.retrain, progress)
+    teacher = load_model(run.baseline_model)[0] if cfg.retrain.distill.weight else None
+    epochs = fine_tune(create_method(run.method, run.params), model, batches, val, cfg.retrain, progress,
+                       distillation(cfg.retrain.distill, teacher))
+    if epochs:
+        gates.check_learned(model, splits, f"the retrained {run.method} model",
+                            "prune less (search.ratio_high, prune.ratio) or retrain longer (retrain.epochs)")
     save_model(run.retrained, model, spec, surgery.history, surgery.removed_blocks)
     return {f"val_{metric}": epochs[-1].val_metric if epochs else evaluate(model, splits.loader("val", 256)),
             "retrain_seconds": time.perf_counter() - start}
@@ -616,15 +726,16 @@ class Stage:
     timed: bool = False
 
     def paths(self, run: ProjectRun, names: tuple[str, ...]) -> list[Path]:
-        return [getattr(run, name) for name in names]
+        """The named paths of ``run``; one the run lacks (None: a pipeline run has no ``own_study``) is left out."""
+        return [path for path in (getattr(run, name) for name in names) if path is not None]
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("baseline", train_baseline, reads=("data_dir",), writes=("baseline_dir",), per_method=False),
-    Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json",)),
+    Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json", "own_study")),
     Stage("prune", prune_model, reads=("data_dir", "baseline_dir", "search_json"),
           writes=("pruned", "history_json", "layers_json")),
-    Stage("retrain", retrain_model, reads=("data_dir", "pruned"), writes=("retrained",)),
+    Stage("retrain", retrain_model, reads=("data_dir", "baseline_dir", "pruned"), writes=("retrained",)),  # the teacher
     Stage("evaluate", evaluate_model, reads=("data_dir", "baseline_dir", "retrained", "layers_json"),
           writes=("metrics_json", "report_md", "latency_dir"), timed=True),
     Stage("export", export_model, reads=("data_dir", "retrained"), writes=("export_dir",), timed=True),

@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pruneflow import stages
+from pruneflow.concurrency import sqlite_file
 from pruneflow.config import PipelineConfig
 from pruneflow.deploy import choose_champion, registered_model_name
 from pruneflow.export import predictor
@@ -41,11 +42,18 @@ def log_export(tracker: Tracker, run_id: str, deployment: Info, metric_prefix: s
 def register_champion(run: ProjectRun, baseline_run_id: str, results: dict[str, Info], method_run_ids: dict[str, str],
                       parent_run_id: str) -> Info:
     """Register the best pruned model (``deploy.choose_champion``) as an ONNX model with a signature, a real input
-    example and lineage tags (data md5, baseline run, method run), and point the ``champion`` alias at it."""
+    example and lineage tags (data md5, baseline run, method run), and point the ``champion`` alias at it.
+
+    When no model may be registered (none within ``export.registry_max_drop``), nothing is: the parent run's tags
+    and the log say why, and the result's ``method`` is None."""
     cfg = run.cfg
     tracker = Tracker.open(run.layout)
     metric = TASKS[cfg.task].metric
-    method = choose_champion(results, cfg.export.registry_max_drop, metric)
+    method, reason = choose_champion(results, cfg.export.registry_max_drop, metric)
+    if method is None:
+        tracker.set_tags(parent_run_id, {"pruneflow.champion": "none", "pruneflow.champion_reason": reason})
+        get_run_logger().warning(f"registry: {reason}")
+        return {"method": None, "reason": reason}
     name, run_id = registered_model_name(cfg), method_run_ids[method]
     onnx_path = Path(results[method]["files"]["onnx"])
     example = next(iter(stages.load_data(cfg, run.data_dir).loader("test", 2)))[0].numpy()
@@ -61,10 +69,11 @@ def register_champion(run: ProjectRun, baseline_run_id: str, results: dict[str, 
     for key, value in lineage.items():
         tracker.client.set_model_version_tag(name, version, key, value)
     tracker.client.set_registered_model_alias(name, CHAMPION, version)
-    tracker.set_tags(parent_run_id, {"pruneflow.champion": method, "pruneflow.registered_model": f"{name}/{version}"})
+    tracker.set_tags(parent_run_id, {"pruneflow.champion": method, "pruneflow.champion_reason": reason,
+                                     "pruneflow.registered_model": f"{name}/{version}"})
     chosen = results[method]
     get_run_logger().info(f"registry: {method} registered as {name} version {version}, alias {CHAMPION} "
-                          f"(speedup x{chosen['speedup']:.2f}, {metric} drop {chosen[f'{metric}_drop']:+.2f})")
+                          f"(speedup x{chosen['speedup']:.2f}, {metric} drop {chosen[f'{metric}_drop']:+.2f}; {reason})")
     return {"name": name, "version": version, "method": method, "uri": f"models:/{name}@{CHAMPION}"}
 
 
@@ -79,7 +88,8 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
     layout = ProjectLayout(root, cfg)
     check_tracking(layout)
     uri = tracking_uri(layout)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    store = sqlite_file(uri)
+    if store is not None and not store.is_file():
         # opening it would create an empty store (and an experiment) just to report that the run is not there
         raise LookupError(f"run {run_id} not found: there is no MLflow store at {uri} (pruneflow run creates it)")
     tracker = Tracker.open(layout)

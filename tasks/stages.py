@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
@@ -53,9 +54,13 @@ def train_baseline(run: ProjectRun, run_id: str) -> Baseline:
     tracker = Tracker.open(run.layout)
     with tracker.failing(run_id):
         baseline = stages.ensure_baseline(run, log=get_run_logger().info)
+        checkpoint = run.cfg.baseline.checkpoint
+        started = {"pruneflow.baseline_checkpoint": checkpoint,
+                   "pruneflow.baseline_checkpoint_md5": stages.file_md5(Path(checkpoint))} if checkpoint else {}
         tracker.set_tags(run_id, {"pruneflow.baseline_key": run.baseline_dir.name,
-                                  "pruneflow.reused": str(baseline.reused).lower()})
-        tracker.log_params(run_id, {"model": run.cfg.model.model_dump(), "train": run.cfg.train.model_dump()})
+                                  "pruneflow.reused": str(baseline.reused).lower(), **started})
+        tracker.log_params(run_id, {"model": run.cfg.model.model_dump(), "baseline": run.cfg.baseline.model_dump(),
+                                    "train": run.cfg.train.model_dump()})
         tracker.log_metrics(run_id, baseline.metrics)
         for path in (run.baseline_onnx, run.baseline_metrics):
             tracker.log_artifact(run_id, path)

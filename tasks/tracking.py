@@ -13,7 +13,7 @@ import math
 import os
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -25,14 +25,18 @@ from mlflow.utils.time import get_current_time_millis
 from pruneflow.concurrency import owner_alive, owner_id, store_lock
 from pruneflow.config import ConfigError
 from pruneflow.layout import ProjectLayout
+from pruneflow.stores import StoreError, check_store, in_project, sqlite_url
 
 OWNER_TAG = "pruneflow.owner"  # host:pid:start-time of the process that must finish the run
 ENDED_BY_TAG = "pruneflow.ended_by"  # set when a later process ended a run its dead owner left RUNNING
 
 
 def tracking_uri(layout: ProjectLayout) -> str:
-    """params' ``project.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else sqlite ``mlflow.db`` in the project."""
-    return layout.cfg.project.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{layout.root / 'mlflow.db'}"
+    """params' ``project.tracking_uri`` (a relative sqlite path is the project's), else ``$MLFLOW_TRACKING_URI``,
+    else sqlite ``mlflow.db`` in the project."""
+    if layout.cfg.project.tracking_uri:
+        return in_project(layout.cfg.project.tracking_uri, layout.root)
+    return os.environ.get("MLFLOW_TRACKING_URI") or sqlite_url(layout.root / "mlflow.db")
 
 
 # One quick request, not MLflow's default 7 retries with back-off and a 120 s timeout each (minutes of silence)
@@ -43,27 +47,41 @@ def check_tracking(layout: ProjectLayout) -> None:
     """Raise ConfigError in seconds, naming the setting, when the tracking store cannot be used.
 
     Otherwise a mistyped server URI hangs a run's start for minutes of retries and then fails with a page of
-    urllib3 errors. The default sqlite store is a local file that MLflow creates, so nothing is probed there:
-    no empty store is left behind by a run that other bad input stops before it starts.
+    urllib3 errors. A sqlite store is a local file: it is checked for damage, write access and disk space
+    (``stores.check_store``) without being opened by MLflow, so no empty store is left behind by a run that
+    other bad input stops before it starts.
     """
     uri = tracking_uri(layout)
+    from_env = not layout.cfg.project.tracking_uri and os.environ.get("MLFLOW_TRACKING_URI")
+    source = "$MLFLOW_TRACKING_URI" if from_env else "project.tracking_uri"
     if uri.startswith("sqlite:"):
+        try:
+            check_store(uri, "MLflow tracking store", source)
+        except StoreError as err:
+            raise ConfigError(str(err)) from None
         return
-    source = "project.tracking_uri" if layout.cfg.project.tracking_uri else "$MLFLOW_TRACKING_URI"
+    reason = probe_tracking(uri)
+    if reason is None:
+        return
+    if uri.startswith(("http:", "https:")):
+        raise ConfigError(f"{source}: no MLflow tracking server answers at {uri} ({reason}); start it, or set "
+                          "project.tracking_uri: null to use the project's sqlite store")
+    raise ConfigError(f"{source}: MLflow cannot use {uri}: {reason}")
+
+
+def probe_tracking(uri: str) -> str | None:
+    """Why MLflow cannot use the tracking store ``uri`` (one quick request to a server), or None if it can."""
     try:
         with _environment(PROBE_ENV):
             client = MlflowClient(uri)  # an unsupported scheme fails here
             if uri.startswith(("http:", "https:")):
                 client.search_experiments(max_results=1)
     except MlflowException as err:
-        reason = _root_cause(err)
-        if uri.startswith(("http:", "https:")):
-            raise ConfigError(f"{source}: no MLflow tracking server answers at {uri} ({reason}); start it, or set "
-                              "project.tracking_uri: null to use the project's sqlite store") from None
-        raise ConfigError(f"{source}: MLflow cannot use {uri}: {reason}") from None
+        return root_cause(err)
+    return None
 
 
-def _root_cause(err: BaseException) -> str:
+def root_cause(err: BaseException) -> str:
     """A network error's innermost message (``[Errno 111] Connection refused``), not MLflow's wrapping of urllib3's;
     else the first two sentences of MLflow's own message."""
     inner = err
@@ -135,19 +153,29 @@ class Tracker:
     def end_orphaned_runs(self) -> list[str]:
         """Mark KILLED the experiment's RUNNING runs whose owner process (tag ``pruneflow.owner``) is gone.
 
-        A pipeline killed with SIGKILL never finishes its runs, which would otherwise show as running forever.
-        Runs of live processes (a pipeline running beside this one), of other hosts and without the tag are
-        left alone (``concurrency.owner_alive``). Returns the ids of the runs it ended.
+        A pipeline killed with SIGKILL never finishes its runs, which would otherwise show as running forever;
+        so would one that could not write its end into a full disk. Runs of live processes (a pipeline running
+        beside this one), of other hosts and without the tag are left alone (``concurrency.owner_alive``).
+        Returns the ids of the runs it ended.
         """
+        return self._end_running(lambda owner: bool(owner) and not owner_alive(owner), RunStatus.KILLED, "is gone")
+
+    def end_own_runs(self, status: int = RunStatus.FAILED) -> list[str]:
+        """End the RUNNING runs this process opened: what a pipeline that fails or is stopped leaves open (the
+        method runs of tasks still running when the flow gave up)."""
+        me = owner_id()
+        return self._end_running(lambda owner: owner == me, status, "stopped before finishing it")
+
+    def _end_running(self, ended_if: Callable[[str | None], bool], status: int, why: str) -> list[str]:
         ended, token = [], None
         while True:
             page = self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000,
                                            page_token=token)
             for run in page:
                 owner = run.data.tags.get(OWNER_TAG)
-                if owner and not owner_alive(owner):
-                    self.client.set_tag(run.info.run_id, ENDED_BY_TAG, f"{owner_id()}: its owner {owner} is gone")
-                    self.finish(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                if ended_if(owner):
+                    self.client.set_tag(run.info.run_id, ENDED_BY_TAG, f"{owner_id()}: its owner {owner} {why}")
+                    self.finish(run.info.run_id, RunStatus.to_string(status))
                     ended.append(run.info.run_id)
             token = page.token
             if not token:
@@ -155,11 +183,16 @@ class Tracker:
 
     @contextlib.contextmanager
     def failing(self, run_id: str) -> Iterator[None]:
-        """Mark the run FAILED if the block raises (then re-raise); leave it running otherwise."""
+        """Mark the run FAILED if the block raises (then re-raise the block's error); leave it running otherwise.
+
+        A store that cannot take the mark (a full disk) must not hide the error that says why: the run is then
+        left for the next pipeline on the project, which ends it as its owner's process is gone.
+        """
         try:
             yield
         except BaseException:
-            self.finish(run_id, RunStatus.to_string(RunStatus.FAILED))
+            with contextlib.suppress(Exception):
+                self.finish(run_id, RunStatus.to_string(RunStatus.FAILED))
             raise
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:

@@ -12,7 +12,7 @@ from flows.cli import app
 from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import DataConfig
 from pruneflow.inspection import fit_inputs, format_report, prune_once
-from pruneflow.methods.l1 import L1
+from pruneflow.methods.magnitude import L1
 from pruneflow.plan import PrunePlan
 
 REPORT_KEYS = {"macs_before", "macs_after", "params_before", "params_after", "layers"}

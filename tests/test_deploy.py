@@ -104,13 +104,18 @@ def test_measure_latency_times_onnx_and_pytorch_eager_on_one_input(tmp_path):
     assert torch.get_num_threads() == threads  # the helper restores PyTorch's thread count
 
 
-def test_champion_is_the_fastest_within_the_drop_else_the_most_accurate():
+def test_champion_is_the_fastest_within_the_drop_else_none():
     results = {"l1": {"accuracy": 98.0, "accuracy_drop": 0.5, "speedup": 1.6},
                "random": {"accuracy": 97.0, "accuracy_drop": 1.5, "speedup": 2.4},
                "slimming": {"accuracy": 98.4, "accuracy_drop": 0.1, "speedup": 1.9}}
-    assert choose_champion(results, max_drop=1.0) == "slimming"
-    assert choose_champion(results, max_drop=2.0) == "random"
-    assert choose_champion({k: {**v, "accuracy_drop": 5.0} for k, v in results.items()}, max_drop=1.0) == "slimming"
+    assert choose_champion(results, max_drop=1.0)[0] == "slimming"
+    assert choose_champion(results, max_drop=2.0)[0] == "random"
+    lost = {"l1": {"accuracy": 18.0, "accuracy_drop": 79.0, "speedup": 3.0},
+            "slimming": {"accuracy": float("nan"), "accuracy_drop": float("nan"), "speedup": 2.0}}
+    method, reason = choose_champion(lost, max_drop=1.0)  # a model that lost 79 points is no champion
+    assert method is None
+    assert reason.startswith("no model is within export.registry_max_drop=1 of the baseline's accuracy (drops: l1 79.00, "
+                             "slimming nan), so none is registered")
     with pytest.raises(ValueError, match="no method results"):
         choose_champion({}, max_drop=1.0)
 

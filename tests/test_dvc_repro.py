@@ -46,3 +46,44 @@ def test_stage_needs_a_configured_method(tmp_path):
     done = run(["pruneflow", "stage", "prune", "--method", "fpgm9"], tmp_path)
     assert done.returncode == 2
     assert "--method must be one of" in done.stderr
+
+
+def test_search_stage_chooses_the_same_whatever_ran_before(tmp_path, digits_dir):
+    """`dvc repro`'s search stage runs a study of its own: trials an earlier pipeline added to runs/optuna.db (a
+    study of the same name) must not change its choice."""
+    import optuna
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pruneflow import stages
+    from pruneflow.config import load_config
+    from pruneflow.layout import ProjectLayout, ProjectRun
+    from pruneflow.stores import sqlite_url
+    from pruneflow.versioning import DataVersion
+    from tests.test_reliability import Shared, baseline_ready, inside
+
+    params = {"methods": {"l1": {}}, "search": {"n_trials": 2, "ratio_low": 0.3, "ratio_high": 0.7,
+                                                "finetune_epochs": 0, "target": {"value": 0.2}}}
+    shared = Shared(tmp_path / "shared", digits_dir.parent)
+    chosen = {}
+    for name, earlier_trials in (("clean", 0), ("after-a-pipeline", 1)):
+        project = tmp_path / name
+        project.mkdir()
+        write_params(project, params)
+        baseline_ready(project, shared)
+        cfg, _ = load_config(project / "params.yaml")
+        study = stages.study_name(cfg, "l1", "0" * 32 + ".dir")
+        if earlier_trials:  # what `pruneflow run` leaves: the same study, more trials
+            more = cfg.model_copy(update={"search": cfg.search.model_copy(update={"n_trials": earlier_trials})})
+            layout = ProjectLayout(project, more)
+            pipeline = ProjectRun(layout, DataVersion(layout.dataset_dir), layout.dvc_run_dir / "baseline",
+                                  layout.runs_dir / "pipeline").method("l1")
+            assert pipeline.study_storage == layout.study_storage  # runs/optuna.db, which `pruneflow run` resumes
+            stages.search(pipeline, log=lambda _: None)
+        with inside(project, tmp_path):
+            done = CliRunner().invoke(app, ["stage", "search", "--method", "l1"])
+        assert done.exit_code == 0, done.output
+        chosen[name] = json.loads((project / "runs" / "dvc" / "l1" / "search.json").read_text())
+        own = sqlite_url(project / "runs" / "dvc" / "l1" / "study.db")
+        assert len(optuna.load_study(study_name=study, storage=own).trials) == 2
+    assert chosen["clean"] == chosen["after-a-pipeline"]

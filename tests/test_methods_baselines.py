@@ -120,3 +120,25 @@ def test_random_loses_to_l1_on_real_digits(digits_dir):
             train(model, splits.loader("train", 64, shuffle=True, seed=seed), TrainConfig(epochs=1, lr=0.003))
             scores.append(evaluate(model, test))
     assert statistics.mean(accuracy["l1"]) > statistics.mean(accuracy["random"]), accuracy
+
+
+def test_l1_keeps_the_pruned_convs_largest_l1_filters_and_group_l1_judges_the_group():
+    """``l1`` is Li et al.'s filter norm: in a plain group and in a residual one (rooted at the stage's shortcut
+    conv) the channels kept are those whose filters have the largest Σ|W_j|; ``group_l1`` ranks by the whole
+    group, and keeps others. A kept channel is recognised by its BatchNorm's γ (distinct random values)."""
+    model, x, _ = setup("resnet20")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.2, 2.0)
+    convs = {"layer2.1.conv1": "layer2.1.bn1", "layer2.0.shortcut.0": "layer2.0.shortcut.1"}
+    by_norm = {}  # conv -> the γ of its channels, largest filter L1 norm first
+    for conv, norm in convs.items():
+        order = model.get_submodule(conv).weight.detach().abs().sum((1, 2, 3)).argsort(descending=True)
+        by_norm[conv] = model.get_submodule(norm).weight.detach()[order]
+    grouped = copy.deepcopy(model)
+    create_method("l1").prune(model, x, PrunePlan(ratio=0.5, round_to=None))
+    create_method("group_l1").prune(grouped, x, PrunePlan(ratio=0.5, round_to=None))
+    for conv, norm in convs.items():
+        kept = model.get_submodule(norm).weight.detach()
+        assert set(kept.tolist()) == set(by_norm[conv][:len(kept)].tolist()), conv
+        assert set(grouped.get_submodule(norm).weight.detach().tolist()) != set(kept.tolist()), conv

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import optuna
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -85,13 +86,13 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, watched: dict[
         time.sleep(0.5)
 
 
-def trials_by_worker(optuna_db: Path, worker: str) -> dict[int, str]:
-    """Trial number -> state of one worker's trials, read with plain sqlite (read-only: creates no schema)."""
+def trials_by_worker(optuna_db: Path, workers: set[str]) -> dict[int, str]:
+    """Trial number -> state of some workers' trials, read with plain sqlite (read-only: creates no schema)."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{optuna_db}?mode=ro", uri=True, timeout=30)) as db:
             rows = db.execute("SELECT t.number, t.state FROM trials t JOIN trial_user_attributes a "
-                              "ON a.trial_id = t.trial_id WHERE a.key = 'worker' AND a.value_json = ?",
-                              (f'"{worker}"',)).fetchall()
+                              "ON a.trial_id = t.trial_id WHERE a.key = 'worker' AND a.value_json IN "
+                              f"({', '.join('?' * len(workers))})", [f'"{worker}"' for worker in workers]).fetchall()
     except sqlite3.OperationalError:  # no database or no table yet
         return {}
     return dict(rows)
@@ -329,17 +330,20 @@ def test_scheduled_crashed_and_concurrent_pipelines_share_one_project(servers):
         scheduled = wait_for(lambda: next_scheduled_run_now(api, deployment.id), 60, "a scheduled run", processes)
         assert scheduled.parameters["trigger"] == "schedule" and "auto-scheduled" in scheduled.tags
 
-        a_worker = f"{HOST}:{a.pid}"
+        a_workers: set[str] = set()  # A's processes: its trials run in the worker processes of its Dask cluster
 
         def finished_one_and_running_one() -> bool:  # killed mid-trial, not between two
-            states = set(trials_by_worker(optuna_db, a_worker).values())
+            with contextlib.suppress(psutil.NoSuchProcess):
+                pipeline = psutil.Process(a.pid)
+                a_workers.update(f"{HOST}:{p.pid}" for p in [pipeline, *pipeline.children(recursive=True)])
+            states = set(trials_by_worker(optuna_db, a_workers).values())
             return bool({"COMPLETE", "PRUNED"} & states) and "RUNNING" in states
 
         wait_for(finished_one_and_running_one, 300, "a finished trial and a running one of the manual run", processes)
         os.killpg(a.pid, signal.SIGKILL)
         a.wait()
         del processes[logs["a"]]
-        a_trials = trials_by_worker(optuna_db, a_worker)
+        a_trials = trials_by_worker(optuna_db, a_workers)
 
         c = start(cli("run", "--params", "params.yaml"), project, run_env, logs["c"])
         processes[logs["c"]] = c
@@ -360,7 +364,7 @@ def test_scheduled_crashed_and_concurrent_pipelines_share_one_project(servers):
     assert read_deployment(api, "prune_pipeline/scheduled").paused  # no runs pile up while nothing serves them
 
     assert_runs_of_a_killed_and_of_b_c_complete(MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), a.pid)
-    assert_one_study_kept_a_s_trials(f"sqlite:///{optuna_db}", a_worker, a_trials)
+    assert_one_study_kept_a_s_trials(f"sqlite:///{optuna_db}", a_workers, a_trials)
 
 
 def assert_runs_of_a_killed_and_of_b_c_complete(client: MlflowClient, a_pid: int) -> None:
@@ -395,7 +399,7 @@ def assert_runs_of_a_killed_and_of_b_c_complete(client: MlflowClient, a_pid: int
     assert str(client.get_model_version_by_alias("pruneflow-small_cnn", "champion").version) == "2"
 
 
-def assert_one_study_kept_a_s_trials(storage: str, a_worker: str, a_trials: dict[int, str]) -> None:
+def assert_one_study_kept_a_s_trials(storage: str, a_workers: set[str], a_trials: dict[int, str]) -> None:
     [name] = optuna.get_all_study_names(storage)  # both pipelines searched one study
     trials = optuna.load_study(study_name=name, storage=storage).get_trials()
     states = {t.number: t.state.name for t in trials}
@@ -408,7 +412,7 @@ def assert_one_study_kept_a_s_trials(storage: str, a_worker: str, a_trials: dict
     assert retried.state.name in ("COMPLETE", "PRUNED") and retried.params == trials[interrupted].params
     others: dict[str, int] = {}
     for trial in trials:
-        if trial.user_attrs["worker"] != a_worker:
+        if trial.user_attrs["worker"] not in a_workers:
             others[trial.user_attrs["worker"]] = others.get(trial.user_attrs["worker"], 0) + 1
     assert sorted(others.values()) == [TRIALS, TRIALS], others  # B and C added theirs; nothing of A's ran again
     assert len(trials) == len(a_trials) + 2 * TRIALS

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -45,7 +47,7 @@ class Net(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, WIDTH, 3, padding=1)
         self.conv = nn.Conv2d(WIDTH, WIDTH, 3, padding=1)
-        self.extra = extra  # what the user added: a GRU over the pixels, or an SVD of the features
+        self.extra = extra  # what the user added: a GRU over the pixels, an SVD of the features, a grouped conv
         self.fc = nn.Linear(WIDTH, num_classes)
 
     def forward(self, x):
@@ -54,6 +56,8 @@ class Net(nn.Module):
             return self.fc(self.extra(x.flatten(2).transpose(1, 2))[0][:, -1])
         if self.extra == "svd":
             return self.fc(x.mean((2, 3))) + torch.linalg.svdvals(x.flatten(2))[:, :1]
+        if isinstance(self.extra, nn.Sequential):
+            x = torch.relu(self.extra(x))
         return self.fc(x.mean((2, 3)))
 
 
@@ -75,6 +79,11 @@ def gru(in_channels, num_classes):
 
 def svd(in_channels, num_classes):
     return Net(in_channels, num_classes, "svd")
+
+
+def grouped(in_channels, num_classes):  # no BatchNorm, and a conv in 4 groups
+    extra = nn.Sequential(nn.Conv2d(WIDTH, WIDTH, 3, padding=1, groups=4), nn.Conv2d(WIDTH, WIDTH, 3, padding=1))
+    return Net(in_channels, num_classes, extra)
 '''
 
 
@@ -132,6 +141,7 @@ class Row:
     env: dict[str, str] = field(default_factory=dict)
     digits: bool = False  # harness: point the command at the already prepared digits
     absent: tuple[str, ...] | None = None  # what must not be left behind; None: anything like a result
+    patches: tuple[tuple[str, Callable], ...] = ()  # harness: (target, replacement) faults injected while it runs
 
 
 # ---- project contents the rows need ---------------------------------------------------------------------------
@@ -156,6 +166,14 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def data_ready(project: Path, shared: Shared) -> None:
+    """What `pruneflow stage data` leaves: the digits, versioned."""
+    data = project / "data"
+    data.mkdir()
+    (data / "digits").symlink_to(shared.data_dir / "digits", target_is_directory=True)
+    (data / "digits.dvc").write_text(f"outs:\n- md5: {'0' * 32}.dir\n  path: digits\n")
+
+
 def baseline_ready(project: Path, shared: Shared) -> None:
     """What `pruneflow stage data` and `stage baseline` leave: versioned digits and a baseline (untrained: the
     search's reachability check only counts MACs)."""
@@ -164,17 +182,59 @@ def baseline_ready(project: Path, shared: Shared) -> None:
     from pruneflow.config import load_config
     from pruneflow.metrics import count_macs_params
 
+    data_ready(project, shared)
     data = project / "data"
-    data.mkdir()
-    (data / "digits").symlink_to(shared.data_dir / "digits", target_is_directory=True)
-    (data / "digits.dvc").write_text(f"outs:\n- md5: {'0' * 32}.dir\n  path: digits\n")
     cfg, _ = load_config(project / "params.yaml")
     spec = stages.model_spec(cfg, stages.load_data(cfg, data / "digits"))
+    torch.manual_seed(cfg.project.seed)  # the same params give the same baseline, as the baseline stage does
     model = spec.build()
     macs, params = count_macs_params(model, spec.example_inputs(1))
     out = project / "runs" / "dvc" / "baseline"
     save_model(out / "model.pt", model, spec)
     stages.write_json(out / "metrics.json", {"macs": macs, "params": params, "accuracy": 10.0, "val_accuracy": 10.0})
+
+
+def broken_retrained(project: Path, shared: Shared) -> None:
+    """The data ready and a retrained l1 model whose weights hold NaN (what a diverged fine-tune would save)."""
+    from pruneflow import stages
+    from pruneflow.checkpoint import save_model
+    from pruneflow.config import load_config
+
+    data_ready(project, shared)
+    cfg, _ = load_config(project / "params.yaml")
+    spec = stages.model_spec(cfg, stages.load_data(cfg, project / "data" / "digits"))
+    model = spec.build()
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    save_model(project / "runs" / "dvc" / "l1" / "retrained.pt", model, spec)
+
+
+def code_running_checkpoint(project: Path, shared: Shared) -> None:
+    """A checkpoint in pruneflow's format whose model names an importable function that would run code."""
+    spec = {"name": "os:system", "in_channels": 1, "num_classes": 10, "input_shape": [1, 8, 8], "kwargs": {}}
+    torch.save({"spec": spec, "history": [], "state_dict": {}}, project / "model.pt")
+
+
+def damaged(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 8)
+
+
+def full_disk(path: object) -> object:
+    return shutil._ntuple_diskusage(2**40, 2**40 - 10 * 2**20, 10 * 2**20)
+
+
+ALIAS_BOMB = """model:
+  kwargs:
+    a: &a [x, x, x, x, x, x, x, x, x, x]
+    b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+    d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+    f: [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+"""
+ONE_EPOCH = "train: {epochs: 1}\nmethods: [l1]\n"
+NO_GPU = (("torch.cuda.is_available", lambda: False),)  # the same row on a machine with a GPU
 
 
 IMAGES = ("run", "-S", "data.dataset=imagefolder", "-S", "data.path=my_images")  # a user's own image folder
@@ -289,6 +349,180 @@ ROWS = [
         ("stage", "search", "--method", "l1", S, "search.ratio_high=0.1", S, "search.target.value=0.9"),
         "search.target unreachable", code=1, given="the data and baseline stages done", setup=baseline_ready,
         absent=("runs/dvc/l1/search.json", "mlflow.db")),
+    # params files and values that read as valid YAML but would run something else than the user wrote
+    Row("duplicate-key", "a section given twice", ("run",), "key 'train' appears twice in one mapping, at lines 1 and 3",
+        params="train: {epochs: 3}\nsearch: {n_trials: 2}\ntrain: {lr: 0.1}\n",
+        given="params.yaml: `train: {epochs: 3}` / `search: {n_trials: 2}` / `train: {lr: 0.1}`"),
+    Row("empty-params", "params.yaml holds no settings", ("run",), "holds no settings (it is empty or only comments)",
+        params="# filled in later\n", given="params.yaml: only a comment"),
+    Row("binary-params", "params.yaml is a binary file", ("run",), "a binary file, not YAML text", given="params.yaml: a PNG",
+        setup=lambda project, shared: (project / "params.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")),
+    Row("latin1-params", "params.yaml is not UTF-8", ("run",), "not UTF-8 text (byte 0xe9 at offset 24)",
+        given="params.yaml saved as Latin-1: `# café`",
+        setup=lambda project, shared: (project / "params.yaml").write_bytes(b"train: {epochs: 3}\n# caf\xe9\n")),
+    Row("alias-bomb", "nested YAML aliases (an alias bomb)", ("run",), "its aliases expand to more than 100000 values",
+        params=ALIAS_BOMB, given="params.yaml: six levels of ten aliases in `model.kwargs` (10^6 values)"),
+    Row("repeated-method", "a method listed twice", ("run", S, "methods=[l1,l1]"), "methods: l1 listed twice"),
+    Row("zero-epochs", "no baseline training", ("run", S, "train.epochs=0"), "train.epochs: 0 leaves the baseline untrained"),
+    Row("registry-name", "a model registry name MLflow refuses", ("run", S, "export.registered_model=team/digits"),
+        "export.registered_model: 'team/digits' is not a model registry name"),
+    Row("cuda-without-gpu", "`train.device=cuda` on a machine without a GPU", ("run", S, "train.device=cuda"),
+        "train.device is 'cuda' but torch sees no CUDA GPU here", patches=NO_GPU),
+    Row("data-dir-outside", "project.data_dir outside the project", ("run", S, "project.data_dir=../elsewhere"),
+        "project.data_dir: ../elsewhere is outside the project <project>"),
+    # data the model cannot learn from
+    Row("subset-one", "a training split of no image", ("run", S, "data.subset=1"),
+        "the training split holds 0 image(s), less than one batch of 2", digits=True),
+    Row("one-class", "an image folder with one class", IMAGES, "the dataset has one class (cat)",
+        given="my_images/{train,test}/cat/ only",
+        setup=lambda project, shared: images(project / "my_images", classes=("cat",), per_class=4)),
+    Row("symlink-loop", "an image that links to itself", IMAGES, "my_images/train/cat/loop.png",
+        given="my_images/train/cat/loop.png -> loop.png",
+        setup=image_folder(lambda root: (root / "train" / "cat" / "loop.png").symlink_to("loop.png"))),
+    # pruning that cannot work, found before training
+    Row("method-unprunable", "a method Torch-Pruning cannot apply to the model (FPGM, grouped conv)",
+        ("run", S, "model.name=my_models:grouped", S, "methods=[l1,fpgm]"), "; method fpgm)", digits=True),
+    Row("method-needs-bn", "slimming on a model without BatchNorm", ("run", S, "model.name=my_models:grouped"),
+        "methods.slimming: method slimming ranks channels by their BatchNorm scale", digits=True),
+    Row("method-needs-blocks", "cascade on a model without removable blocks", ("run", S, "methods=[l1,cascade]"),
+        "method cascade: SmallCNN has no removable blocks", digits=True),
+    Row("round-to-too-big", "round_to above every layer's width", ("run", S, "prune.round_to=1000"),
+        "prune.round_to=1000 is not below any prunable layer's channel count", digits=True),
+    Row("ratio-removes-nothing", "a ratio too small to remove a channel", ("run", S, "prune.ratio=0.02"),
+        "l1 at ratio 0.02 removed nothing", digits=True),
+    # pruneflow prune
+    Row("prune-round-to", "`prune --round-to` above every layer's width",
+        ("prune", "--model", "small_cnn", "--method", "l1", "--round-to", "1000"),
+        "--round-to=1000 is not below any prunable layer's channel count", code=1, digits=True),
+    Row("prune-untrained-slimming", "`prune` slimming on a model trained without its sparsity term",
+        ("prune", "--model", "resnet20", "--method", "slimming"), "every γ of this model is 1", code=1, digits=True),
+    Row("prune-method-precondition", "`prune` cascade on a model without removable blocks",
+        ("prune", "--model", "small_cnn", "--method", "cascade"),
+        "error: method cascade: SmallCNN has no removable blocks", code=1, digits=True),
+    Row("prune-input-size", "`prune` an ImageNet model on 8x8 digits",
+        ("prune", "--model", "torchvision:densenet121", "--method", "l1"),
+        "model 'torchvision:densenet121' cannot run on a 1x8x8 input", code=1, digits=True),
+    Row("checkpoint-runs-code", "`prune --checkpoint` whose model names code to run",
+        ("prune", "--checkpoint", "model.pt", "--method", "l1"), "its model 'os:system' is neither registered",
+        code=1, given="model.pt names the model `os:system`", setup=code_running_checkpoint),
+    # stores
+    Row("tracking-damaged", "a damaged mlflow.db", ("run",), "the MLflow tracking store is damaged", digits=True,
+        given="mlflow.db overwritten with junk", setup=lambda project, shared: damaged(project / "mlflow.db"),
+        absent=("runs", "mlartifacts")),
+    Row("tracking-read-only", "a read-only mlflow.db", ("run",), "the MLflow tracking store is read-only", digits=True,
+        given="mlflow.db on a read-only mount", absent=("runs", "mlartifacts"),
+        setup=lambda project, shared: shutil.copy(shared.tracking_store, project / "mlflow.db"),
+        patches=(("pruneflow.stores.writable", lambda path: False),)),
+    Row("disk-full", "a full disk", ("run",), "has 10 MB free, less than the 100 MB a run needs", digits=True,
+        given="10 MB free on the project's disk", patches=(("pruneflow.stores.shutil.disk_usage", full_disk),)),
+    Row("study-damaged", "a damaged runs/optuna.db", ("run",), "the Optuna study store is damaged", digits=True,
+        given="runs/optuna.db overwritten with junk", absent=("mlflow.db", "mlartifacts"),
+        setup=lambda project, shared: damaged(project / "runs" / "optuna.db")),
+    # what only training shows
+    Row("diverged", "a learning rate that makes training diverge", ("stage", "baseline", S, "train.lr=.inf"),
+        "training diverged", code=1, given="the data stage done", setup=data_ready, params=ONE_EPOCH),
+    Row("chance", "a baseline no better than chance", ("stage", "baseline", S, "train.lr=10"),
+        "no better than chance", code=1, given="the data stage done", setup=data_ready, params=ONE_EPOCH),
+    Row("nan-export", "an export of a model with NaN weights", ("stage", "export", "--method", "l1"),
+        "outputs are not finite on real inputs", code=1, given="runs/dvc/l1/retrained.pt holds a NaN weight",
+        setup=broken_retrained, params="methods: [l1]\nexport: {opset: 17}\n",  # 17: the quick exporter
+        absent=("runs/dvc/l1/export/cpu", "mlflow.db")),
+]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault the rows cannot stage (a killed process, a broken model inside a stage) and the test that injects it."""
+
+    kind: str
+    reproduce: str
+    outcome: str
+    test: str  # tests/<module>.py::<test function>
+
+
+FAULTS = [
+    Fault("the loss turns NaN in training", "`pruneflow run -S train.lr=.inf`",
+          "`training diverged: the loss is nan at epoch 1, batch 2 (lr inf); lower the learning rate (train.lr for the "
+          "baseline, retrain.lr for fine-tuning)`; the stage's MLflow run FAILED, nothing cached",
+          "tests/test_faults.py::test_training_stops_on_a_non_finite_loss"),
+    Fault("weights turn NaN in the last step", "one batch per epoch, `-S train.lr=.inf`",
+          "`training diverged: 22 of 26 weight tensors hold NaN or Inf (...)`",
+          "tests/test_faults.py::test_training_stops_on_non_finite_weights_after_its_last_step"),
+    Fault("a trained classifier at chance", "a net that collapsed onto one class",
+          "`... scores 70.0 % on 100 of its own training images, no better than chance (always answering the most "
+          "common class scores 70.0 %; needed > 83.7 %)`; the rule: accuracy > p + 3·sqrt(p(1−p)/n), p the majority "
+          "share (`pruneflow/gates.py`)",
+          "tests/test_faults.py::test_a_model_no_better_than_chance_on_its_training_images_fails"),
+    Fault("a training split too small, or of one class", "`data.subset` leaving 1 image, or one class",
+          "`the training split holds 1 image(s), less than one batch of 2 ...`",
+          "tests/test_faults.py::test_the_data_gate_needs_two_images_and_two_classes"),
+    Fault("a prune step that removes nothing", "ratio 0.02 with round_to 8, or round_to 1000",
+          "`l1 at ratio 0.02 removed nothing (...): at this ratio every layer keeps its full width ...`",
+          "tests/test_faults.py::test_a_pruning_step_that_removes_nothing_fails_and_says_why"),
+    Fault("a global threshold that removes less at a higher ratio", "slimming on the demo baseline at 0.56 and 0.62",
+          "removed MACs grow with the ratio (slimming, lamp): one ranking, then per-layer counts",
+          "tests/test_faults.py::test_global_threshold_methods_remove_more_as_the_ratio_grows"),
+    Fault("ratio 0.99 without rounding leaves 64-channel layers whole",
+          "`-S prune.ratio=0.99 -S prune.max_layer_ratio=0.9999 -S prune.round_to=null`",
+          "every layer keeps at least one channel and the reduction grows with the ratio",
+          "tests/test_faults.py::test_uniform_pruning_without_rounding_never_leaves_a_layer_whole_at_high_ratios"),
+    Fault("ONNX/TorchScript output NaN on both sides", "a model with a NaN weight, exported",
+          "`...: outputs are not finite on real inputs (PyTorch gives 5 NaN/Inf values, the file 5) ...`",
+          "tests/test_faults.py::test_parity_fails_when_an_output_is_nan_even_if_both_sides_are"),
+    Fault("parity on very large or very small outputs", "logits of 1e4; outputs of 1e-9",
+          "passes within `export.atol`·min(1, S) + `export.rtol`·S; a 1e-9-scale model off by 0.1 fails",
+          "tests/test_faults.py::test_parity_bound_grows_with_large_outputs_and_shrinks_with_tiny_ones"),
+    Fault("int8 worse than fp32", "an export whose int8 loses 1.17 dB",
+          "report.md: `test psnr 23.68 dB (-1.17 vs fp32 ONNX)`",
+          "tests/test_faults.py::test_the_int8_report_shows_a_loss_as_a_negative_change"),
+    Fault("a baseline damaged, deleted or replaced after training",
+          "`model.pt` truncated, `model.onnx` deleted, `checksums.json` gone, or a checkpoint that no longer loads",
+          "`baseline: not reusing runs/baselines/<key>: <file> is not the file trained there (its sha256 differs from "
+          "checksums.json's); training it again`: each file's sha256, recorded at training, is checked and the "
+          "checkpoint loaded before a reuse",
+          "tests/test_faults.py::test_a_damaged_baseline_is_trained_again_not_reused"),
+    Fault("a damaged baseline that cannot be removed", "as above, in a folder the user may not write",
+          "`the baseline in <folder> cannot be reused (...) nor removed (Permission denied): delete that folder, then "
+          "run again`; the run FAILED",
+          "tests/test_faults.py::test_a_damaged_baseline_that_cannot_be_removed_names_the_folder_to_delete"),
+    Fault("every method lost more than `export.registry_max_drop`", "l1 at ratio 0.5 without retraining (−79 points)",
+          "nothing is registered: `registry: no model is within export.registry_max_drop=1 of the baseline's accuracy "
+          "(drops: l1 79.00), so none is registered: prune less, retrain longer or raise export.registry_max_drop`, "
+          "also the parent run's tag `pruneflow.champion_reason`",
+          "tests/test_faults.py::test_no_model_is_registered_when_every_method_lost_more_than_registry_max_drop"),
+    Fault("a project folder named with URL characters", "a project in `x%41y a?b#c/`",
+          "mlflow.db and runs/optuna.db inside it, no file beside it (MLflow 3 itself leaves an empty folder named with "
+          "the escaped path)",
+          "tests/test_faults.py::test_stores_stay_in_a_project_whose_folder_name_holds_url_characters"),
+    Fault("a relative sqlite URI in params", "`project.tracking_uri: sqlite:///stores/mlflow.db`, run elsewhere",
+          "the store is `<project>/stores/mlflow.db`, as every path in params",
+          "tests/test_faults.py::test_relative_sqlite_uris_in_params_are_the_projects"),
+    Fault("the disk fills during a write", "`torch.save` fails with ENOSPC",
+          "no `.partial` file is left, so the run can still be marked FAILED",
+          "tests/test_faults.py::test_a_write_that_fails_leaves_no_partial_file"),
+    Fault("the store refuses the FAILED mark", "the disk is full for sqlite too",
+          "the block's own error (`No space left on device`) is raised; `pruneflow run` ends its open runs before it "
+          "exits, and the next run marks what is left KILLED",
+          "tests/test_faults.py::test_a_run_is_never_left_running_by_a_failure_even_when_the_store_refuses_the_mark"),
+    Fault("a command killed with SIGKILL", "`kill -9 <pid of pruneflow run/ui/serve>`",
+          "its watchdog stops every process it had started (checked by pid) and removes its record",
+          "tests/test_faults.py::test_a_killed_command_leaves_no_process_behind[SIGKILL]"),
+    Fault("a command stopped with SIGTERM", "`kill <pid of pruneflow run/ui/serve>`",
+          "as for SIGKILL; `pruneflow run` also marks its MLflow runs KILLED and exits 143",
+          "tests/test_faults.py::test_a_killed_command_leaves_no_process_behind[SIGTERM]"),
+    Fault("a command and its watchdog both killed", "`kill -9` of both",
+          "the next command on the project stops the processes the watchdog had recorded",
+          "tests/test_faults.py::test_the_next_command_stops_what_a_dead_command_and_its_dead_watchdog_left"),
+    Fault("`pruneflow ui` on a taken port", "`pruneflow ui --port 5000` with 5000 in use",
+          "`error: --port 5000: something already listens on 127.0.0.1:5000 (another pruneflow ui?); stop it or choose "
+          "another port` (exit 1)", "tests/test_faults.py::test_ui_exits_non_zero_when_its_port_is_taken"),
+    Fault("`pruneflow ui` stopped with SIGTERM or killed with SIGKILL", "`kill [-9] <pid of pruneflow ui>`",
+          "no MLflow server process is left and the port is free (ui has no handler of its own: either signal ends "
+          "it at once, and its watchdog stops the server, as in the two rows above)",
+          "tests/test_faults.py::test_ui_leaves_no_mlflow_server_behind"),
+    Fault("`dvc repro` after pipelines added trials to the study", "`make demo` twice, then `make repro`",
+          "the search stages choose as in a fresh project: each runs its own study (runs/dvc/<method>/study.db)",
+          "tests/test_dvc_repro.py::test_search_stage_chooses_the_same_whatever_ran_before"),
 ]
 
 
@@ -315,10 +549,17 @@ def invoke(row: Row, project: Path, shared: Shared) -> Outcome:
     if row.setup:
         row.setup(project, shared)
     args = list(row.args)
-    if row.digits:
-        args += ["--data-dir", str(shared.data_dir)] if args[0] == "prune" else ["-S", f"project.data_dir={shared.data_dir}"]
-    with inside(project, shared.models_dir), mock.patch("flows.pipeline.prune_pipeline",
-                                                         side_effect=AssertionError("the flow started")):
+    if row.digits and args[0] == "prune":
+        args += ["--data-dir", str(shared.data_dir)]
+    elif row.digits:  # the prepared digits, linked where the project keeps its data
+        (project / "data").mkdir(exist_ok=True)
+        (project / "data" / "digits").symlink_to(shared.data_dir / "digits", target_is_directory=True)
+    with contextlib.ExitStack() as faults:
+        for target, replacement in row.patches:
+            faults.enter_context(mock.patch(target, replacement))
+        faults.enter_context(inside(project, shared.models_dir))
+        faults.enter_context(mock.patch("flows.pipeline.prune_pipeline",
+                                        side_effect=AssertionError("the flow started")))
         result = CliRunner().invoke(app, args, env=row.env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         return Outcome(result.exit_code, f"unhandled {type(result.exception).__name__}: {result.exception}")
@@ -343,9 +584,11 @@ def left_behind(project: Path, row: Row) -> list[str]:
 
 
 def normalise(text: str, project: Path) -> str:
-    """The message as the doc shows it: the project folder as ``<project>``, lists of known names elided."""
+    """The message as the doc shows it: the project folder as ``<project>``, lists of known names elided, and a
+    trained model's accuracy, which other CPUs' kernels round differently, as ``…``."""
     for folder in {str(project.resolve()), str(project)}:
         text = text.replace(folder, "<project>")
+    text = re.sub(r"(baseline scores )[\d.]+ %", r"\1… %", text)
     return re.sub(r"known: [^;)]*", "known: …", text)
 
 
@@ -388,24 +631,49 @@ def test_every_row_is_documented() -> None:
     assert DOC.read_text().count("`test_bad_input[") == len(ROWS) == len({row.id for row in ROWS})
 
 
-HEADER = """# Bad input and the errors it gives
+def test_every_fault_names_a_test_and_is_documented() -> None:
+    text = DOC.read_text()
+    for fault in FAULTS:
+        module, _, name = fault.test.partition("::")
+        function = name.partition("[")[0]
+        assert hasattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), function), fault.test
+        assert text.count(f"`{fault.test}`") == 1, f"docs/reliability.md does not list {fault.test}"
 
-Every kind of bad input below stops with a non-zero exit code and one line naming the problem (the key, the
-file, the setting), before anything trains or opens an MLflow run, and leaves nothing behind that looks like a
-result. Exit code 2 is bad input found before anything started (params, data, model, tracking store); 1 is a
-command that started and failed (`pruneflow prune`, `export`, `stage`).
 
-Params keys are checked when params.yaml is read; the data, the model and the tracking store by the checks
-`pruneflow run` makes before starting the flow (`pruneflow/preflight.py`, `tasks/tracking.py`): the dataset is
-prepared and decoded, the model built and run on it, and a model from outside the registry pruned once on a
-copy and exported to ONNX, as the pipeline would after training. The flow repeats the checks for its other
-callers (deployments).
+HEADER = """# Bad input, faults and the errors they give
 
-Each row is a case of `tests/test_reliability.py`, which runs the command and checks that the message below is
-the one the code gives. `<project>` is the project folder; `known: …` stands for the list of valid names the
-message gives. This file is generated from those runs: `.venv/bin/python -m tests.test_reliability`.
+{kinds} kinds of bad input and fault, each tested. The first table is bad input: it stops with a non-zero exit code
+and one line naming the problem (the key, the file, the setting) and its remedy, leaving nothing behind that
+looks like a result. Exit code 2 is bad input found before anything started (params, data, model, tracking
+and study stores); 1 is a command that started and failed (`pruneflow prune`, `export`, `stage`). The second
+table is faults the pipeline meets while it runs (a model that diverged, a full disk, a killed process) and
+what it does about them.
+
+Params keys are checked when params.yaml is read (duplicate keys, alias bombs and non-text files included); the
+data, the model and the stores by the checks `pruneflow run` makes before starting the flow
+(`pruneflow/preflight.py`, `tasks/tracking.py`): the stores are checked for damage, write access and disk space,
+the dataset is prepared and decoded, the model built and run on it, and pruned on a copy with every configured
+method as far as the run may go (a model from outside the registry is also exported to ONNX). The flow repeats
+the checks for its other callers (deployments). What only training or a stage's result shows is stopped by the
+sanity gates of `pruneflow/gates.py` before anything is cached, logged as done or registered: a training split
+under one batch of two images or of one class, a non-finite loss or weight after any training, a trained
+classifier no better than chance on its own training images (accuracy ≤ p + 3·sqrt(p(1−p)/n), p the share of
+its most common class, n ≤ 2048 images scored), a prune step that removed nothing, and an export whose outputs
+are NaN or Inf or differ from PyTorch by more than `export.atol`·min(1, S) + `export.rtol`·S (S the largest
+|output|).
+
+Each bad-input row is a case of `tests/test_reliability.py`, which runs the command and checks that the message
+below is the one the code gives. `<project>` is the project folder; `known: …` stands for the list of valid
+names the message gives, `scores … %` for a trained model's accuracy. This file is generated from those runs: `.venv/bin/python -m tests.test_reliability`.
 
 | # | bad input | how to reproduce (in the project folder) | exact error the user sees (exit code) | test |
+|---|---|---|---|---|
+"""
+
+FAULTS_HEADER = """
+## Faults
+
+| # | fault | how it happens | what pruneflow does | test |
 |---|---|---|---|---|
 """
 
@@ -432,8 +700,11 @@ def main() -> None:
         for number, row in enumerate(ROWS, 1):
             project = Path(scratch) / row.id / "project"
             lines.append(doc_row(number, row, invoke(row, project, shared), project))
-    DOC.write_text(HEADER + "\n".join(lines) + "\n" + FOOTER.format(models=MY_MODELS))
-    print(f"wrote {DOC} ({len(ROWS)} rows)")
+    faults = [f"| {number} | {fault.kind} | {fault.reproduce} | {fault.outcome} | `{fault.test}` |"
+              for number, fault in enumerate(FAULTS, len(ROWS) + 1)]
+    DOC.write_text(HEADER.format(kinds=len(ROWS) + len(FAULTS)) + "\n".join(lines) + "\n"
+                   + FAULTS_HEADER + "\n".join(faults) + "\n" + FOOTER.format(models=MY_MODELS))
+    print(f"wrote {DOC} ({len(ROWS)} rows, {len(FAULTS)} faults)")
 
 
 if __name__ == "__main__":

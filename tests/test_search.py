@@ -6,13 +6,15 @@ import json
 
 import optuna
 import pytest
+import torch
 
 from pruneflow import stages
+from pruneflow.checkpoint import load_model
 from pruneflow.config import ConfigError, PipelineConfig, SearchConfig, load_config
 from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
 from pruneflow.plan import PrunePlan
-from pruneflow.search import (SearchError, SearchSpace, TrialMeasure, check_reachable, make_sampler, open_study,
-                              pareto_front, run_trials, select, target_gap)
+from pruneflow.search import (SearchError, SearchSpace, TrialMeasure, check_reachable, feasible_trials, make_sampler,
+                              open_study, pareto_front, run_trials, select, target_gap)
 from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 
@@ -153,6 +155,10 @@ def test_bad_search_configs_are_rejected_with_the_key(tmp_path):
         ("search.objectives=[macs_reduction]",): "objectives must be [<metric>]",
         ("search.objectives=[accuracy, latency_ms]", "search.pruner=median"): "Optuna prunes single-objective",
         ("search.space=per_stage", "methods=[l1, layer_entropy]"): "layer_entropy choose per-layer ratios",
+        ("search.proxy=bn",): "search.proxy: Input should be 'finetune' or 'adaptive_bn'",
+        ("search.proxy=adaptive_bn", "search.pruner=median"): "adaptive_bn trials train no epochs",
+        ("search.top_k=0",): "search.top_k",
+        ("search.calib_batches=0",): "search.calib_batches",
     }
     for overrides, message in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -179,3 +185,38 @@ def test_reachability_probes_below_ratio_high_for_threshold_methods():
     check_reachable(cfg, SearchSpace({"ratio": []}), measure)
     with pytest.raises(SearchError, match="best macs_reduction over ratios 0.2..0.7 is 0.150"):
         check_reachable(cfg, SearchSpace({"ratio": []}), lambda plan: {"macs_reduction": 0.15})
+
+
+def test_an_adaptive_bn_search_fine_tunes_its_top_k_and_hands_a_feasible_plan_to_prune(tmp_path, baseline, digits_dir):
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, proxy="adaptive_bn", space="per_stage",
+                                    n_trials=4, top_k=2)
+    assert all(t.user_attrs.get("epochs_run") == 0 for t in study.trials)  # judged without a gradient step
+    rung = optuna.load_study(study_name=f"{study.study_name}-finetuned", storage=cfg.search.storage)
+    ranked = sorted(feasible_trials(study, cfg.search), key=lambda t: t.values[0], reverse=True)
+    assert sorted(t.user_attrs["proxy_trial"] for t in rung.trials) == sorted(t.number for t in ranked[:2])
+    assert chosen.plan.origin.trial in {t.user_attrs["proxy_trial"] for t in rung.trials}
+    assert chosen.metric == max(t.values[0] for t in rung.trials) and chosen.costs["macs_reduction"] >= 0.4
+    summary = stages.prune_model(l1_run(cfg, tmp_path, baseline, digits_dir), log=lambda _: None)
+    assert summary.plan.layer_ratios == chosen.plan.layer_ratios
+    assert 1 - summary.macs_after / summary.macs_before == pytest.approx(chosen.costs["macs_reduction"])
+
+
+def test_a_checkpoint_is_the_baseline_as_it_is_and_distillation_retrains_from_it(tmp_path, baseline, digits_dir,
+                                                                               monkeypatch):
+    trained, _, _ = load_model(l1_run(PipelineConfig.model_validate(FAST), baseline, baseline, digits_dir).baseline_model)
+    torch.save(trained.state_dict(), tmp_path / "trained.pt")
+    cfg = PipelineConfig.model_validate({**FAST, "train": {}, "baseline": {"checkpoint": str(tmp_path / "trained.pt")},
+                                         "prune": {"ratio": 0.5}, "retrain": {"epochs": 1, "distill": {"weight": 0.5}}})
+    assert cfg.train.epochs == 0
+    assert stages.baseline_key(cfg, "digits-md5") != stages.baseline_key(PipelineConfig.model_validate(FAST), "digits-md5")
+    run = l1_run(cfg, tmp_path, tmp_path / "baseline", digits_dir)
+    stages.train_baseline(run, log=lambda _: None)
+    loaded, _, _ = load_model(run.baseline_model)
+    assert all(torch.equal(value, trained.state_dict()[key]) for key, value in loaded.state_dict().items())
+    taught = []
+    monkeypatch.setattr(stages, "train", lambda *args, distill=None, **kwargs: taught.append(distill) or [])
+    stages.search_ratio(run, log=lambda _: None)
+    stages.prune_model(run, log=lambda _: None)
+    stages.retrain_model(run, log=lambda _: None)
+    assert taught[0].weight == 0.5 and all(torch.equal(value, trained.state_dict()[key])
+                                           for key, value in taught[0].teacher.state_dict().items())

@@ -189,6 +189,11 @@ def check_image_folder(root: Path) -> None:
         for folder in classes:
             entries = [entry for entry in os.scandir(folder) if not entry.name.startswith(".")]
             for entry in entries:
+                try:
+                    entry.stat()  # follows a link: one that points to itself or in a circle fails here
+                except OSError as err:
+                    raise ValueError(f"data.path: {entry.path} cannot be read ({err.strerror}); remove the link or "
+                                     "point it at an image") from None
                 if not entry.is_file() or Path(entry.name).suffix.lower() not in IMAGE_SUFFIXES:
                     raise ValueError(f"data.path: {entry.path} is not an image file; class folders hold only "
                                      f"images ({' '.join(sorted(IMAGE_SUFFIXES))})")

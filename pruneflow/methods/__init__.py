@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from pruneflow.methods.base import PruneResult, PruningMethod
+from pruneflow.methods.base import MethodUnsuitable, PruneResult, PruningMethod
 from pruneflow.registry import Registry
 
 METHODS: Registry[type[PruningMethod]] = Registry("pruning method")
@@ -35,4 +35,5 @@ def _import_all() -> None:
 
 _import_all()
 
-__all__ = ["METHODS", "PruneResult", "PruningMethod", "create_method", "method_name", "register_method"]
+__all__ = ["METHODS", "MethodUnsuitable", "PruneResult", "PruningMethod", "create_method", "method_name",
+           "register_method"]

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import Batches, MethodError, PruneResult, PruningMethod, remove_blocks
+from pruneflow.methods.base import Batches, MethodUnsuitable, PruneResult, PruningMethod, remove_blocks
 from pruneflow.methods.blocks import removable_blocks
 from pruneflow.metrics import count_macs_params, layer_changes, layer_stats
 from pruneflow.plan import PrunePlan
@@ -49,8 +49,8 @@ class CascadeParams(BaseModel):
 def blocks_of(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
     blocks = removable_blocks(model, example_inputs)
     if not blocks:
-        raise MethodError(f"method cascade: {type(model).__name__} has no removable blocks (no submodule computes "
-                          "x + f(x) with its input's shape, and the model declares no removable_blocks())")
+        raise MethodUnsuitable(f"method cascade: {type(model).__name__} has no removable blocks (no submodule "
+                               "computes x + f(x) with its input's shape, and the model declares no removable_blocks())")
     return blocks
 
 

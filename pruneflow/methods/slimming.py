@@ -12,7 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from pruneflow.methods import register_method
-from pruneflow.methods.base import PruningMethod, Regularizer
+from pruneflow.methods.base import MethodUnsuitable, PruneResult, PruningMethod
+from pruneflow.plan import PrunePlan
+from pruneflow.task import Batches
+from pruneflow.training import Regularizer
 
 
 class SlimmingParams(BaseModel):
@@ -39,3 +42,20 @@ class Slimming(PruningMethod):
     def importance(self) -> tp.importance.Importance:
         # Raw |γ| (no per-layer normalisation): slimming's one threshold compares channels across layers.
         return tp.importance.BNScaleImportance(normalizer=None)
+
+    def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
+              calib_batches: Batches | None = None) -> PruneResult:
+        """Refuse a model whose γ cannot rank channels: with none, or all equal (as BatchNorm initialises them, in a
+        model trained without the sparsity term), every channel would tie and the threshold remove nothing."""
+        gammas = [m.weight.detach().abs().flatten() for m in model.modules()
+                  if isinstance(m, nn.BatchNorm2d) and m.affine]
+        if not gammas:
+            raise MethodUnsuitable(f"method slimming ranks channels by their BatchNorm scale γ, and "
+                                   f"{type(model).__name__} has no BatchNorm layer: choose another method")
+        values = torch.cat(gammas)
+        if bool((values == values[0]).all()):
+            raise MethodUnsuitable(f"method slimming ranks channels by their BatchNorm scale |γ|, and every γ of "
+                                   f"this model is {values[0].item():g}: it was not trained with slimming's sparsity "
+                                   "term; prune a baseline trained with methods.slimming in params (pruneflow run "
+                                   "trains it so)")
+        return super().prune(model, example_inputs, plan, calib_batches)

@@ -16,15 +16,26 @@ ModelFactory = Callable[..., nn.Module]
 
 
 def torchvision_factory(name: str) -> ModelFactory:
-    """A torchvision classification model, built untrained (``weights=None``) with our class count."""
+    """A torchvision classification model with our class count: untrained, or from torchvision's pretrained
+    ``weights`` (``model.kwargs: {weights: DEFAULT}``, or a name such as ``IMAGENET1K_V1``).
+
+    Pretrained weights come with their own class count (1000 for ImageNet); when the data has another, the
+    classifier is replaced by a fresh one (the usual transfer-learning start), and the backbone keeps its weights.
+    The weights are downloaded into torch's hub cache, or read from it: on a machine without internet, copy the
+    file there, or load your own weights with ``baseline.checkpoint``.
+    """
     import torchvision  # imported on demand: it is slow to import and most runs never use it
 
     known = torchvision.models.list_models(module=torchvision.models)  # classification models only
     if name not in known:
         raise ValueError(f"torchvision has no classification model {name!r}; known: {', '.join(known)}")
 
-    def build(in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    def build(in_channels: int = 3, num_classes: int = 10, weights: str | None = None, **kwargs: Any) -> nn.Module:
+        if weights is None:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        else:
+            model = pretrained(name, weights, kwargs)
+            replace_head(model, num_classes)
         if in_channels != 3:
             replace_stem(model, in_channels)
         return model
@@ -32,8 +43,49 @@ def torchvision_factory(name: str) -> ModelFactory:
     return build
 
 
+def pretrained(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
+    """torchvision's ``name`` with its pretrained ``weights``; a failed download or an unknown weights name is one
+    ValueError naming ``model.kwargs.weights``."""
+    import torch
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(name, weights=weights, **kwargs)
+    except OSError as err:  # urllib's URLError, a refused connection, a read-only cache
+        raise ValueError(f"model.kwargs.weights={weights!r}: cannot get torchvision's {name} weights "
+                         f"({getattr(err, 'reason', err)}); without internet, copy the weights file into "
+                         f"{torch.hub.get_dir()}/checkpoints, or give your own as baseline.checkpoint") from None
+    except KeyError:  # torchvision's enum lookup of an unknown name
+        names = ", ".join(["DEFAULT", *(w.name for w in torchvision.models.get_model_weights(name))])
+        raise ValueError(f"model.kwargs.weights={weights!r}: torchvision has no such weights for {name}; "
+                         f"known: {names}") from None
+    except ValueError as err:  # kwargs that the weights fix otherwise
+        raise ValueError(f"model.kwargs.weights={weights!r}: {err}") from None
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Give a pretrained classifier ``num_classes`` outputs: its last linear (or 1x1 conv) layer, if it has another
+    count, is replaced by a fresh one."""
+    heads = [(name, module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no linear or conv layer to use as its classifier")
+    name, head = heads[-1]
+    if isinstance(head, nn.Linear):
+        if head.out_features == num_classes:
+            return
+        fresh: nn.Module = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+    else:
+        if head.out_channels == num_classes:
+            return
+        fresh = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding,
+                          bias=head.bias is not None)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+
+
 def replace_stem(model: nn.Module, in_channels: int) -> None:
-    """Swap the first 3-channel conv for an ``in_channels`` one (e.g. for 1-channel digits); weights are fresh anyway."""
+    """Swap the first 3-channel conv for an ``in_channels`` one (e.g. for 1-channel digits); a pretrained stem loses
+    its weights: they were for another input."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
             stem = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,

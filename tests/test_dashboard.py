@@ -1,0 +1,44 @@
+"""`pruneflow dashboard`: optuna-dashboard on the project's study storage, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.servers import answers
+from pruneflow.config import load_config
+from pruneflow.search import open_study
+from tests.conftest import TINY_PARAMS, write_params
+from tests.system_deps import free_port
+from tests.test_operations import cli, start, subprocess_env, tail, wait_for
+
+
+def test_dashboard_serves_the_projects_studies_and_stops(tmp_path):
+    cfg, _ = load_config(write_params(tmp_path, TINY_PARAMS))
+    (tmp_path / "runs").mkdir()
+    open_study(f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}", "l1-study", cfg.search, seed=0)
+    port, log = free_port(), tmp_path / "dashboard.log"
+    dashboard = start(cli("dashboard", "--params", "params.yaml", "--port", str(port)), tmp_path, subprocess_env(), log)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(url + "/api/studies"), 120, "the dashboard", {log: dashboard})
+        with urllib.request.urlopen(url + "/api/studies", timeout=10) as response:
+            studies = json.load(response)["study_summaries"]
+        assert [study["study_name"] for study in studies] == ["l1-study"]
+    finally:
+        dashboard.send_signal(signal.SIGINT)  # Ctrl-C
+        dashboard.wait(timeout=30)
+    assert not answers(url + "/api/studies"), tail(log)
+    assert f"Optuna dashboard for sqlite:///{tmp_path}/runs/optuna.db at {url}" in log.read_text()
+
+
+def test_dashboard_without_studies_says_so(tmp_path):
+    write_params(tmp_path, TINY_PARAMS)
+    done = CliRunner().invoke(app, ["dashboard", "--params", str(tmp_path / "params.yaml")])
+    assert done.exit_code == 1
+    assert f"error: no study storage at {tmp_path}/runs/optuna.db yet: run the pipeline first" in done.output
+    assert not (tmp_path / "runs" / "optuna.db").exists()
