@@ -27,7 +27,9 @@ def flat(outcome: Any) -> dict[str, Any]:
     return outcome if isinstance(outcome, dict) else outcome.as_dict()
 
 
-@flow(name="method_chains", log_prints=True)
+# No parameter validation: the run context is a dataclass the pipeline built, and pydantic would have to resolve
+# its annotation by name where Prefect loads the pipeline from a deployment's entrypoint (it cannot there).
+@flow(name="method_chains", log_prints=True, validate_parameters=False)
 def method_chains(run: ProjectRun, parent_run_id: str) -> dict:
     """Run the chains; return each method's metrics (``results``), errors (``failures``) and MLflow run id."""
     logger = get_run_logger()

@@ -62,7 +62,7 @@ def read_checkpoint(path: Path) -> Any:
     except OSError:
         raise
     except Exception as err:
-        objects = "Weights only load failed" in str(err)  # valid pickle, but of objects (a whole model), not tensors
+        objects = "Unsupported global" in str(err)  # a valid pickle of objects (a whole model), not of tensors
         hint = "; it holds pickled objects: save model.state_dict() instead" if objects else ""
         raise ValueError(f"{path}: not a model file pruneflow wrote nor a state_dict (torch.load: "
                          f"{type(err).__name__}{hint})") from None
