@@ -77,8 +77,11 @@ PAPER = {
 PUBLIC_BAR = "HRank (ResNet-56): 93.26 → 93.17 at −50 % FLOPs; DepGraph is the other public bar"
 
 
-def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006, B008 (the run's start, fixed once)
-    elapsed = time.perf_counter() - _start[0]
+START = time.perf_counter()  # the run's start, for log's elapsed time
+
+
+def log(message: str) -> None:
+    elapsed = time.perf_counter() - START
     print(f"[{elapsed / 60:6.1f} min] {message}", flush=True)
 
 

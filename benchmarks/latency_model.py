@@ -283,7 +283,7 @@ def render(outcome: Outcome, args: argparse.Namespace, command: str, loads: tupl
         "|---|---|---|---|---|---|",
     ]
     for c in outcome.checks:
-        for label, measured, predicted in zip(c.labels, c.measured, c.same_call):
+        for label, measured, predicted in zip(c.labels, c.measured, c.same_call, strict=True):
             lines.append(f"| {c.model} | {c.batch} | {label} | {measured:.3f} | {predicted:.3f} | "
                          f"{(predicted - measured) / measured * 100:+.1f} |")
     lines += [

@@ -63,8 +63,11 @@ PROXIES = ("plain", "adaptive_bn", "finetune")
 BATCH = 128  # the CIFAR recipe's batch
 
 
-def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006 (the run's start, fixed once)
-    print(f"[{(time.perf_counter() - _start[0]) / 60:6.1f} min] {message}", flush=True)
+START = time.perf_counter()  # the run's start, for log's elapsed time
+
+
+def log(message: str) -> None:
+    print(f"[{(time.perf_counter() - START) / 60:6.1f} min] {message}", flush=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -179,9 +182,11 @@ class Study:
         ratios = self.candidate(index)
         plan = self.space.plan(ratios)
         model = self.pruned(plan)
-        row = {"candidate": index, "ratios": ratios, **reductions(model, self.example[:1], self.macs, self.params, True)}
+        row = {"candidate": index, "ratios": ratios,
+               **reductions(model, self.example[:1], self.macs, self.params, True)}
         _, val = self.loaders()
-        calib = self.splits.loader("train", BATCH, shuffle=True, seed=self.args.seed, max_batches=self.args.calib_batches)
+        calib = self.splits.loader("train", BATCH, shuffle=True, seed=self.args.seed,
+                                   max_batches=self.args.calib_batches)
 
         row["plain"] = evaluate(model, val)
         with timed(row, "adaptive_bn"):
@@ -221,13 +226,14 @@ def render(args: argparse.Namespace, rows: list[dict], baseline: dict) -> str:
         f"Regenerate: `{command.strip()}` (CPU, {args.threads} PyTorch thread(s), a machine shared with other jobs).",
         "",
         f"Baseline: the trained ResNet-56 `{args.checkpoint}` ({baseline['accuracy']:.2f} % on the {args.test_images} "
-        f"test images of the final accuracy, {baseline['val']:.2f} % on the {args.val_images} others the proxies use). "
-        f"{len(rows)} candidates, each l1-pruned with random {args.space.replace('_', '-')} ratios scaled onto −{args.target:.0%} MACs "
-        f"(round_to 8; reached: {min(r['macs_reduction'] for r in rows):.1%}–{max(r['macs_reduction'] for r in rows):.1%}). "
+        f"test images of the final accuracy, {baseline['val']:.2f} % on the {args.val_images} others the proxies "
+        f"use). {len(rows)} candidates, each l1-pruned with random {args.space.replace('_', '-')} ratios scaled onto "
+        f"−{args.target:.0%} MACs (round_to 8; reached: {min(r['macs_reduction'] for r in rows):.1%}–"
+        f"{max(r['macs_reduction'] for r in rows):.1%}). "
         f"Data: {args.train_images} training images (crop + flip), drawn with seed {args.seed}; adaptive BN on "
-        f"{args.calib_batches} batches of 128 training images; the fine-tune proxy {args.proxy_epochs} epoch(s) and the "
-        f"final fine-tune {args.final_epochs} epochs over the training images (SGD lr 0.01, cosine), final accuracy on "
-        f"the test images. CPU-sized: a short final fine-tune on a subset, not a full retrain.", "",
+        f"{args.calib_batches} batches of 128 training images; the fine-tune proxy {args.proxy_epochs} epoch(s) "
+        f"and the final fine-tune {args.final_epochs} epochs over the training images (SGD lr 0.01, cosine), final "
+        f"accuracy on the test images. CPU-sized: a short final fine-tune on a subset, not a full retrain.", "",
         "| proxy | Spearman ρ vs final accuracy | p-value | proxy accuracy range (%) | seconds per candidate (CPU s) |",
         "|---|---|---|---|---|",
     ]

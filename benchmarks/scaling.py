@@ -48,8 +48,11 @@ PARAMS = {
 }
 
 
-def log(message: str, _start: list[float] = [time.perf_counter()]) -> None:  # noqa: B006 (the run's start)
-    print(f"[{time.perf_counter() - _start[0]:7.1f}s] {message}", flush=True)
+START = time.perf_counter()  # the run's start, for log's elapsed time
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
 
 
 def run_pipeline(source: Path, project: Path, overrides: list[str]) -> dict[str, Any]:

@@ -68,8 +68,11 @@ QUICK_IMAGES = {"train": 40, "test": 10}  # per class, in the --quick image fold
 ANALYSIS = "## What this shows"  # a rerun rewrites the report above this heading and keeps what follows
 
 
-def log(message: str, _start=[time.perf_counter()]) -> None:  # noqa: B006, B008 (the run's start, fixed once)
-    print(f"[{(time.perf_counter() - _start[0]) / 60:6.1f} min] {message}", flush=True)
+START = time.perf_counter()  # the run's start, for log's elapsed time
+
+
+def log(message: str) -> None:
+    print(f"[{(time.perf_counter() - START) / 60:6.1f} min] {message}", flush=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -181,10 +184,12 @@ def render(args: argparse.Namespace, baseline: dict, rows: list[dict], seconds: 
     for name in args.arms:
         arm = [row for row in rows if row["arm"] == name]
         diff = [row["accuracy"] - uniform[row["seed"]] for row in arm if row["seed"] in uniform]
-        table.append([name, mean_std([r["accuracy"] for r in arm]), mean_std(diff) if diff and name != "uniform l1" else "",
+        table.append([name, mean_std([r["accuracy"] for r in arm]),
+                      mean_std(diff) if diff and name != "uniform l1" else "",
                       mean_std([100 * r["macs_reduction"] for r in arm], ".1f"),
                       mean_std([r["latency_ms"] for r in arm], ".3f"), mean_std([r["speedup"] for r in arm]),
-                      f"{statistics.mean(r['judged'] for r in arm):.0f} ({statistics.mean(r['finetuned'] for r in arm):.0f})",
+                      f"{statistics.mean(r['judged'] for r in arm):.0f} "
+                      f"({statistics.mean(r['finetuned'] for r in arm):.0f})",
                       mean_std([r["search_seconds"] / 60 for r in arm], ".1f")])
     headers = ["arm", "test acc. %", "Δ vs uniform l1 (paired)", "MACs −%", "latency ms", "speedup",
                "candidates judged (fine-tuned)", "search min"]

@@ -79,8 +79,11 @@ RESUME_IGNORES = ("out", "report_only", "resume", "device", "archive", "data")  
 TIMES = ("train_seconds", "train_cpu_seconds")  # wall and CPU time of the epochs up to a checkpoint
 
 
-def log(message: str, _start: list[float] = [time.perf_counter()]) -> None:  # noqa: B006, B008 (the run's start, fixed once)
-    print(f"[{time.perf_counter() - _start[0]:7.1f}s] {message}", flush=True)
+START = time.perf_counter()  # the run's start, for log's elapsed time
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
 
 
 def minutes(text: str) -> float:
@@ -233,8 +236,9 @@ def verdict(runs: list[dict[str, Any]], trainset: str, test: str, epochs: list[i
         same = abs(diff) <= noise if seeds > 1 else abs(diff) <= 0.05
         faster = wall < 1
         holds.append((same or diff > 0) and faster)
-        lines.append(f"- {epoch} epoch{'s' if epoch != 1 else ''}: 1 branch − 3 branches = **{diff:+.3f} dB** (2 standard errors of the "
-                     f"difference: {noise:.3f} dB) → {'same PSNR within seed noise' if same else ('better' if diff > 0 else 'worse')}; "
+        outcome = "same PSNR within seed noise" if same else ("better" if diff > 0 else "worse")
+        lines.append(f"- {epoch} epoch{'s' if epoch != 1 else ''}: 1 branch − 3 branches = **{diff:+.3f} dB** "
+                     f"(2 standard errors of the difference: {noise:.3f} dB) → {outcome}; "
                      f"training time ratio {ratio_text(wall)} wall, {ratio_text(cpu)} CPU.")
     if holds:
         claim = "holds" if all(holds) else ("does not hold" if not any(holds) else "holds only in part")
@@ -361,9 +365,11 @@ def main() -> None:
     example = torch.zeros(1, 1, crop // args.scale, crop // args.scale)
     payload = {
         "settings": settings(args, crop), "crop": crop, "command": shlex.join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU, {torch.get_num_threads()} threads"),
         "torch": torch.__version__, "platform": platform.platform(), "timing": "interleaved", "runs": runs,
-        "images": {f"{trainset} {name}": len(split) for trainset, splits in data.items() for name, split in splits.items()},
+        "images": {f"{trainset} {name}": len(split)
+                   for trainset, splits in data.items() for name, split in splits.items()},
         "tests": {trainset: [name for name in splits if name != "train"] for trainset, splits in data.items()},
         "params": {str(b): dict(zip(("macs", "params"), count_macs_params(build(b, args.scale, 0), example),
                                     strict=True))

@@ -57,7 +57,8 @@ def method_chains(run: ProjectRun, parent_run_id: str) -> dict:
                 run_id = run_ids[method]
                 try:
                     chain.result()  # the chain's failure raises itself
-                    outcomes = [STAGE_TASKS[name].submit(name, run.method_run(method), run_id).result() for name in TIMED]
+                    outcomes = [STAGE_TASKS[name].submit(name, run.method_run(method), run_id).result()
+                                for name in TIMED]
                 except Exception as err:  # one broken method must not hide the others' results
                     failures[method] = f"{type(err).__name__}: {err}"
                     logger.error(f"{method} failed: {failures[method]}")

@@ -86,7 +86,8 @@ def run(params: Path = PARAMS, overrides: list[str] | None = SET) -> None:
     else:
         typer.echo(f"Registered:   {champion['uri']} = {champion['name']} version {champion['version']} "
                    f"({champion['method']})")
-    typer.echo(f"MLflow run:   {result['parent_run_id']} in experiment '{cfg.project.experiment}' ({result['tracking_uri']})")
+    typer.echo(f"MLflow run:   {result['parent_run_id']} in experiment '{cfg.project.experiment}' "
+               f"({result['tracking_uri']})")
     typer.echo(f"Open the UI:  pruneflow ui --params {params}   (or: make ui), then browse http://127.0.0.1:5000")
 
 
@@ -282,7 +283,8 @@ def prune(
                                                    "state_dict for --model"),
     calib_batches: int = typer.Option(4, min=1, help="training batches given to data-driven methods"),
     round_to: int = typer.Option(8, min=1, help="round kept channels to a multiple (1: no rounding)"),
-    input_size: int | None = typer.Option(None, min=1, help="side of the square input; default: the data's or checkpoint's"),
+    input_size: int | None = typer.Option(
+        None, min=1, help="side of the square input; default: the data's or checkpoint's"),
     channels: int | None = typer.Option(None, min=1, help="input channels; default: the data's"),
     classes: int | None = typer.Option(None, min=1, help="classes; default: the data's"),
     out: Path | None = typer.Option(None, dir_okay=False, help="write the pruned model here (a model file)"),

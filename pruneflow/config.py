@@ -103,12 +103,13 @@ class BaselineConfig(Section):
     def _normalisation(self) -> BaselineConfig:
         if (self.mean is None) != (self.std is None):
             raise ValueError("mean and std: give both or neither")
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:  # both or neither, checked above
             if self.checkpoint is None:
                 raise ValueError("mean and std describe a checkpoint's training; without baseline.checkpoint the "
                                  "baseline is trained on the data's own statistics")
             if len(self.mean) != len(self.std) or min(self.std) <= 0:
-                raise ValueError(f"mean and std need one value per input channel and std > 0, got {self.mean}, {self.std}")
+                raise ValueError(f"mean and std need one value per input channel and std > 0, "
+                                 f"got {self.mean}, {self.std}")
         return self
 
 
@@ -165,7 +166,8 @@ class SearchConfig(Section):
         "finetune", description="how a trial is scored: finetune_epochs of fine-tuning; or adaptive_bn: BatchNorm "
                                 "statistics re-estimated on calib_batches training batches, no gradient step, so "
                                 "many more trials fit a budget; then the top_k are fine-tuned and one is chosen")
-    calib_batches: int = Field(10, ge=1, description="adaptive_bn: training batches the BN statistics are re-estimated on")
+    calib_batches: int = Field(
+        10, ge=1, description="adaptive_bn: training batches the BN statistics are re-estimated on")
     top_k: int = Field(5, ge=1, description="adaptive_bn: feasible trials with the best proxy score that are then "
                                             "fine-tuned for finetune_epochs before the selection policy picks one")
     target: TargetConfig = Field(default_factory=TargetConfig)
@@ -177,14 +179,15 @@ class SearchConfig(Section):
     pruner: Literal["auto", "none", "median", "hyperband"] = Field(
         "auto", description="auto: median, none if multi-objective")
     selection: Literal["best_under_target", "max_reduction_within_drop", "pareto_knee"] = "best_under_target"
-    tolerance: float = Field(1.0, ge=0, description="main-metric points (accuracy %, PSNR dB) max_reduction_within_drop "
-                                                     "may lose vs the baseline")
-    storage: str | None = Field(None, description="SQLAlchemy URL; default $PRUNEFLOW_SEARCH_STORAGE, else runs/optuna.db")
+    tolerance: float = Field(1.0, ge=0, description="main-metric points (accuracy %, PSNR dB) "
+                                                     "max_reduction_within_drop may lose vs the baseline")
+    storage: str | None = Field(
+        None, description="SQLAlchemy URL; default $PRUNEFLOW_SEARCH_STORAGE, else runs/optuna.db")
     measure_latency: bool = Field(False, description="record every trial's latency_ms and speedup, predicted from the "
                                                      "latency table (always done for latency targets)")
     fit_target: bool = Field(
-        True, description="per_stage/per_layer: scale each trial's ratios by one factor (bisected; on predicted latency "
-                          "for latency targets) "
+        True, description="per_stage/per_layer: scale each trial's ratios by one factor (bisected; on predicted "
+                          "latency for latency targets) "
                           "until the target is just met, so trials compare ways to share one budget")
 
     @model_validator(mode="after")

@@ -4,8 +4,8 @@ A target profile (``export.target``, ``pruneflow.profiles``) lists the formats i
 it reads and the ONNX Runtime execution providers of its hardware. Each format is an entry of ``FORMATS``: its
 file, how it is written and how it is checked before it counts: fp32 ONNX and TorchScript against PyTorch within
 ``export.atol`` and ``export.rtol`` (NaN or Inf fails), fp16 within ``export.fp16_rtol`` of the output scale, int8
-by its test-set metric (accuracy, or PSNR). Latency is measured where this machine can: int8 beside fp32 on the CPU, and on the target's GPU
-providers if this onnxruntime has them; otherwise the result says it was skipped.
+by its test-set metric (accuracy, or PSNR). Latency is measured where this machine can: int8 beside fp32 on the
+CPU, and on the target's GPU providers if this onnxruntime has them; otherwise the result says it was skipped.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import io
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -61,6 +61,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path, opse
             with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
                 program = torch.onnx.export(model, (example_inputs,), dynamic_shapes=({0: batch},),
                                             opset_version=opset, dynamo=True, verbose=False)
+            assert program is not None  # dynamo=True returns the exported program
             program.save(str(tmp))
         else:
             with _deprecated_exporters():
@@ -220,11 +221,11 @@ def _runner(target: Path | nn.Module, inputs: Inputs, threads: int, provider: st
                 return module(*tensors)
         return run
     runtime = session(target, threads, provider)
-    feed = {graph_input.name: array for graph_input, array in zip(runtime.get_inputs(), arrays)}
+    feed = {graph_input.name: array for graph_input, array in zip(runtime.get_inputs(), arrays, strict=True)}
     return lambda: runtime.run(None, feed)
 
 
-def measure_latency(targets: dict[str, Path | nn.Module], inputs: Inputs | dict[str, Inputs], warmup: int = 10,
+def measure_latency(targets: Mapping[str, Path | nn.Module], inputs: Inputs | Mapping[str, Inputs], warmup: int = 10,
                     repeats: int = 50, threads: int = 2, provider: str = CPU) -> dict[str, Latency]:
     """Time each target on the same input, alternating between targets every repeat.
 
@@ -235,7 +236,7 @@ def measure_latency(targets: dict[str, Path | nn.Module], inputs: Inputs | dict[
     """
     eager = any(isinstance(target, nn.Module) for target in targets.values())
     with _torch_threads(threads) if eager else contextlib.nullcontext():
-        runners = {name: _runner(target, inputs[name] if isinstance(inputs, dict) else inputs, threads, provider)
+        runners = {name: _runner(target, inputs[name] if isinstance(inputs, Mapping) else inputs, threads, provider)
                    for name, target in targets.items()}
         for run in runners.values():
             for _ in range(warmup):

@@ -121,12 +121,14 @@ def check_removed(method: str, structured: bool, plan: PrunePlan, result: PruneR
     ratio_key, round_key = keys
     inner = [layer.channels_before for layer in result.layers[1:-1]]  # the stem and the output layer stay whole
     widest = max(inner, default=0)
-    if plan.round_to and plan.round_to >= widest:
+    # auto is no multiple: the prune stage pruned at the asked counts, then moved them to latency step edges
+    step = plan.round_to if isinstance(plan.round_to, int) else None
+    if step and step >= widest:
         why = (f"{round_key}={plan.round_to} is not below any prunable layer's channel count (the widest has "
                f"{widest}), so no layer can keep a smaller multiple of it; lower {round_key}")
-    elif not any(kept_channels(channels, plan.ratio, plan.round_to) < channels for channels in inner):
+    elif not any(kept_channels(channels, plan.ratio, step) < channels for channels in inner):
         why = (f"at this ratio every layer keeps its full width once kept channels are rounded to the nearest "
-               f"multiple of {plan.round_to}; raise {ratio_key} or lower {round_key}")
+               f"multiple of {step or 1}; raise {ratio_key} or lower {round_key}")
     else:
         why = ("Torch-Pruning found no channel it could remove: the layers feed an operation its dependency graph "
                "cannot follow, or the method scored every channel equally")

@@ -97,6 +97,8 @@ def sized_spec(name: str, splits: DataSplits | None, in_channels: int | None, nu
                input_size: int | None) -> ModelSpec:
     """The model sized by the options given and, for the rest, by the data (``splits`` None: all were given)."""
     if splits is None:
+        if in_channels is None or num_classes is None or input_size is None:
+            raise ValueError(f"{name}: without data to size it, give in_channels, num_classes and input_size")
         return ModelSpec(name, in_channels, num_classes, (in_channels, input_size, input_size))
     channels = in_channels or splits.in_channels
     return ModelSpec(name, channels, num_classes or splits.num_classes, (channels, *splits.input_shape[1:]),
@@ -126,6 +128,7 @@ def prune_once(pruner: PruningMethod, plan: PrunePlan, model_name: str | None = 
     if from_file:
         if in_channels or num_classes:
             raise ValueError(f"{checkpoint} is a model file, which names its own input channels and classes")
+        assert checkpoint is not None  # from_file
         model, spec, surgery = load_foreign_model(checkpoint, model_name)
         if model_name is not None and model_name != spec.name:
             raise ValueError(f"model {model_name} differs from the checkpoint's model {spec.name}")

@@ -44,7 +44,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Batches) -> int:
             model(images.to(device))
             seen += 1
     finally:
-        for norm, momentum in zip(norms, momenta):
+        for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
         model.train(was_training)
     if not seen:

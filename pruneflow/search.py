@@ -394,6 +394,7 @@ def finetune_top(study: optuna.Study, rung: optuna.Study, cfg: SearchConfig, spa
             user_attrs={**trial.user_attrs, "proxy_trial": trial.number, "proxy_metric": metric_of(trial)}))
     chosen = select(rung, cfg, space, baseline_metric)
     in_study = {t.number: t.user_attrs["proxy_trial"] for t in rung.get_trials(deepcopy=False)}
+    assert chosen.trial_number is not None  # select() names the trial it chose
     number = in_study[chosen.trial_number]
     origin = PlanOrigin("search", study.study_name, number,
                         f"trial {number} of study {study.study_name}, {cfg.selection} of the top {cfg.top_k} by "

@@ -91,7 +91,7 @@ def load_data(cfg: PipelineConfig, data_path: Path) -> DataSplits:
     training split too small to train on raises ``gates.GateError``."""
     splits = _cached_splits(Path(data_path).resolve(), cfg.data.model_dump_json(), cfg.project.seed)
     gates.check_training_split(splits, cfg.data)
-    if cfg.baseline.mean is not None:
+    if cfg.baseline.mean is not None and cfg.baseline.std is not None:  # both or neither (BaselineConfig)
         splits = replace(splits, mean=cfg.baseline.mean, std=cfg.baseline.std)
     return splits
 
@@ -197,7 +197,8 @@ def train_baseline(run: ProjectRun, log: Log = say) -> dict[str, float]:
         "train_seconds": seconds,
     }
     written = [model_path, onnx_path, *(run.baseline_records(name) for name in records)]
-    write_json(run.baseline_checksums, {path.relative_to(run.baseline_dir).as_posix(): sha256(path) for path in written})
+    write_json(run.baseline_checksums,
+               {path.relative_to(run.baseline_dir).as_posix(): sha256(path) for path in written})
     write_json(run.baseline_metrics, metrics)  # written last: its presence marks a complete baseline
     log(f"baseline: test {task.metric} {metrics[task.metric]:.2f} {task.unit}, {macs / 1e6:.2f} M MACs, "
         f"{params / 1e3:.1f} k params")
@@ -242,8 +243,12 @@ def ensure_baseline(run: ProjectRun, log: Log = say) -> Baseline:
 
 
 def sha256(path: Path) -> str:
+    """The file's SHA-256, read in chunks (``hashlib.file_digest`` needs Python 3.11; 3.10 is supported)."""
+    digest = hashlib.sha256()
     with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def baseline_problem(run: ProjectRun) -> str | None:
@@ -324,7 +329,7 @@ def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Modul
     from ``baseline_onnx`` (``model``'s export; exported again if not given)."""
     calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
              if pruner.needs_calibration else None)
-    rounding = []
+    rounding: list[dict[str, Any]] = []
     if plan.round_to == AUTO:
         table = latency_table(cfg)
         plan, rounding = step_rounded(pruner, model, spec.example_inputs(), plan, table, calib,
@@ -652,7 +657,8 @@ def evaluate_model(run: MethodRun, log: Log = say) -> dict[str, float]:
     return metrics
 
 
-def prediction_error(cfg: PipelineConfig, run: MethodRun, model: torch.nn.Module, measured: Latency) -> dict[str, float]:
+def prediction_error(cfg: PipelineConfig, run: MethodRun, model: torch.nn.Module,
+                     measured: Latency) -> dict[str, float]:
     """The table's prediction for the final model beside its measurement (the table's times are 10th percentiles,
     so the error is against the measured 10th percentile), and the speed-up it predicted (the search's view)."""
     baseline, spec, _ = load_model(run.baseline_model)

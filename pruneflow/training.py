@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +104,7 @@ def train(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: 
 
 def train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_batches: Batches | None = None,
                  regularizers: Iterable[Regularizer] = (), distill: Distillation | None = None,
-                 ) -> Iterator[EpochResult]:
+                 ) -> Generator[EpochResult, None, None]:
     """``train``, one epoch per step of the iterator, so that a caller can interleave the training of several
     models (benchmarks time them in turn). The models are on ``cfg.device`` until the iterator ends or is closed;
     the weights are checked for NaN/Inf when it ends."""
@@ -114,6 +114,7 @@ def train_epochs(model: nn.Module, batches: Batches, cfg: TrainConfig, *, val_ba
     if distill is not None:
         distill.teacher.to(device).eval()
     try:
+        optimizer: torch.optim.Optimizer
         if cfg.optimizer == "adam":
             optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:

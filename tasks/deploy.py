@@ -74,7 +74,8 @@ def register_champion(run: ProjectRun, baseline_run_id: str, results: dict[str, 
                                      "pruneflow.registered_model": f"{name}/{version}"})
     chosen = results[method]
     get_run_logger().info(f"registry: {method} registered as {name} version {version}, alias {CHAMPION} "
-                          f"(speedup x{chosen['speedup']:.2f}, {metric} drop {chosen[f'{metric}_drop']:+.2f}; {reason})")
+                          f"(speedup x{chosen['speedup']:.2f}, {metric} drop {chosen[f'{metric}_drop']:+.2f}; "
+                          f"{reason})")
     return {"name": name, "version": version, "method": method, "uri": f"models:/{name}@{CHAMPION}"}
 
 

@@ -115,8 +115,8 @@ def test_champion_is_the_fastest_within_the_drop_else_none():
             "slimming": {"accuracy": float("nan"), "accuracy_drop": float("nan"), "speedup": 2.0}}
     method, reason = choose_champion(lost, max_drop=1.0)  # a model that lost 79 points is no champion
     assert method is None
-    assert reason.startswith("no model is within export.registry_max_drop=1 of the baseline's accuracy (drops: l1 79.00, "
-                             "slimming nan), so none is registered")
+    assert reason.startswith("no model is within export.registry_max_drop=1 of the baseline's accuracy "
+                             "(drops: l1 79.00, slimming nan), so none is registered")
     with pytest.raises(ValueError, match="no method results"):
         choose_champion({}, max_drop=1.0)
 

@@ -21,7 +21,8 @@ def batches(targets: str = "labels") -> list[tuple[torch.Tensor, torch.Tensor]]:
     data = []
     for _ in range(4):
         x = torch.randn(32, 6, generator=generator)
-        y = torch.randint(0, 3, (32,), generator=generator) if targets == "labels" else torch.rand(32, 2, generator=generator)
+        y = (torch.randint(0, 3, (32,), generator=generator) if targets == "labels"
+             else torch.rand(32, 2, generator=generator))
         data.append((x, y))
     return data
 
@@ -56,7 +57,8 @@ def test_loss_mixes_the_task_loss_and_the_teacher_term() -> None:
     teacher = net(seed=7)
     outputs = teacher(x).detach()
     kd = Distillation(teacher, weight=0.25, temperature=3.0)
-    assert torch.allclose(kd.loss(CLASSIFICATION, outputs, x, y), 0.75 * F.cross_entropy(outputs, y))  # agreeing: no KD term
+    # agreeing: no KD term
+    assert torch.allclose(kd.loss(CLASSIFICATION, outputs, x, y), 0.75 * F.cross_entropy(outputs, y))
     x, images = batches("images")[0]  # super-resolution-like float targets: MSE to the teacher's output
     teacher = net(seed=7, outputs=2)
     student = torch.zeros(32, 2)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -81,7 +82,8 @@ class Constant(nn.Module):
 
 def test_a_model_no_better_than_chance_on_its_training_images_fails():
     splits = splits_of([0] * 70 + [1] * 30)
-    with pytest.raises(gates.GateError, match=r"scores 70.0 % on 100 .* most common class scores 70.0 %; needed > 83.7"):
+    with pytest.raises(gates.GateError,
+                       match=r"scores 70.0 % on 100 .* most common class scores 70.0 %; needed > 83.7"):
         gates.check_learned(Constant(0, 2), splits, "the trained baseline", "check train.lr")
 
 
@@ -115,6 +117,11 @@ def test_a_pruning_step_that_removes_nothing_fails_and_says_why():
         result = pruner.prune(model, x, plan)
         with pytest.raises(gates.GateError, match=why):
             gates.check_removed("l1", True, plan, result)
+    # round_to auto prunes at the asked count first (round_to None), then steps up to latency edges
+    auto = PrunePlan(ratio=0.003, round_to="auto")
+    result = pruner.prune(build_model("small_cnn", 1, 10), x, replace(auto, round_to=None))
+    with pytest.raises(gates.GateError, match="every layer keeps its full width"):
+        gates.check_removed("l1", True, auto, result)
     gates.check_removed("l1", True, PrunePlan(ratio=0.0), result)  # nothing asked, nothing removed: fine
 
 
@@ -176,7 +183,8 @@ def test_parity_fails_when_an_output_is_nan_even_if_both_sides_are(tmp_path):
     with torch.no_grad():
         model.linear.weight[0, 0] = float("nan")
     path, batches = exported(model, tmp_path)
-    with pytest.raises(ExportError, match=r"outputs are not finite on real inputs \(PyTorch gives 5 NaN/Inf values, the file 5\)"):
+    with pytest.raises(ExportError,
+                       match=r"outputs are not finite on real inputs \(PyTorch gives 5 NaN/Inf values, the file 5\)"):
         check_parity(path, model, batches, atol=1e-4, rtol=1e-5)
 
 
@@ -285,7 +293,8 @@ def test_a_run_is_never_left_running_by_a_failure_even_when_the_store_refuses_th
 
 def baseline_run(folder: Path, digits_dir: Path) -> ProjectRun:
     cfg = PipelineConfig(train={"epochs": 1})
-    return ProjectRun(ProjectLayout(folder, cfg), DataVersion(digits_dir, "0" * 32 + ".dir"), folder / "baseline", folder)
+    return ProjectRun(ProjectLayout(folder, cfg), DataVersion(digits_dir, "0" * 32 + ".dir"), folder / "baseline",
+                      folder)
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +309,16 @@ def garbage_with_its_checksum(folder: Path) -> None:
     """A model.pt that does not load, its checksum recorded as if it had been trained so (model code that changed)."""
     (folder / "model.pt").write_bytes(b"not a checkpoint")
     (folder / "checksums.json").write_text(json.dumps({"model.pt": stages.sha256(folder / "model.pt")}))
+
+
+def test_checksums_need_no_python_3_11(tmp_path, monkeypatch):
+    """requires-python is >=3.10: the baseline's checksums must not use hashlib.file_digest (new in 3.11)."""
+    import hashlib
+
+    data = os.urandom(3 << 20 | 5)  # several read chunks and a partial one
+    (tmp_path / "model.pt").write_bytes(data)
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    assert stages.sha256(tmp_path / "model.pt") == hashlib.sha256(data).hexdigest()
 
 
 DAMAGES = [
@@ -323,7 +342,8 @@ def test_a_damaged_baseline_is_trained_again_not_reused(trained_baseline, digits
         assert "files verified" in logs[-1]
         damage(run.baseline_dir)
         with monkeypatch.context() as patched:
-            patched.setattr(stages, "train_baseline", lambda run, log: retrained.append(run.baseline_dir.exists()) or {})
+            patched.setattr(stages, "train_baseline",
+                            lambda run, log: retrained.append(run.baseline_dir.exists()) or {})
             assert not stages.ensure_baseline(run, logs.append).reused, name
         assert logs[-1].startswith(f"baseline: not reusing {run.baseline_dir}: ") and why in logs[-1], logs[-1]
         assert logs[-1].endswith("; training it again")

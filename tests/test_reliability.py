@@ -355,12 +355,14 @@ ROWS = [
         "search.target unreachable", code=1, given="the data and baseline stages done", setup=baseline_ready,
         absent=("runs/dvc/l1/search.json", "mlflow.db")),
     # params files and values that read as valid YAML but would run something else than the user wrote
-    Row("duplicate-key", "a section given twice", ("run",), "key 'train' appears twice in one mapping, at lines 1 and 3",
+    Row("duplicate-key", "a section given twice", ("run",),
+        "key 'train' appears twice in one mapping, at lines 1 and 3",
         params="train: {epochs: 3}\nsearch: {n_trials: 2}\ntrain: {lr: 0.1}\n",
         given="params.yaml: `train: {epochs: 3}` / `search: {n_trials: 2}` / `train: {lr: 0.1}`"),
     Row("empty-params", "params.yaml holds no settings", ("run",), "holds no settings (it is empty or only comments)",
         params="# filled in later\n", given="params.yaml: only a comment"),
-    Row("binary-params", "params.yaml is a binary file", ("run",), "a binary file, not YAML text", given="params.yaml: a PNG",
+    Row("binary-params", "params.yaml is a binary file", ("run",), "a binary file, not YAML text",
+        given="params.yaml: a PNG",
         setup=lambda project, shared: (project / "params.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")),
     Row("latin1-params", "params.yaml is not UTF-8", ("run",), "not UTF-8 text (byte 0xe9 at offset 24)",
         given="params.yaml saved as Latin-1: `# café`",
@@ -368,7 +370,8 @@ ROWS = [
     Row("alias-bomb", "nested YAML aliases (an alias bomb)", ("run",), "its aliases expand to more than 100000 values",
         params=ALIAS_BOMB, given="params.yaml: six levels of ten aliases in `model.kwargs` (10^6 values)"),
     Row("repeated-method", "a method listed twice", ("run", S, "methods=[l1,l1]"), "methods: l1 listed twice"),
-    Row("zero-epochs", "no baseline training", ("run", S, "train.epochs=0"), "train.epochs: 0 leaves the baseline untrained"),
+    Row("zero-epochs", "no baseline training", ("run", S, "train.epochs=0"),
+        "train.epochs: 0 leaves the baseline untrained"),
     Row("registry-name", "a model registry name MLflow refuses", ("run", S, "export.registered_model=team/digits"),
         "export.registered_model: 'team/digits' is not a model registry name"),
     Row("cuda-without-gpu", "`train.device=cuda` on a machine without a GPU", ("run", S, "train.device=cuda"),
@@ -496,8 +499,8 @@ FAULTS = [
           "also the parent run's tag `pruneflow.champion_reason`",
           "tests/test_faults.py::test_no_model_is_registered_when_every_method_lost_more_than_registry_max_drop"),
     Fault("a project folder named with URL characters", "a project in `x%41y a?b#c/`",
-          "mlflow.db and runs/optuna.db inside it, no file beside it (MLflow 3 itself leaves an empty folder named with "
-          "the escaped path)",
+          "mlflow.db and runs/optuna.db inside it, no file beside it (MLflow 3 itself leaves an empty folder named "
+          "with the escaped path)",
           "tests/test_faults.py::test_stores_stay_in_a_project_whose_folder_name_holds_url_characters"),
     Fault("a relative sqlite URI in params", "`project.tracking_uri: sqlite:///stores/mlflow.db`, run elsewhere",
           "the store is `<project>/stores/mlflow.db`, as every path in params",
@@ -669,7 +672,8 @@ are NaN or Inf or differ from PyTorch by more than `export.atol`·min(1, S) + `e
 
 Each bad-input row is a case of `tests/test_reliability.py`, which runs the command and checks that the message
 below is the one the code gives. `<project>` is the project folder; `known: …` stands for the list of valid
-names the message gives, `scores … %` for a trained model's accuracy. This file is generated from those runs: `.venv/bin/python -m tests.test_reliability`.
+names the message gives, `scores … %` for a trained model's accuracy. \
+This file is generated from those runs: `.venv/bin/python -m tests.test_reliability`.
 
 | # | bad input | how to reproduce (in the project folder) | exact error the user sees (exit code) | test |
 |---|---|---|---|---|

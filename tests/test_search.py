@@ -215,12 +215,13 @@ def test_an_adaptive_bn_search_fine_tunes_its_top_k_and_hands_a_feasible_plan_to
 
 def test_a_checkpoint_is_the_baseline_as_it_is_and_distillation_retrains_from_it(tmp_path, baseline, digits_dir,
                                                                                monkeypatch):
-    trained, _, _ = load_model(l1_run(PipelineConfig.model_validate(FAST), baseline, baseline, digits_dir).baseline_model)
+    fast = PipelineConfig.model_validate(FAST)
+    trained, _, _ = load_model(l1_run(fast, baseline, baseline, digits_dir).baseline_model)
     torch.save(trained.state_dict(), tmp_path / "trained.pt")
     cfg = PipelineConfig.model_validate({**FAST, "train": {}, "baseline": {"checkpoint": str(tmp_path / "trained.pt")},
                                          "prune": {"ratio": 0.5}, "retrain": {"epochs": 1, "distill": {"weight": 0.5}}})
     assert cfg.train.epochs == 0
-    assert stages.baseline_key(cfg, "digits-md5") != stages.baseline_key(PipelineConfig.model_validate(FAST), "digits-md5")
+    assert stages.baseline_key(cfg, "digits-md5") != stages.baseline_key(fast, "digits-md5")
     run = l1_run(cfg, tmp_path, tmp_path / "baseline", digits_dir)
     stages.train_baseline(run, log=lambda _: None)
     loaded, _, _ = load_model(run.baseline_model)

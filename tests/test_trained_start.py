@@ -75,7 +75,8 @@ def test_torchvision_pretrained_weights_load_and_get_a_head_for_the_data(monkeyp
     torch.manual_seed(0)
     imagenet = build_model("torchvision:resnet18", 3, 1000).state_dict()
     monkeypatch.setattr(api, "load_state_dict_from_url", lambda url, *args, **kwargs: imagenet)
-    cfg = validate({"model": {"name": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}}, "train": {"epochs": 0}})
+    cfg = validate({"model": {"name": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}},
+                    "train": {"epochs": 0}})
     model = build_model(cfg.model.name, 3, 10, cfg.model.kwargs)
     assert torch.equal(model.conv1.weight, imagenet["conv1.weight"])
     assert model.fc.out_features == 10 and model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
@@ -133,8 +134,8 @@ def test_a_users_own_model_class_from_state_dict_to_pruned_model_file(tmp_path, 
     torch.save(trained.state_dict(), tmp_path / "trained.pt")
     out = tmp_path / "pruned.pt"
     result = CliRunner().invoke(app, ["prune", "--model", "user_nets:tiny_net", "--method", "l1", "--ratio", "0.5",
-                                      "--checkpoint", str(tmp_path / "trained.pt"), "--channels", "3", "--classes", "10",
-                                      "--input-size", "16", "--out", str(out), "--json"])
+                                      "--checkpoint", str(tmp_path / "trained.pt"), "--channels", "3",
+                                      "--classes", "10", "--input-size", "16", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["out"] == str(out) and not (tmp_path / "data").exists()  # no dataset prepared
     pruned, saved, surgery = load_model(out)

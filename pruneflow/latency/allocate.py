@@ -19,7 +19,7 @@ paper solves the integer problem per pruning step with a dynamic program over a 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -72,11 +72,21 @@ class Allocation:
 
 
 @dataclass
-class _Option:
-    kind: str  # "group" or "block"
-    key: int | str
-    count: int = 0
-    value: float = 0.0  # importance lost (removal) or gained (addition)
+class _GroupStep:
+    """Move a channel group to another step edge of its curve."""
+
+    group: int
+    count: int
+    value: float  # importance lost (a cut) or gained (a raise)
+
+
+@dataclass
+class _BlockRemoval:
+    block: str
+    value: float  # importance lost
+
+
+_Option = _GroupStep | _BlockRemoval
 
 
 def block_units(graph: ModelGraph, blocks: list[str]) -> dict[str, frozenset[str]]:
@@ -85,7 +95,7 @@ def block_units(graph: ModelGraph, blocks: list[str]) -> dict[str, frozenset[str
 
 
 def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Tensor], budget_ms: float,
-             batch: int = 1, blocks: list[str] = (), min_keep: float = 0.1, tolerance: float = 0.01,
+             batch: int = 1, blocks: Sequence[str] = (), min_keep: float = 0.1, tolerance: float = 0.01,
              log: Callable[[str], None] | None = None) -> Allocation:
     """Kept channels per scored group, and blocks to remove, whose predicted latency meets ``budget_ms``.
 
@@ -112,34 +122,34 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
 
     def variant(option: _Option | None = None) -> Variant:
         trial, gone = dict(counts), set().union(*(inner[b] for b in removed)) if removed else set()
-        if option is not None and option.kind == "group":
-            trial[option.key] = option.count
-        elif option is not None:
-            gone |= inner[option.key]
+        if isinstance(option, _GroupStep):
+            trial[option.group] = option.count
+        elif isinstance(option, _BlockRemoval):
+            gone |= inner[option.block]
         return Variant(trial, frozenset(gone))
 
     def frozen(group: int) -> bool:
         return any(group in inside[b] for b in removed)
 
-    def predict(options: list[_Option]) -> list[float]:
+    def predict(options: Sequence[_Option | None]) -> list[float]:
         return [p.ms for p in table.predict_variants(graph, [variant(o) for o in options], batch)]
 
     def removals() -> list[_Option]:
-        options = []
+        options: list[_Option] = []
         for g in groups:
             lower = [e for e in edges[g] if e < counts[g]]
             if lower and not frozen(g):
-                options.append(_Option("group", g, max(lower), value(g, counts[g]) - value(g, max(lower))))
+                options.append(_GroupStep(g, max(lower), value(g, counts[g]) - value(g, max(lower))))
         for block in inner:
             if block not in removed and inner[block]:
-                options.append(_Option("block", block, value=sum(value(g, counts[g]) for g in inside[block])))
+                options.append(_BlockRemoval(block, sum(value(g, counts[g]) for g in inside[block])))
         return options
 
     def apply(option: _Option) -> None:
-        if option.kind == "group":
-            counts[option.key] = option.count
+        if isinstance(option, _GroupStep):
+            counts[option.group] = option.count
         else:
-            removed.append(option.key)
+            removed.append(option.block)
 
     current = predict([None])[0]
     smallest = _smallest(table, graph, groups, edges, inner, batch)
@@ -150,7 +160,7 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
     while current > budget_ms:
         options = removals()
         saved = [current - ms for ms in predict(options)]
-        useful = [(o, s) for o, s in zip(options, saved) if s > 0]
+        useful = [(o, s) for o, s in zip(options, saved, strict=True) if s > 0]
         if not useful:
             break
         best, gain = min(useful, key=lambda item: item[0].value / item[1])
@@ -162,9 +172,9 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
         for g in groups:
             higher = [e for e in edges[g] if e > counts[g]]
             if higher and not frozen(g):
-                options.append(_Option("group", g, min(higher), value(g, min(higher)) - value(g, counts[g])))
+                options.append(_GroupStep(g, min(higher), value(g, min(higher)) - value(g, counts[g])))
         costs = [ms - current for ms in predict(options)]
-        fits = [(o, c) for o, c in zip(options, costs) if current + c <= budget_ms]
+        fits = [(o, c) for o, c in zip(options, costs, strict=True) if current + c <= budget_ms]
         if not fits:
             break
         best, cost = max(fits, key=lambda item: item[0].value / max(item[1], 1e-9))
@@ -191,6 +201,6 @@ def _smallest(table: LatencyTable, graph: ModelGraph, groups: list[int], edges: 
 
 
 def _describe(option: _Option, graph: ModelGraph, ms: float, added: bool = False) -> str:
-    what = f"remove block {option.key}" if option.kind == "block" else \
-        f"{'raise' if added else 'cut'} {group_name(graph, option.key)} to {option.count}"
+    what = f"remove block {option.block}" if isinstance(option, _BlockRemoval) else \
+        f"{'raise' if added else 'cut'} {group_name(graph, option.group)} to {option.count}"
     return f"{what} (importance {'+' if added else '-'}{option.value:.3g}) -> {ms:.3f} ms"

@@ -179,6 +179,15 @@ def _shared_weights_copied(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+@dataclass
+class _OpenUnit:
+    """A unit while the graph is read: its nodes so far, the tensor it writes, a fused Add's other operand."""
+
+    nodes: list[int]
+    out: str
+    skip: str | None = None
+
+
 def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: list[str] | None) -> list[Unit]:
     constants = _constant_names(graph)
     consumers: dict[str, list[int]] = {}
@@ -200,7 +209,7 @@ def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: li
                 nodes += consumers[tensor]
                 tensor = users[0].output[0]
                 continue
-            kinds = {node.op_type: i for node, i in zip(users, consumers.get(tensor, []))}
+            kinds = {node.op_type: i for node, i in zip(users, consumers.get(tensor, []), strict=True)}
             if len(users) == 2 and set(kinds) == {"Sigmoid", "Mul"}:
                 sigmoid, mul = graph.node[kinds["Sigmoid"]], graph.node[kinds["Mul"]]
                 if sorted(mul.input) == sorted([tensor, sigmoid.output[0]]):
@@ -214,8 +223,8 @@ def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: li
     convs = [i for i, node in enumerate(graph.node) if node.op_type == "Conv" and node.input[1] in weights]
     if names is not None and len(names) != len(convs):
         raise ValueError(f"{len(names)} convolution names for {len(convs)} Conv nodes in the ONNX graph")
-    found = {i: dict(zip(("nodes", "out"), chain(i)), skip=None) for i in convs}
-    ends = {entry["out"]: conv for conv, entry in found.items()}
+    found = {i: _OpenUnit(*chain(i)) for i in convs}
+    ends = {entry.out: conv for conv, entry in found.items()}
     # A residual Add joins the unit of its first input (as ONNX Runtime fuses it), else of its second.
     for index, node in enumerate(graph.node):
         inputs = data_inputs(node)
@@ -225,11 +234,11 @@ def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: li
         if owner is None:
             continue
         entry = found[owner]
-        del ends[entry["out"]]
-        entry["skip"] = inputs[1] if inputs[0] == entry["out"] else inputs[0]
-        rest, entry["out"] = chain(index)
-        entry["nodes"] = entry["nodes"] + rest
-        ends[entry["out"]] = owner
+        del ends[entry.out]
+        entry.skip = inputs[1] if inputs[0] == entry.out else inputs[0]
+        rest, entry.out = chain(index)
+        entry.nodes = entry.nodes + rest
+        ends[entry.out] = owner
 
     units = []
     for position, conv in enumerate(convs):
@@ -238,11 +247,11 @@ def _units(graph: onnx.GraphProto, shapes: dict[str, tuple[int, ...]], names: li
         weight = weights[node.input[1]]
         depthwise = attrs.get("group", 1) == shapes[node.input[0]][0] > 1 and weight.dims[1] == 1
         parts = []
-        for i in entry["nodes"]:
+        for i in entry.nodes:
             fixed = {k: v for k, v in _attributes(graph.node[i]).items() if k != "group"}
             parts.append(graph.node[i].op_type + (str(sorted(fixed.items())) if fixed else ""))
         name = names[position] if names is not None else _module_name(node.input[1], position)
-        units.append(Unit(name, tuple(entry["nodes"]), node.input[0], entry["out"], entry["skip"], depthwise,
+        units.append(Unit(name, tuple(entry.nodes), node.input[0], entry.out, entry.skip, depthwise,
                           tuple(attrs.get("kernel_shape", weight.dims[2:])), tuple(attrs.get("strides", (1, 1))),
                           ">".join(parts)))
     return units
@@ -314,10 +323,12 @@ def cut_channels(model: onnx.ModelProto, graph: ModelGraph, counts: dict[int, in
         elif data and node.op_type in ELEMENTWISE:
             old, new = graph.shapes[data[0]][0], count(data[0])
             for name in node.input:
-                value = numpy_helper.to_array(inits[name]) if name in inits else None
-                axis = {1: 0, 3: 0, 4: 1}.get(value.ndim) if value is not None else None
-                if axis is not None and value.shape[axis] == old != new:
-                    new_values[name] = _resize(value, {axis: new})
+                if name not in inits:
+                    continue
+                value = numpy_helper.to_array(inits[name])
+                channel_axis = {1: 0, 3: 0, 4: 1}.get(value.ndim)
+                if channel_axis is not None and value.shape[channel_axis] == old != new:
+                    new_values[name] = _resize(value, {channel_axis: new})
     for name, value in new_values.items():
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
     for info in [*model.graph.input, *model.graph.output]:

@@ -46,7 +46,7 @@ def cache_folder() -> Path:
 def step_rounded(method: PruningMethod, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
                  table: LatencyTable, calib_batches: Batches | None = None, batch: int = 1,
                  exported: Path | onnx.ModelProto | None = None, opset: int = 18, window: int = WINDOW,
-                 tolerance: float = TOLERANCE                 ) -> tuple[PrunePlan, list[dict[str, Any]]]:
+                 tolerance: float = TOLERANCE) -> tuple[PrunePlan, list[dict[str, Any]]]:
     """The plan with every channel group's kept count at a step edge, and per group what it was rounded to and why.
 
     A group's curve is swept from its asked count up to ``window`` channels more (two NCHWc blocks of AVX-512):
@@ -55,7 +55,8 @@ def step_rounded(method: PruningMethod, model: nn.Module, example_inputs: torch.
     count) separates steps from timing noise: a count is kept only if every larger one is slower by more.
 
     ``model`` is left as it is (a copy is pruned); ``exported`` is its ONNX file or graph if there is one (else
-    it is exported to a scratch folder, which costs more than the rounding: the pipeline passes the baseline's). A plan that removes no channels comes back unchanged."""
+    it is exported to a scratch folder, which costs more than the rounding: the pipeline passes the baseline's).
+    A plan that removes no channels comes back unchanged."""
     trial = copy.deepcopy(model)
     first = method.prune(trial, example_inputs, replace(plan, round_to=None), calib_batches)
     modules = dict(trial.named_modules())

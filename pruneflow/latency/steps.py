@@ -33,7 +33,7 @@ class GroupCurve:
         """Counts where every larger count is slower by more than ``tolerance`` of the curve's span."""
         slack = tolerance * (max(self.ms) - min(self.ms))
         edges, fastest_above = [], float("inf")
-        for count, ms in sorted(zip(self.counts, self.ms), reverse=True):
+        for count, ms in sorted(zip(self.counts, self.ms, strict=True), reverse=True):
             if ms < fastest_above - slack:
                 edges.append(count)
             fastest_above = min(fastest_above, ms)
@@ -64,7 +64,7 @@ def group_curves(table: LatencyTable, graph: ModelGraph, groups: list[int], batc
     predictions = table.predict_many(graph, [{**counts, group: count} for group, count in configs], batch)
     curves = []
     for group in groups:
-        swept = [(count, p.ms) for (g, count), p in zip(configs, predictions) if g == group]
+        swept = [(count, p.ms) for (g, count), p in zip(configs, predictions, strict=True) if g == group]
         curves.append(GroupCurve(group_name(graph, group), group, [c for c, _ in swept], [ms for _, ms in swept]))
     return curves
 
@@ -102,7 +102,7 @@ def plot_curves(curves: list[GroupCurve], path: Path, title: str, tolerance: flo
     columns = min(4, len(curves))
     rows = -(-len(curves) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.5 * rows), squeeze=False)
-    for axis, curve in zip(axes.flat, curves):
+    for axis, curve in zip(axes.flat, curves, strict=False):  # the grid's last row may have spare axes
         axis.step(curve.counts, curve.ms, where="post", lw=1)
         edges = curve.edges(tolerance)
         axis.plot(edges, [curve.at(e) for e in edges], "o", ms=3, color="tab:red")

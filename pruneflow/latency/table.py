@@ -213,6 +213,7 @@ class LatencyTable:
         timed = strip(optimized(model, scratch / "optimized.onnx", self.threads, self.provider), unit,
                       request.graph, request.c_in, request.c_out)
         layouts = timed.layouts
+        assert layouts is not None  # strip() reads them off the unit
         return timed, {"layouts": [layouts.x, layouts.skip, layouts.out]}
 
     def _time(self, graphs: dict[str, TimedGraph], batch: int, scratch: Path, repeats: int,
@@ -325,19 +326,20 @@ class LatencyTable:
         skips = [{unit.name: True for unit in units if unit.skip} for units in kept]
         while True:
             found = [[UnitRequest(graph, unit, *graph.unit_channels(unit, variant.counts), batch, skip.get(unit.name))
-                      for unit in units] for variant, units, skip in zip(variants, kept, skips)]
+                      for unit in units] for variant, units, skip in zip(variants, kept, skips, strict=True)]
             self.ensure(request for requests in found for request in requests)
             settled = []
-            for requests, variant in zip(found, variants):
+            for requests, variant in zip(found, variants, strict=True):
                 source = sources(graph, variant.removed)
                 writes = {source(r.unit.out): bool(self.entries[request_key(r)]["layouts"][2]) for r in requests}
                 settled.append({r.unit.name: writes.get(source(r.unit.skip), False) for r in requests if r.unit.skip})
             if settled == skips:
                 break
             skips = settled
-        conversions = [self._conversions(graph, variant, requests) for variant, requests in zip(variants, found)]
+        conversions = [self._conversions(graph, variant, requests)
+                       for variant, requests in zip(variants, found, strict=True)]
         self.ensure(request for requests in conversions for request in requests)
-        return list(zip(found, conversions))
+        return list(zip(found, conversions, strict=True))
 
     def _conversions(self, graph: ModelGraph, variant: Variant, units: list[UnitRequest]) -> list[ConversionRequest]:
         """The layout conversions the runtime inserts between units that read and write different layouts."""
@@ -370,7 +372,8 @@ class LatencyTable:
         for units, conversions in self.requests(graph, variants, batch):
             units_ms = {r.unit.name: self.entries[request_key(r)]["ms"] for r in units}
             conversions_ms = sum(self.entries[request_key(r)]["ms"] for r in conversions)
-            cpu = sum(self.entries[request_key(r)]["cpu_ms"] for r in [*units, *conversions])
+            measured: list[UnitRequest | ConversionRequest] = [*units, *conversions]
+            cpu = sum(self.entries[request_key(r)]["cpu_ms"] for r in measured)
             predictions.append(Prediction(sum(units_ms.values()) + conversions_ms + fixed.get("ms", 0.0),
                                           cpu + fixed.get("cpu_ms", 0.0), units_ms, conversions_ms, fixed.get("ms")))
         return predictions

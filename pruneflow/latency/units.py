@@ -25,6 +25,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -54,7 +55,7 @@ class TimedGraph:
     model: onnx.ModelProto
     inputs: list[tuple[int, ...]]
     outputs: list[tuple[int, ...]]
-    layouts: Layouts
+    layouts: Layouts | None  # None for a graph that is not one unit (an anchor, a whole model)
 
 
 def _value_info(name: str, channels: int | str, spatial: tuple[int, ...] | tuple[str, ...]) -> onnx.ValueInfoProto:
@@ -154,7 +155,9 @@ def strip(model: onnx.ModelProto, unit: Unit, graph: ModelGraph, c_in: int, c_ou
         return c_in if removed[tensor] == "x" else c_out
 
     def spatial(role: str) -> tuple[int, ...]:
-        return graph.shapes[unit.x if role == "x" else unit.skip][1:]
+        tensor = unit.x if role == "x" else unit.skip
+        assert tensor is not None  # a tensor has the role "skip" only in a unit with a fused residual Add
+        return graph.shapes[tensor][1:]
 
     order = sorted(needed, key=lambda t: removed[t] != "x")
     inputs = [(t, (fed_channels(t), *spatial(removed[t]))) for t in order]
@@ -180,7 +183,10 @@ def strip(model: onnx.ModelProto, unit: Unit, graph: ModelGraph, c_in: int, c_ou
 def copies(timed: TimedGraph, count: int) -> TimedGraph:
     """``count`` independent copies of a graph in one (every tensor and weight renamed per copy)."""
     source = timed.model.graph
-    nodes, inits, inputs, outputs = [], [], [], []
+    nodes: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[onnx.ValueInfoProto] = []
     for k in range(count):
         def rename(name: str, k: int = k) -> str:
             return f"{name}__{k}" if name else name
@@ -221,7 +227,7 @@ def conversion_model(kind: str, shape: tuple[int, ...], block: int) -> TimedGrap
     """One NCHW → NCHWc (``ReorderInput``) or NCHWc → NCHW (``ReorderOutput``) conversion of a tensor."""
     channels, spatial = shape[0], shape[1:]
     padded = math.ceil(channels / block) * block
-    attributes = {"channels": channels} if kind == "ReorderOutput" else {}
+    attributes: dict[str, Any] = {"channels": channels} if kind == "ReorderOutput" else {}
     shape_in, shape_out = ((channels, padded) if kind == "ReorderInput" else (padded, channels))
     node = helper.make_node(kind, ["x"], ["y"], domain=NCHWC, **attributes)
     model = helper.make_model(

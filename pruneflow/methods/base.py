@@ -176,7 +176,8 @@ class PruningMethod:
         marked = order[:total - int(total * (1 - plan.ratio))]  # as many as Torch-Pruning's threshold would take
         owners = torch.repeat_interleave(torch.arange(len(ranked)), sizes)
         kept = {}
-        for (name, scores), count in zip(ranked, torch.bincount(owners[marked], minlength=len(ranked)).tolist()):
+        taken = torch.bincount(owners[marked], minlength=len(ranked)).tolist()  # marked channels per group
+        for (name, scores), count in zip(ranked, taken, strict=True):
             channels = len(scores)
             left = max(channels - count, math.ceil(channels * (1 - plan.max_layer_ratio) - 1e-9), 1)
             kept[name] = kept_channels(channels, 1.0 - left / channels, plan.round_to)
@@ -193,7 +194,7 @@ class TrainingRecorder:
         raise NotImplementedError
 
 
-def kept_channels(channels: int, ratio: float, round_to: int | None) -> int:
+def kept_channels(channels: int, ratio: float, round_to: int | str | None) -> int:
     """The channels a layer keeps when ``ratio`` of them go: ``channels·(1 − ratio)`` rounded to the nearest
     multiple of ``round_to`` (of 1 without it), at least one multiple, so a layer of ``round_to`` channels or
     fewer stays whole.

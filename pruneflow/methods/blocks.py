@@ -43,15 +43,21 @@ def _shape_keeping(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
     return keeps
 
 
+def _called_module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The module a ``call_module`` node calls (its target is the module's qualified name), else None."""
+    return modules[node.target] if node.op == "call_module" and isinstance(node.target, str) else None
+
+
 def _through(node: fx.Node, modules: dict[str, nn.Module], kinds: tuple) -> fx.Node:
     """Follow single-argument identity-like steps backwards (calls of modules of ``kinds``)."""
-    while node.op == "call_module" and isinstance(modules[node.target], kinds) and len(node.args) == 1:
+    while (isinstance(_called_module(node, modules), kinds) and len(node.args) == 1
+           and isinstance(node.args[0], fx.Node)):
         node = node.args[0]
     return node
 
 
 def _is_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return ((node.op == "call_module" and isinstance(modules[node.target], ACTIVATIONS))
+    return (isinstance(_called_module(node, modules), ACTIVATIONS)
             or (node.op == "call_function" and node.target in ACTIVATION_FUNCTIONS)
             or (node.op == "call_method" and node.target in ("relu", "relu_")))
 
@@ -68,7 +74,7 @@ def is_residual(module: nn.Module) -> bool:
     if len(inputs) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
         return False
     result = outputs[0].args[0]
-    while _is_activation(result, modules):  # back from the output through activations
+    while _is_activation(result, modules) and isinstance(result.args[0], fx.Node):  # back through activations
         result = result.args[0]
     if not ((result.op == "call_function" and result.target in ADDS)
             or (result.op == "call_method" and result.target in ("add", "add_", "__add__", "__iadd__"))):

@@ -6,9 +6,9 @@ what the model declares with ``removable_blocks() -> list[str]`` (a multi-branch
 where replacing a unit by identity is not what removing it means, how to remove one (``remove_block(name)``:
 a cascade drops the branch from its average); see ``remove_blocks``. Each removable block is scored by the
 loss on the calibration batches when it alone is removed; the blocks whose removal costs least go first, until
-``plan.ratio`` of the removable blocks are gone (rounded up) — or, when ``plan.macs_reduction`` is set, until that share of MACs is.
-Two params fix the result instead, so the pipeline skips the ratio search: ``drop: n`` removes the n
-cheapest blocks (the SR study's "drop one branch" / "drop both"), ``blocks: [...]`` exactly the named ones
+``plan.ratio`` of the removable blocks are gone (rounded up) — or, when ``plan.macs_reduction`` is set, until
+that share of MACs is. Two params fix the result instead, so the pipeline skips the ratio search: ``drop: n``
+removes the n cheapest blocks (the SR study's "drop one branch" / "drop both"), ``blocks: [...]`` exactly the named ones
 (no data needed).
 
 The loss is the task's (``pruneflow.task``): cross-entropy for class labels, MSE for super-resolution images.
@@ -50,7 +50,8 @@ def blocks_of(model: nn.Module, example_inputs: torch.Tensor) -> list[str]:
     blocks = removable_blocks(model, example_inputs)
     if not blocks:
         raise MethodUnsuitable(f"method cascade: {type(model).__name__} has no removable blocks (no submodule "
-                               "computes x + f(x) with its input's shape, and the model declares no removable_blocks())")
+                               "computes x + f(x) with its input's shape, and the model declares no "
+                               "removable_blocks())")
     return blocks
 
 

@@ -78,8 +78,9 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
     else:
         if head.out_channels == num_classes:
             return
-        fresh = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride, head.padding,
-                          bias=head.bias is not None)
+        # torch types _ConvNd's geometry tuple[int, ...] where Conv2d's constructor wants pairs: a Conv2d's are
+        fresh = nn.Conv2d(head.in_channels, num_classes, head.kernel_size, head.stride,  # type: ignore[arg-type]
+                          head.padding, bias=head.bias is not None)  # type: ignore[arg-type]
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
 
