@@ -81,27 +81,29 @@ def load_model(path: Path) -> tuple[nn.Module, ModelSpec, Surgery]:
     ValueError naming it. For the files a project's own stages wrote; a file a user hands over goes through
     ``load_foreign_model``.
     """
-    checkpoint = read_checkpoint(path)
-    if not is_model_file(checkpoint):
-        raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
-                         "as pruneflow's stages save them)")
-    return rebuild(checkpoint)
+    return rebuild(_model_file(path))
 
 
 def load_foreign_model(path: Path, model_name: str | None = None) -> tuple[nn.Module, ModelSpec, Surgery]:
     """``load_model`` for a file from elsewhere: its spec names the model factory pruneflow calls, so a
     ``package.module:function`` there (which imports and runs any code) is built only when the user named that
     model (``model_name``); registered models and ``torchvision:<name>`` are always fine."""
-    checkpoint = read_checkpoint(path)
-    if not is_model_file(checkpoint):
-        raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
-                         "as pruneflow's stages save them)")
+    checkpoint = _model_file(path)
     name = checkpoint["spec"].get("name")
     if not isinstance(name, str) or (name not in MODELS and not name.startswith(TORCHVISION_PREFIX)
                                      and name != model_name):
         raise ValueError(f"{path}: its model {name!r} is neither registered nor torchvision:<name>, and building it "
                          f"would import and run that code; if you trust the file, name the model: --model {name}")
     return rebuild(checkpoint)
+
+
+def _model_file(path: Path) -> dict:
+    """The contents of a model file ``save_model`` wrote; a ValueError naming ``path`` for anything else."""
+    checkpoint = read_checkpoint(path)
+    if not is_model_file(checkpoint):
+        raise ValueError(f"{path}: not a model file pruneflow wrote (a dict with spec, history and state_dict, "
+                         "as pruneflow's stages save them)")
+    return checkpoint
 
 
 def rebuild(checkpoint: dict) -> tuple[nn.Module, ModelSpec, Surgery]:
