@@ -50,11 +50,11 @@ MLFLOW_BACKEND   ?= sqlite:///$(CURDIR)/mlflow.db
 MLFLOW_ARTIFACTS ?= $(CURDIR)/mlartifacts
 
 servers: $(STAMP)
-	$(BIN)/python -m flows.servers start --dir '$(SERVERS_DIR)' --prefect-port $(PREFECT_PORT) \
+	$(BIN)/python -m pruneflow.flows.servers start --dir '$(SERVERS_DIR)' --prefect-port $(PREFECT_PORT) \
 		--mlflow-port $(MLFLOW_PORT) --mlflow-backend '$(MLFLOW_BACKEND)' --mlflow-artifacts '$(MLFLOW_ARTIFACTS)'
 
 servers-stop:
-	$(BIN)/python -m flows.servers stop --dir '$(SERVERS_DIR)'
+	$(BIN)/python -m pruneflow.flows.servers stop --dir '$(SERVERS_DIR)'
 
 # Re-freeze the pins after changing pyproject.toml's ranges.
 constraints: $(STAMP)

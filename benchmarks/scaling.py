@@ -58,7 +58,7 @@ def log(message: str) -> None:
 def run_pipeline(source: Path, project: Path, overrides: list[str]) -> dict[str, Any]:
     """One ``pruneflow run`` of ``source``'s code on ``project``: wall and CPU seconds, the methods' efficiency."""
     env = {**os.environ, "PYTHONPATH": str(source), "PREFECT_LOGGING_LEVEL": "WARNING"}
-    command = [sys.executable, "-m", "flows.cli", "run", "--params", str(project / "params.yaml"),
+    command = [sys.executable, "-m", "pruneflow.flows.cli", "run", "--params", str(project / "params.yaml"),
                *[arg for override in overrides for arg in ("-S", override)]]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()

@@ -1,9 +1,10 @@
 """The ``method_chains`` flow: every method's chain (search → prune → retrain) at once on the Dask cluster of
-``project.cluster`` (``flows.cluster``), then each method's evaluation and export, one at a time on one worker.
+``project.cluster`` (``pruneflow.flows.cluster``), then each method's evaluation and export, one at a time on one
+worker.
 
 Latency is measured only once every chain has ended, one method at a time and always on the same worker, so
 that no training runs beside a measurement and the methods' latencies compare. The pipeline calls this flow
-with the task runner ``flows.cluster.task_runner`` builds from the config.
+with the task runner ``pruneflow.flows.cluster.task_runner`` builds from the config.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from prefect import flow, get_run_logger
 from prefect.context import FlowRunContext
 from prefect.futures import wait
 
-from flows import cluster
+from pruneflow.flows import cluster
 from pruneflow.layout import ProjectRun
-from tasks.chain import TIMED, method_chain
-from tasks.stages import STAGE_TASKS
-from tasks.tracking import Tracker
+from pruneflow.tasks.chain import TIMED, method_chain
+from pruneflow.tasks.stages import STAGE_TASKS
+from pruneflow.tasks.tracking import Tracker
 
 
 def flat(outcome: Any) -> dict[str, Any]:

@@ -55,15 +55,15 @@ def _config(params: Path, overrides: list[str] | None) -> tuple[PipelineConfig, 
 def run(params: Path = PARAMS, overrides: list[str] | None = SET) -> None:
     """Run the whole pipeline (Prefect flow ``prune_pipeline``), logging everything to MLflow."""
     cfg, root = _config(params, overrides)
-    from flows.pipeline import preflight, prune_pipeline
+    from pruneflow.flows.pipeline import preflight, prune_pipeline
 
     try:  # bad data, model or tracking URI: one line and exit 2 now, not a failed flow after baseline training
         preflight(cfg, root, lambda line: typer.echo(line, err=True))
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    from flows.servers import STATE_DIR
-    from flows.watchdog import guard_children
+    from pruneflow.flows.servers import STATE_DIR
+    from pruneflow.flows.watchdog import guard_children
 
     guard_children(root / STATE_DIR)  # stops the temporary Prefect server whenever this process ends
     try:
@@ -114,7 +114,7 @@ def _end_own_runs(cfg: PipelineConfig, root: Path, status: str) -> None:
 
     from pruneflow.concurrency import sqlite_file
     from pruneflow.layout import ProjectLayout
-    from tasks.tracking import Tracker, tracking_uri
+    from pruneflow.tasks.tracking import Tracker, tracking_uri
 
     layout = ProjectLayout(root, cfg)
     store = sqlite_file(tracking_uri(layout))
@@ -140,9 +140,9 @@ def serve(
     like manual ones, tagged pruneflow.trigger=schedule.
     """
     _, root = _config(params, overrides)  # a bad key stops here, not in the first scheduled run at 2 a.m.
-    from flows.servers import STATE_DIR, ServerError
-    from flows.serving import deployment_schedules, serve_pipeline
-    from flows.watchdog import guard_children
+    from pruneflow.flows.servers import STATE_DIR, ServerError
+    from pruneflow.flows.serving import deployment_schedules, serve_pipeline
+    from pruneflow.flows.watchdog import guard_children
 
     try:
         schedules = deployment_schedules(cron, interval, timezone)
@@ -344,7 +344,7 @@ def export_run(
     The model is rebuilt from the run's retrained.pt; export/evaluate settings and the data come from --params.
     """
     cfg, root = _config(params, [*(overrides or []), *([f"export.target={target}"] if target else [])])
-    from tasks.deploy import reexport
+    from pruneflow.tasks.deploy import reexport
 
     try:
         result = reexport(root, cfg, run_id, log=lambda line: typer.echo(line, err=True))
@@ -360,10 +360,10 @@ def export_run(
 def ui(params: Path = PARAMS, port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Start the MLflow UI on 127.0.0.1 against the project's tracking store (as ``make servers`` starts MLflow)."""
     cfg, root = _config(params, [])
-    from flows.servers import HOST, STATE_DIR, mlflow_command, port_free
-    from flows.watchdog import guard_children
+    from pruneflow.flows.servers import HOST, STATE_DIR, mlflow_command, port_free
+    from pruneflow.flows.watchdog import guard_children
     from pruneflow.layout import ProjectLayout
-    from tasks.tracking import tracking_uri
+    from pruneflow.tasks.tracking import tracking_uri
 
     if not port_free(port):
         typer.echo(f"error: --port {port}: something already listens on {HOST}:{port} (another pruneflow ui?); stop "
@@ -383,8 +383,8 @@ def dashboard(params: Path = PARAMS, port: int = typer.Option(8080, help="port o
     cfg, root = _config(params, [])
     from sqlalchemy.engine import make_url
 
-    from flows.servers import HOST, QUIET
     from pruneflow.concurrency import sqlite_file
+    from pruneflow.flows.servers import HOST, QUIET
     from pruneflow.layout import ProjectLayout
 
     storage = ProjectLayout(root, cfg).study_storage

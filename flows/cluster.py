@@ -36,15 +36,15 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-import flows
 import pruneflow
-import tasks
+import pruneflow.flows
+import pruneflow.tasks
 from pruneflow.concurrency import sqlite_file
 from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.layout import ProjectLayout, ProjectRun
 from pruneflow.stages import fixed_plan
+from pruneflow.tasks.tracking import probe_tracking, root_cause, tracking_uri
 from pruneflow.versioning import VersioningError, git_commit, read_md5
-from tasks.tracking import probe_tracking, root_cause, tracking_uri
 
 # Libraries whose version changes a chain's results or how Prefect and Dask talk to the worker
 LIBRARIES = ("torch", "torch-pruning", "onnx", "onnxruntime", "optuna", "mlflow", "prefect", "distributed")
@@ -59,7 +59,7 @@ def code_digest() -> str:
     Unlike the git commit it also sees uncommitted edits, and it works where the code is an installed wheel.
     """
     digest = hashlib.md5()
-    for package in (pruneflow, tasks, flows):
+    for package in (pruneflow, pruneflow.tasks, pruneflow.flows):
         folder = Path(list(package.__path__)[0])  # pruneflow is a namespace package: no __file__
         for path in sorted(folder.rglob("*.py")):
             digest.update(str(path.relative_to(folder.parent)).encode())
@@ -100,7 +100,7 @@ def worker_needs(layout: ProjectLayout, prefect_api: str | None, run: ProjectRun
     """What the pipeline of ``layout`` expects on a worker; with ``run``, also its data, baseline and run folder."""
     cfg = layout.cfg
     return WorkerNeeds(
-        socket.gethostname(), code_digest(), git_commit(Path(list(flows.__path__)[0]).parent),
+        socket.gethostname(), code_digest(), git_commit(Path(list(pruneflow.flows.__path__)[0]).parent),
         {name: version(name) for name in LIBRARIES}, str(layout.root.resolve()), tracking_uri(layout),
         layout.study_storage if searches(cfg) else None, prefect_api,
         run and str(run.data.path), run and run.data.md5, run and str(run.baseline_dir), run and str(run.run_dir))

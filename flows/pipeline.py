@@ -1,7 +1,8 @@
 """The ``prune_pipeline`` flow: data → baseline → per method (search → prune → retrain → evaluate → export)
 → compare → register the best pruned model (only when every method succeeded: a failing run promotes nothing).
 
-Method chains run at once on the Dask cluster of ``project.cluster`` (``flows.chains``, ``flows.cluster``);
+Method chains run at once on the Dask cluster of ``project.cluster`` (``pruneflow.flows.chains``,
+``pruneflow.flows.cluster``);
 evaluation and export then run one method at a time, because latency measured while other methods train would
 be noise.
 """
@@ -14,16 +15,16 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows import cluster
-from flows.chains import method_chains
 from pruneflow.config import PipelineConfig, load_config
+from pruneflow.flows import cluster
+from pruneflow.flows.chains import method_chains
 from pruneflow.layout import ProjectLayout
 from pruneflow.preflight import check_inputs
 from pruneflow.stages import project_run
+from pruneflow.tasks.deploy import register_champion
+from pruneflow.tasks.stages import compare_methods, log_config, train_baseline, version_data
+from pruneflow.tasks.tracking import Tracker, check_tracking, params_md5
 from pruneflow.versioning import git_commit
-from tasks.deploy import register_champion
-from tasks.stages import compare_methods, log_config, train_baseline, version_data
-from tasks.tracking import Tracker, check_tracking, params_md5
 
 
 class MethodsFailed(RuntimeError):
@@ -33,7 +34,7 @@ class MethodsFailed(RuntimeError):
 def preflight(cfg: PipelineConfig, root: Path, log: Callable[[str], None]) -> None:
     """Check what can be checked before an MLflow run is opened: the tracking store answers, the data decode,
     the model builds, runs, prunes and exports (``pruneflow.preflight``), the workers of ``project.cluster`` have
-    what they need (``flows.cluster``). Raises ConfigError naming the input.
+    what they need (``pruneflow.flows.cluster``). Raises ConfigError naming the input.
 
     ``pruneflow run`` calls it before starting Prefect (exit code 2, no flow run); the flow calls it again for
     its other callers (deployments), cheaply: the data is then prepared and cached, the model already checked.

@@ -1,10 +1,10 @@
 """Local servers for operations, on 127.0.0.1 only: a Prefect server, which schedules need (the temporary
 server a plain ``pruneflow run`` starts refuses them), and an MLflow tracking server on a database.
 
-    python -m flows.servers start [--prefect-port 4200] [--mlflow-port 5000] [--mlflow-backend URI]
+    python -m pruneflow.flows.servers start [--prefect-port 4200] [--mlflow-port 5000] [--mlflow-backend URI]
                                   [--mlflow-artifacts DIR] [--prefect-database URL] [--dir .servers]
-    python -m flows.servers stop [--dir .servers]
-    python -m flows.servers status [--dir .servers]
+    python -m pruneflow.flows.servers stop [--dir .servers]
+    python -m pruneflow.flows.servers status [--dir .servers]
 
 ``make servers`` and ``make servers-stop`` call these. Each server's state (pid, URL) and log live in the
 state folder (``.servers/``, git-ignored): a second ``start`` reports the running servers instead of starting
@@ -250,7 +250,7 @@ def _print_status(state_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.servers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pruneflow.flows.servers", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("start", "stop", "status"))
     parser.add_argument("--dir", type=Path, default=Path(STATE_DIR), help="state folder: pids, logs, Prefect's db")
     parser.add_argument("--prefect-port", type=int, default=4200)

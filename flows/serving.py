@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefect.schedules import Cron, Interval, Schedule
 
-from flows.servers import prefect_api
+from pruneflow.flows.servers import prefect_api
 
 SCHEDULED = {"trigger": "schedule"}  # what every schedule passes to the runs it creates
 
@@ -51,7 +51,7 @@ def serve_pipeline(params: Path, overrides: list[str], schedules: list[Schedule]
     from prefect.types.entrypoint import EntrypointType
 
     with prefect_api(state_dir, port, log) as api:
-        from flows.pipeline import prune_pipeline
+        from pruneflow.flows.pipeline import prune_pipeline
 
         log(f"Prefect API {api}; deployment prune_pipeline/{name}"
             + (f", schedules: {', '.join(describe(s) for s in schedules)}" if schedules else ", no schedule"))

@@ -1,6 +1,6 @@
 """A watchdog that stops every process a pruneflow command started once the command is gone, however it went.
 
-    python -m flows.watchdog PARENT_PID RECORD_FILE      (started by ``guard_children``, not by hand)
+    python -m pruneflow.flows.watchdog PARENT_PID RECORD_FILE      (started by ``guard_children``, not by hand)
 
 A command killed with SIGKILL or SIGTERM runs no cleanup of its own: the temporary Prefect server of
 ``pruneflow run`` or the MLflow server of ``pruneflow ui`` would be re-parented to init and keep listening
@@ -42,7 +42,7 @@ def guard_children(state_dir: Path) -> subprocess.Popen:
     record = state_dir / f"watchdog-{os.getpid()}.json"
     code = str(Path(__file__).resolve().parents[1])  # where ``flows`` is, whatever the command's cwd
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-m", "flows.watchdog", str(os.getpid()), str(record)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "pruneflow.flows.watchdog", str(os.getpid()), str(record)], env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
 

@@ -10,8 +10,8 @@ from prefect.cache_policies import NO_CACHE
 from pruneflow.layout import MethodRun
 from pruneflow.search import worker_id
 from pruneflow.stages import STAGES
-from tasks.stages import STAGE_TASKS
-from tasks.tracking import Tracker
+from pruneflow.tasks.stages import STAGE_TASKS
+from pruneflow.tasks.tracking import Tracker
 
 CHAIN = [stage.name for stage in STAGES.values() if stage.per_method and not stage.timed]
 TIMED = [stage.name for stage in STAGES.values() if stage.per_method and stage.timed]

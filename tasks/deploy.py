@@ -24,8 +24,8 @@ from pruneflow.export import predictor
 from pruneflow.layout import ProjectLayout, ProjectRun
 from pruneflow.stages import STAGES
 from pruneflow.task import TASKS
+from pruneflow.tasks.tracking import Tracker, check_tracking, pinned_requirements, tracking_uri
 from pruneflow.versioning import DataVersion
-from tasks.tracking import Tracker, check_tracking, pinned_requirements, tracking_uri
 
 Info = dict[str, Any]
 CHAMPION = "champion"

@@ -28,9 +28,9 @@ from pruneflow.export import ExportError
 from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
 from pruneflow.search import SearchOutcome, trial_ratios
 from pruneflow.stages import STAGES, Baseline, PruneSummary
+from pruneflow.tasks.deploy import log_export
+from pruneflow.tasks.tracking import Tracker, pinned_requirements
 from pruneflow.versioning import DataVersion
-from tasks.deploy import log_export
-from tasks.tracking import Tracker, pinned_requirements
 
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
@@ -133,7 +133,8 @@ def _record_export(tracker: Tracker, run_id: str, run: MethodRun, deployment: De
     """The target's files, and the checkpoint and PyTorch model they came from.
 
     ``retrained.pt`` (spec + pruning history + weights) is what ``pruneflow export --run-id`` rebuilds the net
-    from: it is logged under its name in the method folder, where ``tasks.deploy.reexport`` fetches it back to.
+    from: it is logged under its name in the method folder, where ``pruneflow.tasks.deploy.reexport`` fetches it back
+to.
     """
     log_export(tracker, run_id, deployment.as_dict())
     tracker.log_artifact(run_id, run.retrained)

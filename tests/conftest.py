@@ -66,7 +66,7 @@ class PipelineRun(NamedTuple):
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, prefect_server) -> PipelineRun:
     """One tiny pipeline run shared by the tests that read its results (a run costs about a minute)."""
-    from flows.pipeline import prune_pipeline
+    from pruneflow.flows.pipeline import prune_pipeline
 
     folder = tmp_path_factory.mktemp("pipeline")
     write_params(folder, TINY_PARAMS)

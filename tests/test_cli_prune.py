@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
 from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import DataConfig
+from pruneflow.flows.cli import app
 from pruneflow.inspection import fit_inputs, format_report, prune_once
 from pruneflow.methods.magnitude import L1
 from pruneflow.plan import PrunePlan

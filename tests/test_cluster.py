@@ -23,12 +23,12 @@ from distributed import Client
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows import cluster
-from flows.cli import app
 from pruneflow.concurrency import owner_alive
 from pruneflow.config import ConfigError, load_config
+from pruneflow.flows import cluster
+from pruneflow.flows.cli import app
 from pruneflow.layout import ProjectLayout
-from tasks.chain import WORKER_TAG
+from pruneflow.tasks.chain import WORKER_TAG
 from tests.conftest import write_params
 from tests.system_deps import free_port
 from tests.test_operations import cli, start, subprocess_env, tail, trials_by_worker, wait_for

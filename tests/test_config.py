@@ -82,7 +82,7 @@ def test_fingerprint_changes_with_the_section():
 
 def test_cli_rejects_bad_config_with_exit_2_before_any_run(tmp_path):
     path = write_params(tmp_path, {"prune": {"ratio": 1.5}})
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--params", str(path)],
+    done = subprocess.run([sys.executable, "-m", "pruneflow.flows.cli", "run", "--params", str(path)],
                           capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2
     assert "prune.ratio" in done.stderr

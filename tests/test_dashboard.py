@@ -8,9 +8,9 @@ import urllib.request
 
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.servers import answers
 from pruneflow.config import load_config
+from pruneflow.flows.cli import app
+from pruneflow.flows.servers import answers
 from pruneflow.search import open_study
 from tests.conftest import TINY_PARAMS, write_params
 from tests.system_deps import free_port

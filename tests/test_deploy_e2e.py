@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.pipeline import MethodsFailed, prune_pipeline
+from pruneflow.flows.pipeline import MethodsFailed, prune_pipeline
 from tests.conftest import TINY_PARAMS, write_params
 
 pytestmark = pytest.mark.e2e

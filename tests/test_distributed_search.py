@@ -21,9 +21,9 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
 from pruneflow import stages, versioning
 from pruneflow.config import PipelineConfig, load_config
+from pruneflow.flows.cli import app
 from pruneflow.layout import ProjectLayout
 from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
@@ -92,7 +92,7 @@ def test_four_workers_share_one_study_and_the_pipeline_chooses_among_their_trial
                                                                                    tmp_path):
     project = worker_project
     env = {**os.environ, "PRUNEFLOW_SEARCH_STORAGE": postgres_url, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "flows.cli", "search-worker", "--method", "l1",
+    command = [sys.executable, "-m", "pruneflow.flows.cli", "search-worker", "--method", "l1",
                "--params", str(project / "params.yaml"), "--n-trials", str(TRIALS_EACH)]
     workers = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(WORKERS)]

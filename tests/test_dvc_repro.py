@@ -54,9 +54,9 @@ def test_search_stage_chooses_the_same_whatever_ran_before(tmp_path, digits_dir)
     import optuna
     from typer.testing import CliRunner
 
-    from flows.cli import app
     from pruneflow import stages
     from pruneflow.config import load_config
+    from pruneflow.flows.cli import app
     from pruneflow.layout import ProjectLayout, ProjectRun
     from pruneflow.stores import sqlite_url
     from pruneflow.versioning import DataVersion

@@ -23,8 +23,6 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.watchdog import stop_orphans
 from pruneflow import gates, stages
 from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import PipelineConfig, TrainConfig
@@ -32,15 +30,17 @@ from pruneflow.data.loading import DataSplits, Split
 from pruneflow.deploy import Deployment, report
 from pruneflow.export import ExportError, check_parity, export_torchscript
 from pruneflow.files import replacing
+from pruneflow.flows.cli import app
+from pruneflow.flows.watchdog import stop_orphans
 from pruneflow.layout import ProjectLayout, ProjectRun
 from pruneflow.methods import create_method
 from pruneflow.metrics import count_macs_params
 from pruneflow.models import build_model
 from pruneflow.plan import PrunePlan
 from pruneflow.stores import in_project, sqlite_url
+from pruneflow.tasks.tracking import Tracker, tracking_uri
 from pruneflow.training import train
 from pruneflow.versioning import DataVersion
-from tasks.tracking import Tracker, tracking_uri
 from tests.system_deps import ROOT, free_port
 
 # ---- gates -----------------------------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_no_model_is_registered_when_every_method_lost_more_than_registry_max_dr
     """The run that lost 79 points was registered as champion by the old "else the most accurate" rule."""
     from prefect.logging import disable_run_logger
 
-    from tasks.deploy import register_champion
+    from pruneflow.tasks.deploy import register_champion
 
     shutil.copy(tracking_store, tmp_path / "mlflow.db")
     layout = ProjectLayout(tmp_path, PipelineConfig())
@@ -393,7 +393,7 @@ def test_no_model_is_registered_when_every_method_lost_more_than_registry_max_dr
 PARENT = textwrap.dedent("""
     import subprocess, sys, time
     from pathlib import Path
-    from flows.watchdog import guard_children
+    from pruneflow.flows.watchdog import guard_children
     guard_children(Path(sys.argv[1]))
     subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                       "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); time.sleep(600)"])
@@ -422,7 +422,7 @@ def tree_of(process: subprocess.Popen, count: int, timeout: float = 60.0) -> lis
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [child for child in psutil.Process(process.pid).children(recursive=True)
-                 if "flows.watchdog" not in " ".join(child.cmdline())]
+                 if "pruneflow.flows.watchdog" not in " ".join(child.cmdline())]
         if len(found) >= count:
             return [child.pid for child in found]
         time.sleep(0.2)
@@ -493,12 +493,12 @@ def test_ui_exits_non_zero_when_its_port_is_taken(tmp_path):
 def test_ui_leaves_no_mlflow_server_behind(tmp_path, tracking_store):
     """SIGTERM, as the drill found it; ui handles no signal, so SIGKILL ends it the same way (one MLflow server
     start is the cost of this test: the watchdog's handling of both signals is tested above)."""
-    from flows.servers import answers
+    from pruneflow.flows.servers import answers
 
     (tmp_path / "params.yaml").write_text("{}\n")
     shutil.copy(tracking_store, tmp_path / "mlflow.db")
     port = free_port()
-    ui = start([sys.executable, "-m", "flows.cli", "ui", "--port", str(port)], tmp_path)
+    ui = start([sys.executable, "-m", "pruneflow.flows.cli", "ui", "--port", str(port)], tmp_path)
     deadline = time.monotonic() + 180
     while not answers(f"http://127.0.0.1:{port}/health"):
         assert ui.poll() is None and time.monotonic() < deadline, ui.stdout.read().decode(errors="replace")

@@ -28,14 +28,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows import servers as server_control
-from flows.cli import app
-from flows.servers import ServerError, ServerSpec, answers, prefect_api
 from pruneflow.concurrency import owner_alive, owner_id
 from pruneflow.config import load_config
+from pruneflow.flows import servers as server_control
+from pruneflow.flows.cli import app
+from pruneflow.flows.servers import ServerError, ServerSpec, answers, prefect_api
 from pruneflow.layout import ProjectLayout
 from pruneflow.search import fail_stale, open_study
-from tasks.tracking import ENDED_BY_TAG, OWNER_TAG, Tracker
+from pruneflow.tasks.tracking import ENDED_BY_TAG, OWNER_TAG, Tracker
 from tests.conftest import write_params
 from tests.system_deps import ROOT, free_port
 
@@ -58,7 +58,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", *args]
+    return [sys.executable, "-m", "pruneflow.flows.cli", *args]
 
 
 def start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -209,8 +209,8 @@ def test_serve_starts_a_prefect_server_when_none_is_configured_and_stops_it(tmp_
 
 
 def test_io_bound_tasks_retry_and_compute_tasks_do_not():
-    from tasks.deploy import register_champion
-    from tasks.stages import STAGE_TASKS, compare_methods, train_baseline, version_data
+    from pruneflow.tasks.deploy import register_champion
+    from pruneflow.tasks.stages import STAGE_TASKS, compare_methods, train_baseline, version_data
 
     tasks = (version_data, train_baseline, *STAGE_TASKS.values(), compare_methods, register_champion)
     assert {task.name: task.retries for task in tasks} == {
@@ -224,7 +224,7 @@ def test_export_retries_other_trouble_but_never_a_failed_check():
     from prefect.states import Failed
 
     from pruneflow.export import ExportError
-    from tasks.stages import _retry_unless_check_failed
+    from pruneflow.tasks.stages import _retry_unless_check_failed
 
     assert not _retry_unless_check_failed(None, None, Failed(data=ExportError("onnx parity 0.3 > atol 1e-4")))
     assert _retry_unless_check_failed(None, None, Failed(data=OSError("connection reset during upload")))

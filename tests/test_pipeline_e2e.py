@@ -11,8 +11,8 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.pipeline import MethodsFailed, prune_pipeline
+from pruneflow.flows.cli import app
+from pruneflow.flows.pipeline import MethodsFailed, prune_pipeline
 from tests.conftest import TINY_PARAMS, PipelineRun, write_params
 
 pytestmark = pytest.mark.e2e

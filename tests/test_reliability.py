@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
+from pruneflow.flows.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
@@ -566,7 +566,7 @@ def invoke(row: Row, project: Path, shared: Shared) -> Outcome:
         for target, replacement in row.patches:
             faults.enter_context(mock.patch(target, replacement))
         faults.enter_context(inside(project, shared.models_dir))
-        faults.enter_context(mock.patch("flows.pipeline.prune_pipeline",
+        faults.enter_context(mock.patch("pruneflow.flows.pipeline.prune_pipeline",
                                         side_effect=AssertionError("the flow started")))
         result = CliRunner().invoke(app, args, env=row.env)
     if result.exception is not None and not isinstance(result.exception, SystemExit):

@@ -260,7 +260,7 @@ SR_PARAMS = {
 
 @pytest.mark.e2e
 def test_sr_pipeline_logs_psnr_and_exports_a_checked_onnx(tmp_path, prefect_server) -> None:
-    from flows.pipeline import prune_pipeline
+    from pruneflow.flows.pipeline import prune_pipeline
 
     result = prune_pipeline(params=str(write_params(tmp_path, SR_PARAMS)))
     client = MlflowClient(result["tracking_uri"])

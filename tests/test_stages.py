@@ -10,9 +10,9 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from flows.cli import app
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
 from pruneflow.config import PipelineConfig
+from pruneflow.flows.cli import app
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import create_method
 from pruneflow.methods.groups import channel_groups

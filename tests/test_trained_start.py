@@ -11,9 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
 from pruneflow.checkpoint import ModelSpec, load_model, load_trained, save_model
 from pruneflow.config import ConfigError, validate
+from pruneflow.flows.cli import app
 from pruneflow.models import build_model
 
 # The trained ResNet-56 of the project's shared folder (../shared beside the checkout, or above a worktree's)

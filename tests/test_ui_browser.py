@@ -40,7 +40,7 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
 def mlflow_ui(pipeline_run: PipelineRun) -> Iterator[str]:
     """``pruneflow ui`` on a free loopback port against the pipeline's store; its URL once it answers."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--params",
+    server = subprocess.Popen([sys.executable, "-m", "pruneflow.flows.cli", "ui", "--params",
                                str(pipeline_run.project / "params.yaml"), "--port", str(port)],
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # its own process group: mlflow's workers stop with it
