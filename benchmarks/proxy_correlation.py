@@ -1,7 +1,7 @@
 """How well does a cheap score rank pruned candidates by the accuracy they reach after fine-tuning?
 
 From a trained ResNet-56 (``../shared/models/resnet56-cifar10jpg.pt``), ``--candidates`` pruned nets are drawn the
-way a search draws its trials: one random l1 ratio per layer group (``--space per_layer``) or per stage, the
+way a search draws its trials: one random l1 ratio per layer group (``--space per_layer``) or per resolution, the
 ratios then scaled together until ``--target`` of the MACs are gone (``pruneflow.search.fit_to_target``), so every
 candidate has the same budget and differs only in how it shares the cut. (Per stage, with channels kept in
 multiples of 8, a ResNet-56 has only a handful of distinct nets near −50 % MACs: random draws repeat them.)
@@ -79,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--doc", default="docs/benchmarks/proxy_correlation.md")
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--target", type=float, default=0.5, help="MACs reduction of every candidate")
-    parser.add_argument("--space", default="per_layer", choices=("per_stage", "per_layer"))
+    parser.add_argument("--space", default="per_layer", choices=("per_resolution", "per_layer"))
     parser.add_argument("--train-images", type=int, default=1280, help="drawn from the training split")
     parser.add_argument("--val-images", type=int, default=1000,
                         help="drawn from the test split (images the baseline never saw), for the proxies")

@@ -5,7 +5,7 @@ Every arm prunes the same trained baseline to the same MACs target (``--target``
 
 - ``uniform l1``: one ratio, bisected (``pruneflow.targeting``) so that ≈ the target MACs are gone;
 - ``l1 <space>, finetune``: the pipeline's Optuna search, ``--trials`` trials each scored after ``--trial-epochs``
-  of fine-tuning (``search.proxy: finetune``), for ``per_stage`` and ``per_layer`` spaces;
+  of fine-tuning (``search.proxy: finetune``), for ``per_resolution`` and ``per_layer`` spaces;
 - ``l1 <space>, adaptive_bn``: the same search with ``--bn-trials`` trials scored by adaptive BN, then the
   ``--top-k`` best fine-tuned for ``--trial-epochs`` (``search.proxy: adaptive_bn``);
 - ``layer_entropy``: the search over its global ratio (it allocates per-layer ratios itself).
@@ -55,8 +55,8 @@ from pruneflow.versioning import DataVersion  # noqa: E402
 
 ARMS = {  # name -> (method, search overrides or None for a bisected uniform ratio)
     "uniform l1": ("l1", None),
-    "l1 per_stage, finetune": ("l1", {"space": "per_stage", "proxy": "finetune"}),
-    "l1 per_stage, adaptive_bn": ("l1", {"space": "per_stage", "proxy": "adaptive_bn"}),
+    "l1 per_resolution, finetune": ("l1", {"space": "per_resolution", "proxy": "finetune"}),
+    "l1 per_resolution, adaptive_bn": ("l1", {"space": "per_resolution", "proxy": "adaptive_bn"}),
     "l1 per_layer, finetune": ("l1", {"space": "per_layer", "proxy": "finetune"}),
     "l1 per_layer, adaptive_bn": ("l1", {"space": "per_layer", "proxy": "adaptive_bn"}),
     "layer_entropy": ("layer_entropy", {"space": "global", "proxy": "finetune"}),

@@ -6,7 +6,7 @@
     pruneflow search-worker --method M [--n-trials N] [--params ...]  add trials to the method's shared study
     pruneflow methods                                                 list the pruning methods
     pruneflow prune  --model M --method NAME [--ratio R] [--json]     prune once: MACs/params before/after, layers
-    pruneflow export --run-id ID [--target T] [--params ...] [-S ...]  re-export a logged method run for a target
+    pruneflow export --run-id ID [--platform P] [--params ...] [-S ...]  re-export a logged method run for a platform
     pruneflow ui     [--port 5000]                                    MLflow UI on 127.0.0.1
     pruneflow dashboard [--port 8080]                                 Optuna dashboard of the studies on 127.0.0.1
 """
@@ -336,14 +336,14 @@ def prune(
 @app.command("export")
 def export_run(
     run_id: str = typer.Option(..., "--run-id", help="an MLflow method run of a pipeline (its child run per method)"),
-    target: str | None = typer.Option(None, help="cpu | jetson | generic-gpu; default: params' export.target"),
+    platform: str | None = typer.Option(None, help="cpu | jetson | generic-gpu; default: params' export.platform"),
     params: Path = PARAMS, overrides: list[str] | None = SET,
 ) -> None:
-    """Re-export a logged method run's model for a target without rerunning the pipeline; logs the files to that run.
+    """Re-export a logged method run's model for a platform without rerunning the pipeline; logs the files to that run.
 
     The model is rebuilt from the run's retrained.pt; export/evaluate settings and the data come from --params.
     """
-    cfg, root = _config(params, [*(overrides or []), *([f"export.target={target}"] if target else [])])
+    cfg, root = _config(params, [*(overrides or []), *([f"export.platform={platform}"] if platform else [])])
     from pruneflow.tasks.deploy import reexport
 
     try:
@@ -353,7 +353,7 @@ def export_run(
         raise typer.Exit(1) from None
     folder = Path(result["files"]["onnx"]).parent
     typer.echo((folder / "report.md").read_text())
-    typer.echo(f"Files:        {folder}  (logged to run {run_id} as export/{cfg.export.target}/)")
+    typer.echo(f"Files:        {folder}  (logged to run {run_id} as export/{cfg.export.platform}/)")
 
 
 @app.command()

@@ -154,8 +154,9 @@ class TargetConfig(Section):
 
 
 class SearchConfig(Section):
-    space: Literal["global", "per_stage", "per_layer"] = Field(
-        "global", description="one ratio; one per stage (layers at one resolution); one per prunable layer group")
+    space: Literal["global", "per_resolution", "per_layer"] = Field(
+        "global", description="one ratio; one per resolution (the layers working at one spatial size); one per "
+                              "prunable layer group")
     n_trials: int = Field(6, ge=1, description="trials each run adds to the study (a rerun resumes and extends it)")
     n_workers: int = Field(1, ge=1, description="trials run at once, each in its own process")
     ratio_low: float = Field(0.1, ge=0, lt=1)
@@ -186,7 +187,7 @@ class SearchConfig(Section):
     measure_latency: bool = Field(False, description="record every trial's latency_ms and speedup, predicted from the "
                                                      "latency table (always done for latency targets)")
     fit_target: bool = Field(
-        True, description="per_stage/per_layer: scale each trial's ratios by one factor (bisected; on predicted "
+        True, description="per_resolution/per_layer: scale each trial's ratios by one factor (bisected; on predicted "
                           "latency for latency targets) "
                           "until the target is just met, so trials compare ways to share one budget")
 
@@ -238,10 +239,10 @@ class EvaluateConfig(Section):
 
 
 class ExportConfig(Section):
-    target: Literal["cpu", "jetson", "generic-gpu"] = Field(
+    platform: Literal["cpu", "jetson", "generic-gpu"] = Field(
         "cpu", description="deployment profile (pruneflow.profiles): which formats are written, the opset, where "
                            "latency is measured")
-    opset: int = Field(18, ge=13, description="ONNX opset; null: the target profile's (jetson 17, else 18)")
+    opset: int = Field(18, ge=13, description="ONNX opset; null: the platform profile's (jetson 17, else 18)")
     atol: float = Field(1e-4, ge=0, description="parity of fp32 ONNX and TorchScript on real inputs: max |file - "
                                                 "torch| <= atol·min(1, S) + rtol·S, S the largest |torch output|")
     rtol: float = Field(1e-5, ge=0, description="the relative part of that bound (large outputs err in proportion)")
@@ -264,12 +265,12 @@ class ExportConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _target_opset(cls, data: Any) -> Any:
-        """No opset given: the target profile's (an unknown target fails on its own key)."""
+    def _platform_opset(cls, data: Any) -> Any:
+        """No opset given: the platform profile's (an unknown platform fails on its own key)."""
         if isinstance(data, dict) and data.get("opset") is None:
-            target = data.get("target", "cpu")
-            known = isinstance(target, str) and target in PROFILES
-            return {**data, "opset": PROFILES[target if known else "cpu"].opset}
+            platform = data.get("platform", "cpu")
+            known = isinstance(platform, str) and platform in PROFILES
+            return {**data, "opset": PROFILES[platform if known else "cpu"].opset}
         return data
 
 

@@ -1,11 +1,11 @@
-"""Deployment targets: which files a device gets, writing and checking them, and which pruned model to ship.
+"""Deployment platforms: which files a device gets, writing and checking them, and which pruned model to ship.
 
-A target profile (``export.target``, ``pruneflow.profiles``) lists the formats its runtime loads, the ONNX opset
+A platform profile (``export.platform``, ``pruneflow.profiles``) lists the formats its runtime loads, the ONNX opset
 it reads and the ONNX Runtime execution providers of its hardware. Each format is an entry of ``FORMATS``: its
 file, how it is written and how it is checked before it counts: fp32 ONNX and TorchScript against PyTorch within
 ``export.atol`` and ``export.rtol`` (NaN or Inf fails), fp16 within ``export.fp16_rtol`` of the output scale, int8
 by its test-set metric (accuracy, or PSNR). Latency is measured where this machine can: int8 beside fp32 on the
-CPU, and on the target's GPU providers if this onnxruntime has them; otherwise the result says it was skipped.
+CPU, and on the platform's GPU providers if this onnxruntime has them; otherwise the result says it was skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pruneflow.export import (
     file_scores,
     measure_latency,
 )
-from pruneflow.profiles import PROFILES, TargetProfile
+from pruneflow.profiles import PROFILES, PlatformProfile
 from pruneflow.quantize import convert_fp16, quantize_int8
 from pruneflow.registry import Registry
 from pruneflow.task import TASKS, Batches
@@ -42,7 +42,8 @@ from pruneflow.task import TASKS, Batches
 
 @dataclass
 class Export:
-    """What writing and checking a target's files reads: the model, its data and settings, the files written so far."""
+    """What writing and checking a platform's files reads: the model, its data and settings, the files written so
+    far."""
 
     model: nn.Module
     spec: ModelSpec
@@ -57,14 +58,14 @@ class Export:
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One kind of file a target can get: its name, how it is written and how it is checked before it counts."""
+    """One kind of file a platform can get: its name, how it is written and how it is checked before it counts."""
 
-    file: str  # the file's name in export/<target>/
+    file: str  # the file's name in export/<platform>/
     description: str  # the report's format column
     write: Callable[[Export, Path], Path]
     check: Callable[[Export, Path], dict[str, float]]  # the check's figures; it raises when the file fails it
     summary: Callable[[dict[str, float], PipelineConfig], str]  # the report's check column, from those figures
-    device_infix: str | None = None  # an ONNX file timed on the target's GPU providers: its latency metrics' infix
+    device_infix: str | None = None  # an ONNX file timed on the platform's GPU providers: its latency metrics' infix
 
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
@@ -135,20 +136,20 @@ FORMATS.register("onnx_int8")(ExportFormat(
 
 @dataclass
 class Deployment:
-    """What an export wrote for one target: files by format, their checks and timings, and where it measured."""
+    """What an export wrote for one platform: files by format, their checks and timings, and where it measured."""
 
-    target: str
+    platform: str
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     device_latency: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "files": self.files, "device_latency": self.device_latency, **self.metrics}
+        return {"platform": self.platform, "files": self.files, "device_latency": self.device_latency, **self.metrics}
 
 
-def export_target(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg: PipelineConfig, folder: Path,
+def export_for_platform(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg: PipelineConfig, folder: Path,
                   latency_inputs: dict[str, np.ndarray], log: Callable[[str], None]) -> Deployment:
-    """Write and check every format of ``export.target`` into ``folder``; on any failure remove the folder
+    """Write and check every format of ``export.platform`` into ``folder``; on any failure remove the folder
     (no file that looks like a good export is left) and raise.
 
     ``latency_inputs`` are real test batches keyed by metric-name suffix ('' and '_b<N>').
@@ -163,26 +164,26 @@ def export_target(model: nn.Module, spec: ModelSpec, splits: DataSplits, cfg: Pi
 
 def _write_and_check(job: Export, folder: Path, log: Callable[[str], None]) -> Deployment:
     """Each format of the profile in its order ("onnx" first: the others are made from it), written then checked."""
-    target = job.cfg.export.target
-    profile = PROFILES[target]
-    deployment = Deployment(target)
+    platform = job.cfg.export.platform
+    profile = PROFILES[platform]
+    deployment = Deployment(platform)
     for name in profile.formats:
         export_format = FORMATS.get(name)
         job.files[name] = export_format.write(job, folder / export_format.file)
         deployment.metrics.update(export_format.check(job, job.files[name]))
     deployment.device_latency = _measure_on_device(profile, job, deployment.metrics)
     deployment.files = {name: str(path) for name, path in job.files.items()}
-    log(f"export ({target}): {', '.join(path.name for path in job.files.values())} checked; "
+    log(f"export ({platform}): {', '.join(path.name for path in job.files.values())} checked; "
         f"device latency: {deployment.device_latency}")
     return deployment
 
 
-def _measure_on_device(profile: TargetProfile, job: Export, metrics: dict[str, float]) -> str:
-    """Time the target's ONNX files on each of its providers this machine has; say what happened.
+def _measure_on_device(profile: PlatformProfile, job: Export, metrics: dict[str, float]) -> str:
+    """Time the platform's ONNX files on each of its providers this machine has; say what happened.
 
     The metrics are named by the provider (``cuda_``, ``tensorrt_``) and the format's infix (``fp16_``)."""
     if not profile.device_providers:
-        return f"not applicable: the {job.cfg.export.target} target is timed on {CPU}"
+        return f"not applicable: the {job.cfg.export.platform} platform is timed on {CPU}"
     evaluate = job.cfg.evaluate
     onnx_files = {name: path for name, path in job.files.items() if FORMATS.get(name).device_infix is not None}
     measured, missing = [], []
@@ -204,9 +205,9 @@ def _measure_on_device(profile: TargetProfile, job: Export, metrics: dict[str, f
 
 
 def report(deployment: Deployment, cfg: PipelineConfig) -> str:
-    """export/<target>/report.md: each file, how it was checked, and where its latency was (or was not) measured."""
+    """export/<platform>/report.md: each file, how it was checked, and where its latency was (or was not) measured."""
     m = deployment.metrics
-    lines = [f"# Export for target `{deployment.target}` (opset {cfg.export.opset})", "",
+    lines = [f"# Export for platform `{deployment.platform}` (opset {cfg.export.opset})", "",
              tabulate([[Path(path).name, FORMATS.get(name).description, FORMATS.get(name).summary(m, cfg)]
                        for name, path in deployment.files.items()],
                       ["file", "format", "check"], tablefmt="github", disable_numparse=True)]

@@ -4,7 +4,7 @@ writes (the stages take them as their one argument besides ``log``).
 
     <project>/data/<dataset>/            prepared data, versioned by DVC (data/<dataset>.dvc)
     <project>/runs/baselines/<key>/      trained baselines, keyed by data md5 + model + training params
-    <project>/runs/<run>/<method>/       one pipeline run's artifacts per method (export/<target>/: deployable files)
+    <project>/runs/<run>/<method>/       one pipeline run's artifacts per method (export/<platform>/: deployable files)
     <project>/runs/optuna.db             the Optuna studies (resumed by name; any SQLAlchemy URL instead)
     <project>/runs/dvc/                  what `dvc repro` writes (fixed paths, as DVC needs)
     <project>/runs/locks/                lock files of concurrent pipelines (pruneflow.concurrency)
@@ -209,8 +209,8 @@ class MethodRun(ProjectRun):
 
     @property
     def export_dir(self) -> Path:
-        """One folder per export target, so re-exporting a run for another device keeps the first files."""
-        return self.dir / "export" / self.cfg.export.target
+        """One folder per export platform, so re-exporting a run for another device keeps the first files."""
+        return self.dir / "export" / self.cfg.export.platform
 
     @property
     def export_report(self) -> Path:

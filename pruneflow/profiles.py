@@ -1,4 +1,4 @@
-"""Deployment target profiles (``export.target``): the files a device's runtime loads, the ONNX opset it reads and
+"""Deployment platform profiles (``export.platform``): the files a device's runtime loads, the ONNX opset it reads and
 the ONNX Runtime execution providers of its hardware. ``pruneflow.deploy`` writes and checks the files; the config
 takes a profile's opset when ``export.opset`` is null.
 """
@@ -9,17 +9,17 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class TargetProfile:
+class PlatformProfile:
     formats: tuple[str, ...]  # entries of ``deploy.FORMATS``, "onnx" first: the others are made from it
     opset: int
     device_providers: tuple[str, ...] = ()  # the hardware's providers, tried in order; the CPU is always measured
 
 
 PROFILES = {
-    "cpu": TargetProfile(("onnx", "onnx_int8"), opset=18),
+    "cpu": PlatformProfile(("onnx", "onnx_int8"), opset=18),
     # TensorRT 8.5 (JetPack 5) reads opset 17 at most
-    "jetson": TargetProfile(("onnx", "onnx_fp16", "torchscript"), opset=17,
+    "jetson": PlatformProfile(("onnx", "onnx_fp16", "torchscript"), opset=17,
                             device_providers=("TensorrtExecutionProvider", "CUDAExecutionProvider")),
-    "generic-gpu": TargetProfile(("onnx", "onnx_fp16"), opset=18,
+    "generic-gpu": PlatformProfile(("onnx", "onnx_fp16"), opset=18,
                                  device_providers=("CUDAExecutionProvider", "TensorrtExecutionProvider")),
 }

@@ -1,6 +1,6 @@
 """Optuna search of a method's pruning ratios.
 
-A trial samples ratios from a search space (one global ratio, one per stage, or one per prunable layer
+A trial samples ratios from a search space (one global ratio, one per resolution, or one per prunable layer
 group), prunes the baseline, fine-tunes briefly and scores the task's main metric on validation (accuracy, or
 PSNR for super-resolution: ``objectives[0]``, called *the metric* below). The user's target (MACs
 or params reduction, or a latency ceiling) is an Optuna constraint, so infeasible trials stay in the
@@ -50,12 +50,13 @@ class SearchSpace:
     base: PrunePlan = field(default_factory=PrunePlan)
 
     @classmethod
-    def of(cls, kind: str, stages: dict[str, list[str]], layers: list[str], base: PrunePlan) -> SearchSpace:
-        """``global``: the single parameter ``ratio``; ``per_stage``: one per stage; ``per_layer``: one per group."""
+    def of(cls, kind: str, resolutions: dict[str, list[str]], layers: list[str], base: PrunePlan) -> SearchSpace:
+        """``global``: the single parameter ``ratio``; ``per_resolution``: one per spatial size; ``per_layer``: one per
+        group."""
         if kind == "global":
             return cls({"ratio": []}, base)
-        if kind == "per_stage":
-            return cls({f"ratio.{stage}": members for stage, members in stages.items()}, base)
+        if kind == "per_resolution":
+            return cls({f"ratio.{size}": members for size, members in resolutions.items()}, base)
         return cls({f"ratio.{layer}": [layer] for layer in layers}, base)
 
     @property
@@ -112,7 +113,7 @@ def fit_to_target(ratios: dict[str, float], space: SearchSpace, cfg: SearchConfi
                   steps: int = 10) -> dict[str, float]:
     """Scale all ratios by the smallest factor (bisected) whose pruned model meets the reduction target.
 
-    Why: with free per-stage ratios almost every sampled point misses the target or overshoots it, so a
+    Why: with free per-resolution ratios almost every sampled point misses the target or overshoots it, so a
     small trial budget compares models of different sizes and the "best" one is mostly the least pruned
     feasible one. Scaled onto the target, the sampled ratios only decide how the cut is *shared* between
     stages, and every trial is scored at the budget the user asked for. Ratios are capped at ``ratio_high``.

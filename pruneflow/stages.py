@@ -300,15 +300,16 @@ def fine_tune(pruner: PruningMethod, model: torch.nn.Module, batches, val_batche
 
 
 def latency_table(cfg: PipelineConfig) -> LatencyTable:
-    """This machine's latency table for the export target's runtime at ``evaluate.threads``: ONNX Runtime's CPU
-    provider for ``cpu``, else the first device provider of the target that the installed build has (none:
+    """This machine's latency table for the export platform's runtime at ``evaluate.threads``: ONNX Runtime's CPU
+    provider for ``cpu``, else the first device provider of the platform that the installed build has (none:
     ``ProviderUnavailable``, naming them)."""
-    wanted = PROFILES[cfg.export.target].device_providers
+    wanted = PROFILES[cfg.export.platform].device_providers
     if not wanted:
         return LatencyTable(cache_folder(), threads=cfg.evaluate.threads)
     available = [provider for provider in wanted if provider in ort.get_available_providers()]
     if not available:
-        raise ProviderUnavailable(f"export.target {cfg.export.target}: the latency table needs {' or '.join(wanted)}, "
+        raise ProviderUnavailable(f"export.platform {cfg.export.platform}: the latency table needs "
+                                  f"{' or '.join(wanted)}, "
                                   f"which this onnxruntime build lacks (it has "
                                   f"{', '.join(ort.get_available_providers())})")
     return LatencyTable(cache_folder(), threads=cfg.evaluate.threads, provider=available[0])
@@ -375,17 +376,18 @@ def study_name(cfg: PipelineConfig, method: str, data_md5: str) -> str:
 
 
 def search_space(cfg: PipelineConfig, model: torch.nn.Module, spec: ModelSpec) -> SearchSpace:
-    """The configured space over this model: layer groups named by their root module, stages by their resolution."""
+    """The configured space over this model: layer groups named by their root module, resolutions by their spatial
+    size."""
     base = PrunePlan.from_config(cfg.prune, origin=PlanOrigin("search"))
     if cfg.search.space == "global":
         return SearchSpace.of("global", {}, [], base)
     layers = [group.name for group in channel_groups(model, spec.example_inputs())]
-    return SearchSpace.of(cfg.search.space, stages_by_resolution(model, spec.example_inputs(), layers), layers, base)
+    return SearchSpace.of(cfg.search.space, layers_by_resolution(model, spec.example_inputs(), layers), layers, base)
 
 
-def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor,
+def layers_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor,
                          layers: list[str]) -> dict[str, list[str]]:
-    """Consecutive layers working at one spatial size form a stage (a ResNet's stage, a VGG block)."""
+    """The layers grouped by the spatial size they work at (a ResNet's stage, a VGG block): ``{"8x8": [...]}``."""
     sizes: dict[str, str] = {}
 
     def record(name: str):
@@ -400,10 +402,10 @@ def stages_by_resolution(model: torch.nn.Module, example_inputs: torch.Tensor,
     finally:
         for hook in hooks:
             hook.remove()
-    stages: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for name in layers:
-        stages.setdefault(sizes[name], []).append(name)
-    return stages
+        groups.setdefault(sizes[name], []).append(name)
+    return groups
 
 
 class TrialRunner:
@@ -646,7 +648,7 @@ def evaluate_model(run: MethodRun, log: Log = say) -> dict[str, float]:
                         f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
                         f"baseline_latency_ms{suffix}": timing["baseline"].median_ms, f"speedup{suffix}": speedup,
                         f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
-    if cfg.search.target.metric in LATENCY_METRICS and not PROFILES[cfg.export.target].device_providers:
+    if cfg.search.target.metric in LATENCY_METRICS and not PROFILES[cfg.export.platform].device_providers:
         metrics.update(prediction_error(cfg, run, model, latency[""]["pruned"]))
         log(f"{run.method}: latency predicted {metrics['latency_ms_predicted']:.3f} ms, measured (p10) "
             f"{latency['']['pruned'].p10_ms:.3f} ms: error {metrics['latency_prediction_error_pct']:+.1f} %")
@@ -680,12 +682,12 @@ def latency_inputs(cfg: PipelineConfig, splits: DataSplits) -> dict[str, np.ndar
 
 
 def export_model(run: MethodRun, log: Log = say) -> Deployment:
-    """Write ``export/<target>/``: the formats of ``export.target``, each checked (see ``pruneflow.deploy``), with
+    """Write ``export/<platform>/``: the formats of ``export.platform``, each checked (see ``pruneflow.deploy``), with
     ``report.md`` and ``export.json``. A failed check raises and leaves no files."""
     cfg = run.cfg
     splits = load_data(cfg, run.data_dir)
     model, spec, _ = load_model(run.retrained)
-    deployment = deploy.export_target(model, spec, splits, cfg, run.export_dir, latency_inputs(cfg, splits), log)
+    deployment = deploy.export_for_platform(model, spec, splits, cfg, run.export_dir, latency_inputs(cfg, splits), log)
     run.export_report.write_text(deploy.report(deployment, cfg))
     write_json(run.export_json, deployment.as_dict())
     return deployment

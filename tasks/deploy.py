@@ -1,5 +1,5 @@
 """The MLflow side of deployment: an export's files on its method run, the pipeline's best model in the model
-registry with its lineage, and re-exporting a logged run for another target (``pruneflow export --run-id``).
+registry with its lineage, and re-exporting a logged run for another platform (``pruneflow export --run-id``).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ CHAMPION = "champion"
 
 
 def log_export(tracker: Tracker, run_id: str, deployment: Info, metric_prefix: str = "") -> None:
-    """The export folder as artifacts ``export/<target>/``, its numbers as metrics, where it measured as a tag."""
-    target = deployment["target"]
-    tracker.log_artifacts(run_id, Path(deployment["files"]["onnx"]).parent, f"export/{target}")
+    """The export folder as artifacts ``export/<platform>/``, its numbers as metrics, where it measured as a tag."""
+    platform = deployment["platform"]
+    tracker.log_artifacts(run_id, Path(deployment["files"]["onnx"]).parent, f"export/{platform}")
     tracker.log_metrics(run_id, {f"{metric_prefix}{key}": value for key, value in deployment.items()})
-    tracker.set_tags(run_id, {f"pruneflow.device_latency.{target}": deployment["device_latency"]})
+    tracker.set_tags(run_id, {f"pruneflow.device_latency.{platform}": deployment["device_latency"]})
 
 
 @task(retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
@@ -66,7 +66,7 @@ def register_champion(run: ProjectRun, baseline_run_id: str, results: dict[str, 
     version = str(info.registered_model_version)
     lineage = {"pruneflow.data_md5": run.data.md5, "pruneflow.baseline_run_id": baseline_run_id,
                "pruneflow.method_run_id": run_id, "pruneflow.method": method, "pruneflow.parent_run_id": parent_run_id,
-               "pruneflow.export_target": cfg.export.target}
+               "pruneflow.export_platform": cfg.export.platform}
     for key, value in lineage.items():
         tracker.client.set_model_version_tag(name, version, key, value)
     tracker.client.set_registered_model_alias(name, CHAMPION, version)
@@ -80,12 +80,12 @@ def register_champion(run: ProjectRun, baseline_run_id: str, results: dict[str, 
 
 
 def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], None]) -> Info:
-    """Export a logged method run's model for ``export.target`` without rerunning the pipeline.
+    """Export a logged method run's model for ``export.platform`` without rerunning the pipeline.
 
     The export stage runs as in the pipeline, on the files it reads (``STAGES["export"].reads``) fetched back
     from the run's artifacts into the run's method folder, and on the project's data (which must be the data
-    the run used). Files go to the run's ``export/<target>/`` artifacts; metrics are logged as
-    ``<target>/<name>`` so the pipeline's own numbers stay.
+    the run used). Files go to the run's ``export/<platform>/`` artifacts; metrics are logged as
+    ``<platform>/<name>`` so the pipeline's own numbers stay.
     """
     layout = ProjectLayout(root, cfg)
     check_tracking(layout)
@@ -120,5 +120,5 @@ def reexport(root: Path, cfg: PipelineConfig, run_id: str, log: Callable[[str], 
             except (MlflowException, OSError):
                 raise LookupError(f"run {run_id} has no {artifact} artifact to rebuild the model from") from None
     result = stage.run(run, log).as_dict()
-    log_export(tracker, run_id, result, metric_prefix=f"{cfg.export.target}/")
+    log_export(tracker, run_id, result, metric_prefix=f"{cfg.export.platform}/")
     return result

@@ -52,7 +52,7 @@ def retrained(digits_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cpu_export(retrained, digits_dir) -> dict:
-    return export(config(target="cpu"), retrained, digits_dir, log=print)
+    return export(config(platform="cpu"), retrained, digits_dir, log=print)
 
 
 def test_cpu_target_writes_a_static_int8_model_that_keeps_its_accuracy(cpu_export, retrained):
@@ -75,7 +75,7 @@ def test_dynamic_int8_needs_no_calibration_and_keeps_its_accuracy(cpu_export, di
 
 
 def test_jetson_target_writes_fp16_and_torchscript_that_match_pytorch(retrained, digits_dir):
-    result = export(config(target="jetson"), retrained, digits_dir, log=print)
+    result = export(config(platform="jetson"), retrained, digits_dir, log=print)
     assert set(result["files"]) == {"onnx", "onnx_fp16", "torchscript"}
     assert onnx.load(result["files"]["onnx"]).opset_import[0].version == 17  # TensorRT 8.5's ceiling
     assert result["torchscript_max_abs_diff"] < 1e-4
@@ -91,7 +91,7 @@ def test_jetson_target_writes_fp16_and_torchscript_that_match_pytorch(retrained,
 def test_a_zero_fp16_tolerance_fails_the_export_and_leaves_no_files(retrained, digits_dir):
     folder = retrained.parent / "export" / "generic-gpu"
     with pytest.raises(ExportError, match=r"model.fp16.onnx: output differs from PyTorch by .* export.fp16_rtol=0"):
-        export(config(target="generic-gpu", fp16_rtol=0), retrained, digits_dir)
+        export(config(platform="generic-gpu", fp16_rtol=0), retrained, digits_dir)
     assert not folder.exists()
 
 

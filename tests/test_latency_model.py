@@ -242,8 +242,8 @@ def test_an_unreachable_latency_target_or_a_missing_runtime_stops_before_trainin
     with pytest.raises(ConfigError, match=r"search.target: latency_ms 1e-06 is out of reach on this machine: "
                                           r"the smallest net .* is predicted at"):
         check_model(PipelineConfig.model_validate(LATENCY_TARGET), splits)
-    jetson = PipelineConfig.model_validate({**LATENCY_TARGET, "export": {"target": "jetson"}})
-    with pytest.raises(ConfigError, match="search.target.metric latency_ms: export.target jetson: the latency table "
+    jetson = PipelineConfig.model_validate({**LATENCY_TARGET, "export": {"platform": "jetson"}})
+    with pytest.raises(ConfigError, match="search.target.metric latency_ms: export.platform jetson: the latency table "
                                           "needs TensorrtExecutionProvider or CUDAExecutionProvider"):
         check_model(jetson, splits)
     with pytest.raises(ValueError, match="a speedup target is a factor above 1"):

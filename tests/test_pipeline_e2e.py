@@ -92,7 +92,7 @@ def assert_champion_registered(client: MlflowClient, result: dict, children: dic
 
 def assert_reexport_logs_a_jetson_export(client: MlflowClient, project: Path, run_id: str) -> None:
     """``pruneflow export --run-id`` rebuilds the logged model and adds the jetson files to the same run."""
-    done = CliRunner().invoke(app, ["export", "--run-id", run_id, "--target", "jetson",
+    done = CliRunner().invoke(app, ["export", "--run-id", run_id, "--platform", "jetson",
                                     "--params", str(project / "params.yaml")])
     assert done.exit_code == 0, done.output
     assert "Export for target `jetson` (opset 17)" in done.output

@@ -67,7 +67,7 @@ def test_chosen_trial_meets_the_target_and_a_rerun_extends_the_study(tmp_path, b
     assert all(study.trials[n].datetime_complete == done for n, done in first.items())  # not re-run
 
 
-@pytest.mark.parametrize("space", ["per_stage", "per_layer"])
+@pytest.mark.parametrize("space", ["per_resolution", "per_layer"])
 def test_finer_spaces_give_layer_ratios_that_reach_prune(tmp_path, baseline, digits_dir, space):
     cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, space=space)
     assert chosen.plan.layer_ratios and len(study.trials[0].params) > 1
@@ -76,7 +76,7 @@ def test_finer_spaces_give_layer_ratios_that_reach_prune(tmp_path, baseline, dig
 
 
 def test_fitted_trials_sit_on_the_target_and_prune_at_their_fitted_ratios(tmp_path, baseline, digits_dir):
-    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, space="per_stage", finetune_epochs=0)
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, space="per_resolution", finetune_epochs=0)
     for trial in study.trials:
         fitted = trial.user_attrs["fitted_ratios"]
         assert fitted.keys() == trial.params.keys() and fitted != trial.params
@@ -86,7 +86,8 @@ def test_fitted_trials_sit_on_the_target_and_prune_at_their_fitted_ratios(tmp_pa
 
 
 def test_unfitted_trials_prune_at_their_sampled_ratios(tmp_path, baseline, digits_dir):
-    _, _, study = run_search(tmp_path, baseline, digits_dir, space="per_stage", finetune_epochs=0, fit_target=False)
+    _, _, study = run_search(tmp_path, baseline, digits_dir, space="per_resolution", finetune_epochs=0,
+                             fit_target=False)
     assert all("fitted_ratios" not in trial.user_attrs for trial in study.trials)
 
 
@@ -160,12 +161,12 @@ def test_bad_search_configs_are_rejected_with_the_key(tmp_path):
     path = write_params(tmp_path, {})
     cases = {
         ("search.ratio_low=0.9", "search.ratio_high=0.5"): "ratio_low (0.9) is greater than ratio_high (0.5)",
-        ("search.space=per_block",): "search.space: Input should be 'global', 'per_stage' or 'per_layer'",
+        ("search.space=per_block",): "search.space: Input should be 'global', 'per_resolution' or 'per_layer'",
         ("search.target.metric=flops",): "search.target.metric",
         ("search.target.value=1.5",): "a macs_reduction target is a fraction below 1",
         ("search.objectives=[macs_reduction]",): "objectives must be [<metric>]",
         ("search.objectives=[accuracy, latency_ms]", "search.pruner=median"): "Optuna prunes single-objective",
-        ("search.space=per_stage", "methods=[l1, layer_entropy]"): "layer_entropy choose per-layer ratios",
+        ("search.space=per_resolution", "methods=[l1, layer_entropy]"): "layer_entropy choose per-layer ratios",
         ("search.proxy=bn",): "search.proxy: Input should be 'finetune' or 'adaptive_bn'",
         ("search.proxy=adaptive_bn", "search.pruner=median"): "adaptive_bn trials train no epochs",
         ("search.top_k=0",): "search.top_k",
@@ -200,7 +201,7 @@ def test_reachability_probes_below_ratio_high_for_threshold_methods():
 
 
 def test_an_adaptive_bn_search_fine_tunes_its_top_k_and_hands_a_feasible_plan_to_prune(tmp_path, baseline, digits_dir):
-    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, proxy="adaptive_bn", space="per_stage",
+    cfg, chosen, study = run_search(tmp_path, baseline, digits_dir, proxy="adaptive_bn", space="per_resolution",
                                     n_trials=4, top_k=2)
     assert all(t.user_attrs.get("epochs_run") == 0 for t in study.trials)  # judged without a gradient step
     rung = optuna.load_study(study_name=f"{study.study_name}-finetuned", storage=cfg.search.storage)
