@@ -24,7 +24,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_dvc_repro_runs_the_pipeline_stage_by_stage(tmp_path):
     shutil.copy(REPO / "dvc.yaml", tmp_path)
-    write_params(tmp_path, {**TINY_PARAMS, "methods": {"l1": {}}}, full=True)
+    write_params(tmp_path, {**TINY_PARAMS, "methods": {"l1": {}}, "export": {"opset": 17}}, full=True)
     prepared = run(["pruneflow", "stage", "data"], tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     assert (tmp_path / "data" / "digits.dvc").is_file()

@@ -19,6 +19,10 @@ from pruneflow.plan import PrunePlan
 
 MODELS = ("resnet56", "mobilenet_v2", "vgg16_bn")
 SHAPE = (3, 8, 8)
+# The dynamo exporter (opset 18, the default) takes 5-20 s a net here, the TorchScript one (opset 17) under 1 s:
+# each kind of surgery goes through dynamo once — channels removed, weights masked, blocks replaced by identity —
+# and the rest through TorchScript (tests/test_models.py exports every model family through dynamo).
+DYNAMO = {("l1", "vgg16_bn"), ("magnitude_unstructured", "vgg16_bn"), ("cascade", "resnet56")}
 CHEAP = {"adversarial": {"epochs": 3, "mask_lr": 0.5, "lambdas": [1.0], "finetune_epochs": 0}, "apoz": {"batches": 2},
          "channel_sparsity": {"batches": 2}, "statistical": {"epochs": 2}}
 
@@ -75,5 +79,6 @@ def test_method_prunes_model_and_exports(method, model_name, tmp_path):
         assert reduction == 0 and zero_weight_share(model) >= 0.45
         assert "no speed-up" in result.notes
 
-    path = export_onnx(model, x, tmp_path / "model.onnx")
+    opset = 18 if (method, model_name) in DYNAMO else 17
+    path = export_onnx(model, x, tmp_path / "model.onnx", opset=opset)
     assert onnx_max_abs_diff(path, model, [(x, None)]) < 1e-4

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pruneflow.flows.cli import app
 from pruneflow.flows.pipeline import MethodsFailed, prune_pipeline
-from tests.conftest import TINY_PARAMS, PipelineRun, write_params
+from tests.conftest import FAST, TINY_PARAMS, PipelineRun, write_params
 
 pytestmark = pytest.mark.e2e
 
@@ -66,7 +66,8 @@ def test_pipeline_logs_every_stage_and_reuses_the_baseline_on_rerun(pipeline_run
     assert_champion_registered(client, result, children)
     assert_reexport_logs_a_jetson_export(client, project, children["l1"].info.run_id)
 
-    again = prune_pipeline(params=str(project / "params.yaml"))
+    # neither setting changes the baseline or the studies; both spare the rerun a minute on two cores
+    again = prune_pipeline(params=str(project / "params.yaml"), overrides=FAST)
     rerun = runs_of(client, again["parent_run_id"])
     assert rerun["baseline"].data.tags["pruneflow.reused"] == "true"
     for method in TINY_PARAMS["methods"]:  # the study resumed: the rerun added its trials, none repeated
@@ -95,7 +96,7 @@ def assert_reexport_logs_a_jetson_export(client: MlflowClient, project: Path, ru
     done = CliRunner().invoke(app, ["export", "--run-id", run_id, "--platform", "jetson",
                                     "--params", str(project / "params.yaml")])
     assert done.exit_code == 0, done.output
-    assert "Export for target `jetson` (opset 17)" in done.output
+    assert "Export for platform `jetson` (opset 17)" in done.output
     paths = artifact_paths(client, run_id)
     assert {"export/jetson/model.fp16.onnx", "export/jetson/model.torchscript.pt",
             "export/cpu/model.int8.onnx"} <= paths
