@@ -29,8 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# Four pytest workers on two cores: half the suite's time is waiting on servers and subprocesses (measured: 15 min
+# with four against 20 with two, same machine); tests/conftest.py groups the tests that need a Prefect server.
+PYTEST_WORKERS ?= 4
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -n auto --dist loadgroup  # tests needing the Prefect server share one worker
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Debian's PostgreSQL and Chromium for the distributed-search and browser tests. Never fails make: where
 # they cannot be installed (no root or sudo, no apt-get) those tests skip and say why.

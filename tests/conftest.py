@@ -16,7 +16,7 @@ os.environ.update({
     "PREFECT_HOME": os.path.join(_HOME, "prefect"),
     "PRUNEFLOW_LATENCY_CACHE": os.path.join(_HOME, "latency"),  # not the user's table of this machine
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "DO_NOT_TRACK": "true",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -58,7 +58,7 @@ def prefect_server():
     """One temporary Prefect server for the whole session (starting one costs ~20 s)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=180):
         yield
 
 
@@ -94,9 +94,13 @@ def project(tmp_path) -> Path:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``make test`` runs ``-n auto``: two workers on two cores), keep every test that needs the
-    Prefect server on one worker: the session fixtures (the server, the shared pipeline run) then start once, not
-    once per worker."""
+    """Under pytest-xdist (``make test``: four workers; half of the suite's time is spent waiting on servers and
+    subprocesses), two workers hold the tests that need a Prefect server: one the tests of the shared pipeline
+    run (it runs once), one the others. Two temporary servers, not one per worker: each takes ~20 s of CPU to
+    start, and four starting at once on two busy cores missed the start-up timeout."""
     for item in items:
-        if {"prefect_server", "pipeline_run"} & set(getattr(item, "fixturenames", ())):
+        needs = set(getattr(item, "fixturenames", ()))
+        if "pipeline_run" in needs:
+            item.add_marker(pytest.mark.xdist_group("pipeline_run"))
+        elif "prefect_server" in needs:
             item.add_marker(pytest.mark.xdist_group("prefect"))

@@ -39,7 +39,7 @@ PARAMS = {"train": {"epochs": 1}, "methods": {"l1": {}, "random": {}}, "retrain"
                      "target": {"metric": "macs_reduction", "value": 0.3}},
           "evaluate": {"latency_repeats": 5, "latency_warmup": 2},
           "export": {"opset": 17}}  # the TorchScript exporter: seconds less per chain (conftest.FAST)
-pytestmark = pytest.mark.xdist_group("prefect")  # beside the Prefect server the pipeline test needs
+pytestmark = pytest.mark.xdist_group("prefect")  # beside the Prefect server its pipeline test needs
 
 
 @pytest.fixture(scope="module")
