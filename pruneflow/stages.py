@@ -493,8 +493,9 @@ def _worker_process(run: MethodRun, n_trials: int, seed: int) -> None:
 def search_ratio(run: MethodRun, log: Log = say) -> SearchOutcome:
     """Choose the pruning plan: ``fixed_plan`` if there is one, else the study's trial the selection policy picks.
 
-    Writes ``search.json`` (the outcome); a search also writes ``trials.md`` (the top trials) and ``search.png``
-    (history and trade-off plots).
+    Writes ``search.json`` (the outcome) and the run's ``own_study`` if it has one (empty when the search is
+    skipped: DVC declares it); a search also writes ``trials.md`` (the top trials) and ``search.png`` (history and
+    trade-off plots).
     """
     plan = fixed_plan(run.cfg, run.method)
     if plan is None:
@@ -502,6 +503,9 @@ def search_ratio(run: MethodRun, log: Log = say) -> SearchOutcome:
     else:
         log(f"{run.method}: {plan.origin.note}, search skipped")
         outcome = SearchOutcome(plan)
+        if run.own_study is not None:
+            run.own_study.parent.mkdir(parents=True, exist_ok=True)
+            run.own_study.write_bytes(b"")  # an empty SQLite database, not an earlier search's study
     write_json(run.search_json, outcome.as_dict())
     return outcome
 

@@ -12,7 +12,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pruneflow.checkpoint import ModelSpec, load_model, save_model
-from pruneflow.config import PipelineConfig
+from pruneflow.config import PipelineConfig, load_config
 from pruneflow.dvcfile import render
 from pruneflow.flows.cli import app
 from pruneflow.layout import ProjectLayout
@@ -21,6 +21,7 @@ from pruneflow.methods.groups import channel_groups
 from pruneflow.plan import PlanOrigin, PrunePlan
 from pruneflow.search import SearchOutcome
 from pruneflow.stages import STAGES, PruneSummary
+from tests.conftest import TINY_PARAMS, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 RESNET = ModelSpec("resnet20", in_channels=3, num_classes=10, input_shape=(3, 16, 16))
@@ -83,6 +84,15 @@ def test_dvc_yaml_declares_what_each_stage_of_the_table_reads_and_writes(tmp_pat
         assert covers(deps, reads), (name, deps, reads)
         assert covers(outs, writes), (name, outs, writes)
         assert params and all(has(cfg.model_dump(), key) for key in params), (name, params)
+
+
+def test_a_skipped_search_writes_every_output_dvc_declares(project):
+    params = write_params(project, {**TINY_PARAMS, "prune": {"ratio": 0.3}})
+    done = CliRunner().invoke(app, ["stage", "search", "--method", "l1", "--params", str(params)])
+    assert done.exit_code == 0, done.output
+    assert "search skipped" in done.output
+    run, stage = ProjectLayout(project, load_config(params)[0]).dvc_run().method_run("l1"), STAGES["search"]
+    assert all(path.is_file() for path in stage.paths(run, stage.writes))
 
 
 def test_pruneflow_stage_runs_the_stages_of_the_table(project):
