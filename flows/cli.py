@@ -3,6 +3,7 @@
     pruneflow run    [--params params.yaml] [-S key.path=value ...]   run the Prefect flow prune_pipeline
     pruneflow serve  [--cron "0 2 * * *"] [--interval S] [--params ...] [-S ...]  serve it as a Prefect deployment
     pruneflow stage  NAME [--method M] [--params ...] [-S ...]        run one stage (dvc.yaml calls this)
+    pruneflow dvc-yaml [--write] [--params ...]                       dvc.yaml from the stage table (print or write)
     pruneflow search-worker --method M [--n-trials N] [--params ...]  add trials to the method's shared study
     pruneflow methods                                                 list the pruning methods
     pruneflow prune  --model M --method NAME [--ratio R] [--json]     prune once: MACs/params before/after, layers
@@ -202,6 +203,22 @@ def stage(name: str = typer.Argument(..., help="data (version the data), a stage
             message = f"{err.filename} not found: run the stages before {name} first (dvc repro runs them in order)"
         typer.echo(f"error: stage {name}: {message}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(params: Path = PARAMS,
+             write: bool = typer.Option(False, "--write", help="write dvc.yaml beside the params file")) -> None:
+    """Print dvc.yaml as the stage table (``pruneflow.stages.STAGES``) declares it, or --write it: run this after
+    changing a stage's reads, writes or params."""
+    cfg, root = _config(params, [])
+    from pruneflow.dvcfile import render
+
+    text = render(cfg, root)
+    if write:
+        (root / "dvc.yaml").write_text(text)
+        typer.echo(f"wrote {root / 'dvc.yaml'}")
+    else:
+        typer.echo(text, nl=False)
 
 
 def _to_stderr(line: str) -> None:

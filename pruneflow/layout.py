@@ -208,9 +208,14 @@ class MethodRun(ProjectRun):
         return self.latency_dir / "model.onnx"
 
     @property
+    def exports_dir(self) -> Path:
+        """Every platform's ``export_dir``."""
+        return self.dir / "export"
+
+    @property
     def export_dir(self) -> Path:
         """One folder per export platform, so re-exporting a run for another device keeps the first files."""
-        return self.dir / "export" / self.cfg.export.platform
+        return self.exports_dir / self.cfg.export.platform
 
     @property
     def export_report(self) -> Path:

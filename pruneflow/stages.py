@@ -2,7 +2,7 @@
 (``layout.MethodRun``) names, writes its own, and returns a small typed result.
 
 ``STAGES`` declares them once: ``pruneflow stage NAME`` (which dvc.yaml calls) and the Prefect flow
-(tasks/, flows/) run them from it, and a test holds dvc.yaml's deps and outs to it. Nothing here knows
+(tasks/, flows/) run them from it, and dvc.yaml is rendered from it (``pruneflow.dvcfile``). Nothing here knows
 about Prefect or MLflow.
 """
 
@@ -493,8 +493,9 @@ def _worker_process(run: MethodRun, n_trials: int, seed: int) -> None:
 def search_ratio(run: MethodRun, log: Log = say) -> SearchOutcome:
     """Choose the pruning plan: ``fixed_plan`` if there is one, else the study's trial the selection policy picks.
 
-    Writes ``search.json`` (the outcome); a search also writes ``trials.md`` (the top trials) and ``search.png``
-    (history and trade-off plots).
+    Writes ``search.json`` (the outcome) and the run's ``own_study`` if it has one (empty when the search is
+    skipped: DVC declares it); a search also writes ``trials.md`` (the top trials) and ``search.png`` (history and
+    trade-off plots).
     """
     plan = fixed_plan(run.cfg, run.method)
     if plan is None:
@@ -502,6 +503,9 @@ def search_ratio(run: MethodRun, log: Log = say) -> SearchOutcome:
     else:
         log(f"{run.method}: {plan.origin.note}, search skipped")
         outcome = SearchOutcome(plan)
+        if run.own_study is not None:
+            run.own_study.parent.mkdir(parents=True, exist_ok=True)
+            run.own_study.write_bytes(b"")  # an empty SQLite database, not an earlier search's study
     write_json(run.search_json, outcome.as_dict())
     return outcome
 
@@ -737,18 +741,24 @@ def compare(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], large_
 class Stage:
     """One step of the pipeline, declared once.
 
-    ``pruneflow stage NAME`` runs it (dvc.yaml's stage NAME calls that), and the flow runs it as a Prefect task
-    named after ``run``, per method (``per_method``) or once for the project. ``reads`` and ``writes`` name
-    properties of the run context (``MethodRun``, or ``ProjectRun`` for a project stage): dvc.yaml's deps and
-    outs of NAME must be those paths (tests/test_stages.py holds them to it), and a re-export fetches the
-    ``reads`` that a method run logged. ``timed`` stages measure latency, so the flow runs them while no other
-    stage computes.
+    ``pruneflow stage NAME`` runs it, and the flow runs it as a Prefect task named after ``run``, per method
+    (``per_method``) or once for the project. ``reads`` and ``writes`` name properties of the run context
+    (``MethodRun``, or ``ProjectRun`` for a project stage); a re-export fetches the ``reads`` that a method run
+    logged. ``timed`` stages measure latency, so the flow runs them while no other stage computes.
+
+    dvc.yaml is rendered from this table (``pruneflow.dvcfile``, ``pruneflow dvc-yaml --write``): its stage NAME
+    calls ``pruneflow stage NAME``, with ``reads`` as deps, ``writes`` as outs (those also in ``metrics`` as DVC
+    metrics, not cached), and ``params``, the params.yaml keys the stage depends on (``{method}`` stands for the
+    method's entry of ``methods``). ``notes`` say why a read, write or param is there (comments in dvc.yaml).
     """
 
     name: str
     run: Callable[[Any, Log], Any]
     reads: tuple[str, ...]
     writes: tuple[str, ...]
+    params: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    notes: dict[str, str] = field(default_factory=dict, hash=False)
     per_method: bool = True
     timed: bool = False
 
@@ -758,12 +768,19 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("baseline", train_baseline, reads=("data_dir",), writes=("baseline_dir",), per_method=False),
-    Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json", "own_study")),
+    Stage("baseline", train_baseline, reads=("data_dir",), writes=("baseline_dir",), per_method=False,
+          params=("task", "project.seed", "data", "model", "baseline", "train", "methods", "export")),
+    Stage("search", search_ratio, reads=("data_dir", "baseline_dir"), writes=("search_json", "own_study"),
+          params=("methods.{method}", "search", "prune", "retrain"),
+          notes={"own_study": "the stage's own Optuna study, new at every run (not runs/optuna.db)"}),
     Stage("prune", prune_model, reads=("data_dir", "baseline_dir", "search_json"),
-          writes=("pruned", "history_json", "layers_json")),
-    Stage("retrain", retrain_model, reads=("data_dir", "baseline_dir", "pruned"), writes=("retrained",)),  # the teacher
+          writes=("pruned", "history_json", "layers_json"), params=("methods.{method}", "prune")),
+    Stage("retrain", retrain_model, reads=("data_dir", "baseline_dir", "pruned"), writes=("retrained",),
+          params=("retrain",), notes={"baseline_dir": "the teacher of retrain.distill"}),
     Stage("evaluate", evaluate_model, reads=("data_dir", "baseline_dir", "retrained", "layers_json"),
-          writes=("metrics_json", "report_md", "latency_dir"), timed=True),
-    Stage("export", export_model, reads=("data_dir", "retrained"), writes=("export_dir",), timed=True),
+          writes=("metrics_json", "report_md", "latency_dir"), params=("evaluate",), metrics=("metrics_json",),
+          timed=True),
+    Stage("export", export_model, reads=("data_dir", "retrained"), writes=("exports_dir",),
+          params=("export", "evaluate", "data.batch_size"),
+          notes={"evaluate": "int8 and device latency", "data.batch_size": "int8 calibration batches"}, timed=True),
 )}

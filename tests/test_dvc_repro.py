@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import TINY_PARAMS, write_params
+from tests.test_stages import covers, declared
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -35,6 +37,14 @@ def test_dvc_repro_runs_the_pipeline_stage_by_stage(tmp_path):
     assert metrics["macs_reduction"] >= TINY_PARAMS["search"]["target"]["value"]
     assert (tmp_path / "runs" / "dvc" / "l1" / "export" / "cpu" / "model.int8.onnx").is_file()
     assert (tmp_path / "dvc.lock").is_file()
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    outs = set().union(*(declared(entry.get("do", entry), "digits", "l1")[2] for entry in stages.values()))
+    # Not outputs: lock files (pruneflow.concurrency), and what only a search writes (a skipped one does not, so
+    # DVC cannot declare it).
+    searched = {"runs/dvc/l1/trials.md", "runs/dvc/l1/search.png"}
+    written = {path.relative_to(tmp_path).as_posix() for path in (tmp_path / "runs" / "dvc").rglob("*")
+               if path.is_file() and path.name != ".gitignore" and path.suffix != ".lock"} - searched
+    assert covers(outs, written), f"the stages wrote {sorted(written)}; dvc.yaml declares {sorted(outs)}"
 
     second = run([sys.executable, "-m", "dvc", "repro"], tmp_path)
     assert second.returncode == 0
