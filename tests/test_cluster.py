@@ -37,7 +37,7 @@ HOST = socket.gethostname()
 PARAMS = {"train": {"epochs": 1}, "methods": {"l1": {}, "random": {}}, "retrain": {"epochs": 1, "lr": 0.01},
           "search": {"n_trials": 3, "ratio_low": 0.4, "ratio_high": 0.6, "finetune_epochs": 1,
                      "target": {"metric": "macs_reduction", "value": 0.3}},
-          "evaluate": {"latency_repeats": 5, "latency_warmup": 2}}
+          "evaluate": {"latency_repeats": 5, "latency_warmup": 2}, "prune": {"round_to": 8}}
 pytestmark = pytest.mark.xdist_group("prefect")  # beside the Prefect server the pipeline test needs
 
 

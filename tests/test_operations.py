@@ -45,7 +45,7 @@ TRIALS = 2  # per pipeline: a pipeline is still searching when its first trial i
 PARAMS = {"train": {"epochs": 1}, "methods": {"l1": {}}, "retrain": {"epochs": 1, "lr": 0.01},
           "search": {"n_trials": TRIALS, "ratio_low": 0.4, "ratio_high": 0.6, "finetune_epochs": 1,
                      "target": {"metric": "macs_reduction", "value": 0.3}},
-          "evaluate": {"latency_repeats": 5, "latency_warmup": 2}}
+          "evaluate": {"latency_repeats": 5, "latency_warmup": 2}, "prune": {"round_to": 8}}
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
