@@ -134,12 +134,13 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
     def predict(options: Sequence[_Option | None]) -> list[float]:
         return [p.ms for p in table.predict_variants(graph, [variant(o) for o in options], batch)]
 
-    def removals() -> list[_Option]:
+    def removals(every: bool = False) -> list[_Option]:
+        """Each group one edge down (``every``: to each lower edge), and each block whole."""
         options: list[_Option] = []
         for g in groups:
             lower = [e for e in edges[g] if e < counts[g]]
-            if lower and not frozen(g):
-                options.append(_GroupStep(g, max(lower), value(g, counts[g]) - value(g, max(lower))))
+            for edge in (lower if every else lower[-1:]) if not frozen(g) else []:
+                options.append(_GroupStep(g, edge, value(g, counts[g]) - value(g, edge)))
         for block in inner:
             if block not in removed and inner[block]:
                 options.append(_BlockRemoval(block, sum(value(g, counts[g]) for g in inside[block])))
@@ -158,11 +159,15 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
                           f"pruned net reaches (every group at its fewest channels"
                           f"{', every removable block gone' if inner else ''}) on this target")
     while current > budget_ms:
-        options = removals()
-        saved = [current - ms for ms in predict(options)]
-        useful = [(o, s) for o, s in zip(options, saved, strict=True) if s > 0]
+        for every in (False, True):  # one edge down saves nothing where a layout change costs: try deeper cuts
+            options = removals(every)
+            saved = [current - ms for ms in predict(options)]
+            useful = [(o, s) for o, s in zip(options, saved, strict=True) if s > 0]
+            if useful:
+                break
         if not useful:
-            break
+            raise BudgetError(f"latency budget {budget_ms:.3f} ms not reached: the allocation stopped at "
+                              f"{current:.3f} ms, where no cut of a group or block saves time on this target")
         best, gain = min(useful, key=lambda item: item[0].value / item[1])
         apply(best)
         current -= gain
