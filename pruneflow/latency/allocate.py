@@ -18,7 +18,6 @@ paper solves the integer problem per pruning step with a dynamic program over a 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -99,7 +98,8 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
              log: Callable[[str], None] | None = None) -> Allocation:
     """Kept channels per scored group, and blocks to remove, whose predicted latency meets ``budget_ms``.
 
-    A group keeps at least ``min_keep`` of its channels (``prune.max_layer_ratio``'s rule), at a step edge."""
+    A group keeps at least ``int(min_keep · channels)`` channels, at a step edge: Torch-Pruning, capped at
+    ``max_pruning_ratio = 1 − min_keep`` (``prune.max_layer_ratio``), would raise a smaller count to that one."""
     groups = sorted(scores)
     values = {g: torch.sort(scores[g], descending=True).values.cumsum(0) for g in groups}
 
@@ -110,8 +110,8 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
     edges = {}
     for g in groups:
         found = curves[g].edges(tolerance)
-        floor = max([e for e in found if e <= math.ceil(min_keep * graph.sizes[g])], default=min(found))
-        edges[g] = [e for e in found if e >= floor]
+        least = int(min_keep * graph.sizes[g] + 1e-9)  # what Torch-Pruning's max_pruning_ratio leaves a group
+        edges[g] = [e for e in found if e >= least]  # fewer would be raised to ``least``: off its edge
     inner = block_units(graph, list(blocks))
     inside = {block: [g for g in groups if _group_units(graph, g) <= units] for block, units in inner.items()}
     table.ensure_grid(graph, edges, batch)
