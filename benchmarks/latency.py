@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         load, began, began_cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
         rows = run_model(name, table, args, log)
-        with file_lock(store.with_name(store.name + ".lock")):  # runs of other models may write it meanwhile
+        with file_lock(ROOT / ".cache" / "latency-report.lock"):  # runs of other models may write it meanwhile
             write_report(args, store, name, rows, {
                 "command": command, "machine": machine(), "threads": args.threads, "warmup": args.warmup,
                 "repeats": args.repeats, "repeats_large": args.repeats_large,
