@@ -86,7 +86,8 @@ def log(message: str) -> None:
 
 
 def structured_methods() -> list[str]:
-    return sorted(name for name, cls in METHODS.items() if cls.structured)
+    """The methods pruned at a MACs ratio (halp allocates under a latency budget: benchmarks/latency.py times it)."""
+    return sorted(name for name, cls in METHODS.items() if cls.structured and not cls.allocates_latency)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

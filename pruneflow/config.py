@@ -210,8 +210,9 @@ class SearchConfig(Section):
 class PruneConfig(Section):
     ratio: float | None = Field(None, ge=0, lt=1, description="fixed pruning ratio; set it to skip the search")
     round_to: int | Literal["auto"] | None = Field(
-        8, description="round kept channels to a multiple (CPU runtimes need it); auto: each layer to a step edge of "
-                       "its own latency curve, measured on this machine (pruneflow.latency.rounding)")
+        "auto", description="auto: each layer's kept channels raised to a step edge of its own latency curve, "
+                            "measured on this machine (pruneflow.latency.rounding); an integer: a multiple of it for "
+                            "every layer (8 or 16 suit CPU runtimes); null: no rounding")
 
     @field_validator("round_to")
     @classmethod

@@ -129,6 +129,9 @@ def check_removed(method: str, structured: bool, plan: PrunePlan, result: PruneR
     elif not any(kept_channels(channels, plan.ratio, step) < channels for channels in inner):
         why = (f"at this ratio every layer keeps its full width once kept channels are rounded to the nearest "
                f"multiple of {step or 1}; raise {ratio_key} or lower {round_key}")
+    elif plan.round_to == "auto":
+        why = (f"at this ratio every layer keeps its full width once its kept count is raised to a step edge of its "
+               f"latency curve ({round_key}: auto); raise {ratio_key} or set {round_key} to a multiple such as 8")
     else:
         why = ("Torch-Pruning found no channel it could remove: the layers feed an operation its dependency graph "
                "cannot follow, or the method scored every channel equally")

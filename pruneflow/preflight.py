@@ -24,6 +24,7 @@ from pruneflow.checkpoint import ModelSpec
 from pruneflow.config import ConfigError, PipelineConfig
 from pruneflow.data import DataSplits, prepare_dataset
 from pruneflow.export import ProviderUnavailable, export_onnx
+from pruneflow.latency.allocate import BudgetError
 from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
 from pruneflow.layout import ProjectLayout
 from pruneflow.methods import MethodUnsuitable, PruningMethod, create_method
@@ -93,9 +94,13 @@ def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
     example = spec.example_inputs()
     _run(spec, model, example)
     calibration = list(splits.loader("train", 8, max_batches=1))
-    for index, method in enumerate(cfg.methods):
+    allocating = [method for method in cfg.methods if create_method(method, cfg.methods[method]).allocates_latency]
+    searched = [method for method in cfg.methods if method not in allocating]
+    for index, method in enumerate(searched):
         _prune_copy(cfg, spec, model, example, method, calibration, export=index == 0 and spec.name not in MODELS)
-    if cfg.prune.ratio is None and cfg.search.target.metric in LATENCY_METRICS:
+    for method in allocating:
+        _allocate_copy(cfg, spec, model, example, method, calibration)
+    if cfg.prune.ratio is None and cfg.search.target.metric in LATENCY_METRICS and searched:
         check_latency_target(cfg, model, example)
     _checked.add(key)
 
@@ -123,6 +128,30 @@ def check_latency_target(cfg: PipelineConfig, model: nn.Module, example: torch.T
             f"search may reach (every layer at search.ratio_high={cfg.search.ratio_high:g}) is predicted at "
             f"{costs['latency_ms']:.3f} ms, {costs['speedup']:.2f}x the baseline's {predictor.baseline_ms:.3f} ms "
             f"(batch {cfg.evaluate.latency_batch}); relax search.target or raise search.ratio_high")
+
+
+def _allocate_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example: torch.Tensor, method: str,
+                   calibration: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """A method that allocates under the run's latency budget (``halp``) allocates on a copy and prunes it: a budget
+    below what the smallest net it may prune to reaches (predicted on the table; latency does not depend on the
+    weights) or a target runtime that is not installed stops the run here, not after training."""
+    pruner = create_method(method, cfg.methods[method])
+    pruned = _as_trained(copy.deepcopy(model), pruner)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Torch-Pruning warns about unwrapped parameters; the error says more
+            plan = stages.allocated(cfg, pruner, pruned, example, stages.latency_plan(cfg, method), None, calibration)
+            pruner.prune(pruned, example, plan, calibration)
+            with torch.no_grad():
+                pruned.eval()(example)
+    except BudgetError as err:
+        raise ConfigError(str(err)) from None  # it names the key that set the budget
+    except ProviderUnavailable as err:
+        raise ConfigError(f"methods.{method}: {err}") from None
+    except MethodUnsuitable as err:
+        raise ConfigError(f"methods.{method}: {err}") from None
+    except Exception as err:  # Torch-Pruning fails on unknown layers with any error (IndexError, RuntimeError...)
+        raise unprunable(spec.name, model, err, method) from None
 
 
 def build_checked(spec: ModelSpec) -> nn.Module:

@@ -29,6 +29,7 @@ def check_registered(cfg: PipelineConfig) -> None:
         raise ValueError("; ".join(problems))
     _parts_fit_task(cfg)
     _space_fits_methods(cfg)
+    _target_fits_methods(cfg)
 
 
 def _problem(key: str, check: Callable[[PipelineConfig], None], cfg: PipelineConfig) -> str | None:
@@ -89,3 +90,14 @@ def _space_fits_methods(cfg: PipelineConfig) -> None:
         if fixed:
             raise ValueError(f"search.space {cfg.search.space}: {', '.join(fixed)} choose per-layer ratios "
                              "themselves; search them with space: global")
+
+
+def _target_fits_methods(cfg: PipelineConfig) -> None:
+    """A method that allocates under a latency budget (``halp``) reads it from the target or ``prune.ratio``
+    (``stages.latency_plan``); a params target says nothing about latency."""
+    if cfg.prune.ratio is None and cfg.search.target.metric == "params_reduction":
+        allocating = [name for name in cfg.methods if METHODS.get(method_name(name)).allocates_latency]
+        if allocating:
+            raise ValueError(f"search.target.metric: {', '.join(allocating)} allocate(s) under a latency budget, which "
+                             "a params_reduction target does not give; use speedup, latency_ms or macs_reduction "
+                             "(read as the speed-up its MACs promise), or set prune.ratio")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -32,12 +33,14 @@ from pruneflow.data import DataSplits, load_dataset
 from pruneflow.deploy import Deployment
 from pruneflow.export import Latency, ProviderUnavailable, check_parity, export_onnx, measure_latency
 from pruneflow.files import replacing
+from pruneflow.latency.allocate import BudgetError
 from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
 from pruneflow.latency.table import LatencyTable
 from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
 from pruneflow.layout import MethodRun, ProjectLayout, ProjectRun
 from pruneflow.methods import PruneResult, PruningMethod, create_method
 from pruneflow.methods.groups import channel_groups
+from pruneflow.methods.halp import Halp
 from pruneflow.metrics import count_macs_params, file_size_mb, reductions, zero_weight_share
 from pruneflow.plan import PlanOrigin, PrunePlan
 from pruneflow.profiles import PROFILES
@@ -59,7 +62,7 @@ from pruneflow.search import (
     top_trials_markdown,
     trial_ratios,
 )
-from pruneflow.task import TASKS
+from pruneflow.task import TASKS, Batches
 from pruneflow.training import Distillation, EpochResult, distillation, evaluate, evaluate_all, train
 from pruneflow.versioning import DataVersion
 
@@ -325,12 +328,15 @@ def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Modul
                plan: PrunePlan, splits: DataSplits, baseline_onnx: Path | None = None) -> PruneResult:
     """``pruner.prune`` with the calibration batches a data-driven method needs (``prune.calib_batches``).
 
-    ``round_to: auto`` is resolved here, into the plan's kept channels per group (``latency.rounding``): on the
-    latency table of this machine at ``evaluate.threads`` and ``evaluate.latency_batch``, with the units read
-    from ``baseline_onnx`` (``model``'s export; exported again if not given)."""
+    Two things in the plan are resolved here, on the latency table of this machine at ``evaluate.threads`` and
+    ``evaluate.latency_batch``, with the units read from ``baseline_onnx`` (``model``'s export; exported again if
+    not given): a latency budget, by a method that allocates under one (``halp``: ``allocated``), and
+    ``round_to: auto``, into the plan's kept channels per group (``latency.rounding``)."""
     calib = (splits.loader("train", cfg.data.batch_size, max_batches=cfg.prune.calib_batches)
              if pruner.needs_calibration else None)
     rounding: list[dict[str, Any]] = []
+    if plan.latency_budget:
+        plan = allocated(cfg, pruner, model, spec.example_inputs(), plan, baseline_onnx, calib)
     if plan.round_to == AUTO:
         table = latency_table(cfg)
         plan, rounding = step_rounded(pruner, model, spec.example_inputs(), plan, table, calib,
@@ -340,13 +346,62 @@ def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Modul
     return result
 
 
+def allocated(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, example_inputs: torch.Tensor,
+              plan: PrunePlan, exported: Path | None, calib: Batches | None) -> PrunePlan:
+    """The plan's latency budget turned into kept channels and removed blocks by the method (``halp``), predicted
+    on this machine's table (``exported``: ``model``'s ONNX, else exported here); a budget no allocation reaches
+    raises ``BudgetError`` naming the key that set it."""
+    if not isinstance(pruner, Halp):
+        raise ValueError(f"method {pruner.name} does not allocate under a latency budget; the plan sets one "
+                         f"({plan.describe()})")
+    with tempfile.TemporaryDirectory(prefix="pruneflow-allocate-") as scratch:
+        exported = exported or export_onnx(model, example_inputs, Path(scratch) / "model.onnx", cfg.export.opset)
+        predictor = LatencyPredictor(model, example_inputs[:1], exported, latency_table(cfg),
+                                     cfg.evaluate.latency_batch)
+    try:
+        return pruner.allocate(model, example_inputs, plan, predictor, calib)[0]
+    except BudgetError as err:
+        raise BudgetError(f"{budget_key(plan)}: method {pruner.name}: {err}") from None
+
+
+def budget_key(plan: PrunePlan) -> str:
+    """The params key that set a latency plan's budget (``latency_plan``), for messages."""
+    return "prune.ratio" if plan.origin.kind == "prune.ratio" else "search.target.value"
+
+
+def latency_plan(cfg: PipelineConfig, method: str) -> PrunePlan:
+    """The latency budget a method that allocates under one (``halp``) gets instead of a search: ``prune.ratio``
+    ``r`` is a 1/(1 − r) speed-up (that share of the baseline's latency goes), else ``search.target``: a
+    ``speedup`` floor, a ``latency_ms`` ceiling, or a ``macs_reduction`` ``r`` read as the speed-up its MACs
+    promise, 1/(1 − r). A ``params_reduction`` target has no latency meaning (``check_registered`` refuses it)."""
+    target = cfg.search.target
+    if cfg.prune.ratio is not None:
+        speedup = 1.0 / (1.0 - cfg.prune.ratio)
+        origin = PlanOrigin("prune.ratio", note=f"prune.ratio={cfg.prune.ratio} is set: {method} allocates for a "
+                                                f"{speedup:.2f}x predicted speed-up")
+        return PrunePlan.from_config(cfg.prune, ratio=cfg.prune.ratio, speedup=speedup, origin=origin)
+    if target.metric == "params_reduction":
+        raise ValueError(f"search.target.metric params_reduction: method {method} allocates under a latency budget; "
+                         "use speedup, latency_ms or macs_reduction, or set prune.ratio")
+    budget = {"latency_ms": {"latency_ms": target.value}, "speedup": {"speedup": target.value},
+              "macs_reduction": {"speedup": 1.0 / (1.0 - target.value)}}[target.metric]
+    what = (f"search.target {target.metric} {target.value:g}" + (f" (read as the {budget['speedup']:.2f}x speed-up "
+            "its MACs promise)" if target.metric == "macs_reduction" else ""))
+    origin = PlanOrigin("search.target", note=f"{method} allocates under {what} itself: nothing to search")
+    return PrunePlan.from_config(cfg.prune, ratio=0.0, origin=origin, **budget)
+
+
 def fixed_plan(cfg: PipelineConfig, method: str) -> PrunePlan | None:
     """The plan when there is nothing to search, else None: the one place that decides whether a search runs.
 
-    A method whose params alone fix what it removes (``cascade`` with ``drop``) has no ratio to search; a set
-    ``prune.ratio`` is used as it is.
+    A method whose params alone fix what it removes (``cascade`` with ``drop``) has no ratio to search, nor has one
+    that allocates under the run's latency budget itself (``halp``: ``latency_plan``); a set ``prune.ratio`` is
+    used as it is.
     """
-    if create_method(method, cfg.methods[method]).fixed_by_params():
+    pruner = create_method(method, cfg.methods[method])
+    if pruner.allocates_latency:
+        return latency_plan(cfg, method)
+    if pruner.fixed_by_params():
         origin = PlanOrigin("method_params", note=f"its params {cfg.methods[method]} fix what it removes")
         return PrunePlan.from_config(cfg.prune, ratio=cfg.prune.ratio or 0.0, origin=origin)
     if cfg.prune.ratio is not None:
@@ -652,7 +707,8 @@ def evaluate_model(run: MethodRun, log: Log = say) -> dict[str, float]:
                         f"latency_ms{suffix}_p90": timing["pruned"].p90_ms,
                         f"baseline_latency_ms{suffix}": timing["baseline"].median_ms, f"speedup{suffix}": speedup,
                         f"speedup_efficiency{suffix}": speedup * macs / base["macs"]})
-    if cfg.search.target.metric in LATENCY_METRICS and not PROFILES[cfg.export.platform].device_providers:
+    predicted = cfg.search.target.metric in LATENCY_METRICS or create_method(run.method, run.params).allocates_latency
+    if predicted and not PROFILES[cfg.export.platform].device_providers:
         metrics.update(prediction_error(cfg, run, model, latency[""]["pruned"]))
         log(f"{run.method}: latency predicted {metrics['latency_ms_predicted']:.3f} ms, measured (p10) "
             f"{latency['']['pruned'].p10_ms:.3f} ms: error {metrics['latency_prediction_error_pct']:+.1f} %")

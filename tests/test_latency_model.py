@@ -248,3 +248,71 @@ def test_an_unreachable_latency_target_or_a_missing_runtime_stops_before_trainin
         check_model(jetson, splits)
     with pytest.raises(ValueError, match="a speedup target is a factor above 1"):
         PipelineConfig.model_validate({"search": {"target": {"metric": "speedup", "value": 0.5}}})
+
+
+def test_halp_allocates_under_a_predicted_latency_budget_and_prunes_that_plan(tiny, tmp_path):
+    """The knapsack's plan meets the budget on the table, and the surgery prunes exactly that plan."""
+    model, graph = tiny
+    table = LatencyTable(tmp_path, threads=1, **FAST)
+    predictor = LatencyPredictor(model, torch.zeros(1, *SHAPE), graph.model, table)
+    halp, x = create_method("halp"), torch.randn(2, *SHAPE)
+    calib = [(torch.randn(4, *SHAPE), torch.randint(0, 10, (4,)))]
+    with pytest.raises(ValueError, match="turns the plan's latency_ms or speedup into kept channels first"):
+        halp.prune(copy.deepcopy(model), x, PrunePlan(ratio=0.5), calib)
+    for params, budget in (({"blocks": False}, {"speedup": 1.15}), ({}, {"latency_ms": 0.7 * predictor.baseline_ms})):
+        halp = create_method("halp", params)
+        plan, allocation = halp.allocate(model, x, PrunePlan(round_to=None, **budget), predictor, calib)
+        assert allocation.predicted_ms <= plan.budget_ms(predictor.baseline_ms) < predictor.baseline_ms
+        assert "HALP knapsack" in plan.origin.note and plan.describe().endswith(f"{allocation.log.__len__()} steps)")
+        pruned = copy.deepcopy(model)
+        assert halp.prune(pruned, x, plan, calib).plan == plan
+        assert predictor.predict(pruned).ms == pytest.approx(allocation.predicted_ms)  # the plan pruned is the plan
+        if plan.removed_blocks:
+            assert plan.removed_blocks == ["block"] and isinstance(pruned.block, nn.Identity)
+        else:
+            assert pruned.block.conv1.out_channels == plan.kept_channels["block.conv1"] < 16
+    assert not create_method("halp", {"blocks": False}).allocate(
+        model, x, PrunePlan(speedup=1.15, round_to=None), predictor, calib)[0].removed_blocks
+
+
+HALP = {"model": {"name": "small_cnn", "kwargs": {"width": 16}}, "export": {"opset": 17}, "methods": {"halp": {}},
+        "train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "prune": {"calib_batches": 2},
+        "evaluate": {"latency_repeats": 5, "latency_warmup": 2},
+        "search": {"target": {"metric": "speedup", "value": 1.1}}}
+
+
+def test_halp_runs_the_pipelines_stages_on_digits_and_meets_its_speedup_target(digits_dir, tmp_path):
+    """search (skipped: halp meets the target itself) → prune (the budget allocated into kept channels) →
+    retrain → evaluate (the prediction logged beside the measured latency), as the flow runs them; then the
+    ways a budget is refused before anything trains."""
+    from pruneflow import stages
+    from pruneflow.config import ConfigError, PipelineConfig, validate
+    from pruneflow.layout import ProjectLayout, ProjectRun
+    from pruneflow.preflight import check_model
+    from pruneflow.search import SearchOutcome
+    from pruneflow.versioning import DataVersion
+
+    cfg = PipelineConfig.model_validate(HALP)
+    run = ProjectRun(ProjectLayout(tmp_path, cfg), DataVersion(digits_dir, "digits-md5"), tmp_path / "base",
+                     tmp_path).method_run("halp")
+    stages.train_baseline(run, log=lambda _: None)
+    outcome = stages.search_ratio(run, log=lambda _: None)
+    assert outcome.plan.speedup == 1.1 and outcome.plan.origin.kind == "search.target" and not outcome.searched
+    summary = stages.prune_model(run, log=lambda _: None)
+    assert summary.plan.kept_channels and summary.plan.speedup == 1.1 and summary.macs_after < summary.macs_before
+    assert SearchOutcome.from_dict(json.loads(run.search_json.read_text())).plan.kept_channels == {}
+    stages.retrain_model(run, log=lambda _: None)
+    metrics = stages.evaluate_model(run, log=lambda _: None)
+    assert metrics["speedup_predicted"] >= 1.1 and "latency_prediction_error_pct" in metrics
+    assert "HALP knapsack" in run.report_md.read_text()
+
+    splits = stages.load_data(cfg, digits_dir)
+    with pytest.raises(ConfigError, match=r"search.target.value: method halp: latency budget .* ms is below the "
+                                          r".* ms that the smallest pruned net reaches"):
+        check_model(PipelineConfig.model_validate({**HALP, "search": {"target": {"metric": "speedup",
+                                                                                  "value": 1000}}}), splits)
+    with pytest.raises(ConfigError, match="halp allocate.* under a latency budget, which a params_reduction target "
+                                          "does not give"):
+        validate({**HALP, "search": {"target": {"metric": "params_reduction", "value": 0.5}}})
+    assert stages.latency_plan(PipelineConfig.model_validate({**HALP, "prune": {"ratio": 0.5}}),
+                               "halp").speedup == pytest.approx(2.0)

@@ -18,7 +18,6 @@ paper solves the integer problem per pruning step with a dynamic program over a 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -99,7 +98,8 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
              log: Callable[[str], None] | None = None) -> Allocation:
     """Kept channels per scored group, and blocks to remove, whose predicted latency meets ``budget_ms``.
 
-    A group keeps at least ``min_keep`` of its channels (``prune.max_layer_ratio``'s rule), at a step edge."""
+    A group keeps at least ``int(min_keep · channels)`` channels, at a step edge: Torch-Pruning, capped at
+    ``max_pruning_ratio = 1 − min_keep`` (``prune.max_layer_ratio``), would raise a smaller count to that one."""
     groups = sorted(scores)
     values = {g: torch.sort(scores[g], descending=True).values.cumsum(0) for g in groups}
 
@@ -110,8 +110,8 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
     edges = {}
     for g in groups:
         found = curves[g].edges(tolerance)
-        floor = max([e for e in found if e <= math.ceil(min_keep * graph.sizes[g])], default=min(found))
-        edges[g] = [e for e in found if e >= floor]
+        least = int(min_keep * graph.sizes[g] + 1e-9)  # what Torch-Pruning's max_pruning_ratio leaves a group
+        edges[g] = [e for e in found if e >= least]  # fewer would be raised to ``least``: off its edge
     inner = block_units(graph, list(blocks))
     inside = {block: [g for g in groups if _group_units(graph, g) <= units] for block, units in inner.items()}
     table.ensure_grid(graph, edges, batch)
@@ -134,12 +134,13 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
     def predict(options: Sequence[_Option | None]) -> list[float]:
         return [p.ms for p in table.predict_variants(graph, [variant(o) for o in options], batch)]
 
-    def removals() -> list[_Option]:
+    def removals(every: bool = False) -> list[_Option]:
+        """Each group one edge down (``every``: to each lower edge), and each block whole."""
         options: list[_Option] = []
         for g in groups:
             lower = [e for e in edges[g] if e < counts[g]]
-            if lower and not frozen(g):
-                options.append(_GroupStep(g, max(lower), value(g, counts[g]) - value(g, max(lower))))
+            for edge in (lower if every else lower[-1:]) if not frozen(g) else []:
+                options.append(_GroupStep(g, edge, value(g, counts[g]) - value(g, edge)))
         for block in inner:
             if block not in removed and inner[block]:
                 options.append(_BlockRemoval(block, sum(value(g, counts[g]) for g in inside[block])))
@@ -158,11 +159,15 @@ def allocate(table: LatencyTable, graph: ModelGraph, scores: dict[int, torch.Ten
                           f"pruned net reaches (every group at its fewest channels"
                           f"{', every removable block gone' if inner else ''}) on this target")
     while current > budget_ms:
-        options = removals()
-        saved = [current - ms for ms in predict(options)]
-        useful = [(o, s) for o, s in zip(options, saved, strict=True) if s > 0]
+        for every in (False, True):  # one edge down saves nothing where a layout change costs: try deeper cuts
+            options = removals(every)
+            saved = [current - ms for ms in predict(options)]
+            useful = [(o, s) for o, s in zip(options, saved, strict=True) if s > 0]
+            if useful:
+                break
         if not useful:
-            break
+            raise BudgetError(f"latency budget {budget_ms:.3f} ms not reached: the allocation stopped at "
+                              f"{current:.3f} ms, where no cut of a group or block saves time on this target")
         best, gain = min(useful, key=lambda item: item[0].value / item[1])
         apply(best)
         current -= gain

@@ -68,6 +68,9 @@ class PruningMethod:
     # False for methods that allocate per-layer ratios themselves (entropy allocation, masks, blocks): the
     # search then offers them the global ratio only.
     accepts_layer_ratios: ClassVar[bool] = True
+    # True for methods that meet a latency budget themselves (``halp``): they get a plan with ``latency_ms`` or
+    # ``speedup`` instead of a searched ratio, and ``allocate`` turns it into kept channels on the latency table.
+    allocates_latency: ClassVar[bool] = False
     # The tasks (params' ``task``) whose models the method can prune; config validation checks it.
     tasks: ClassVar[tuple[str, ...]] = ("classification", "super_resolution")
 
