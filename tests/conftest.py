@@ -33,7 +33,6 @@ TINY_PARAMS = {
     "search": {"n_trials": 2, "ratio_low": 0.4, "ratio_high": 0.6, "finetune_epochs": 1,
                "target": {"metric": "macs_reduction", "value": 0.3}},
     "retrain": {"epochs": 1, "lr": 0.01},
-    "prune": {"round_to": 8},  # not auto (the default): no latency table to measure in every trial
     "evaluate": {"latency_repeats": 5, "latency_warmup": 2},
 }
 # Overrides for pipelines whose subject is not the default path of the shared ``pipeline_run``: chains one at a

@@ -32,7 +32,7 @@ from tests.system_deps import ROOT, free_port, require
 WORKERS, TRIALS_EACH = 4, 2
 PARAMS = {"train": {"epochs": 1}, "retrain": {"epochs": 1, "lr": 0.01}, "methods": {"l1": {}},
           "search": {"n_trials": TRIALS_EACH, "ratio_low": 0.3, "ratio_high": 0.7, "finetune_epochs": 0,
-                     "target": {"metric": "macs_reduction", "value": 0.3}}, "prune": {"round_to": 8}}
+                     "target": {"metric": "macs_reduction", "value": 0.3}}}
 
 
 def postgres_bin() -> Path | None:

@@ -73,8 +73,7 @@ def test_search_stage_chooses_the_same_whatever_ran_before(tmp_path, digits_dir)
     from tests.test_reliability import Shared, baseline_ready, inside
 
     params = {"methods": {"l1": {}}, "search": {"n_trials": 2, "ratio_low": 0.3, "ratio_high": 0.7,
-                                                "finetune_epochs": 0, "target": {"value": 0.2}},
-              "prune": {"round_to": 8}}
+                                                "finetune_epochs": 0, "target": {"value": 0.2}}}
     shared = Shared(tmp_path / "shared", digits_dir.parent)
     chosen = {}
     for name, earlier_trials in (("clean", 0), ("after-a-pipeline", 1)):

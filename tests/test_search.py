@@ -29,7 +29,7 @@ from pruneflow.search import (
 from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 
-FAST = {"train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "methods": {"l1": {}}, "prune": {"round_to": 8},
+FAST = {"train": {"epochs": 3}, "retrain": {"epochs": 1, "lr": 0.01}, "methods": {"l1": {}},
         "search": {"n_trials": 3, "ratio_low": 0.3, "ratio_high": 0.7, "finetune_epochs": 1,
                    "target": {"metric": "macs_reduction", "value": 0.4}}}
 
@@ -220,8 +220,7 @@ def test_a_checkpoint_is_the_baseline_as_it_is_and_distillation_retrains_from_it
     trained, _, _ = load_model(l1_run(fast, baseline, baseline, digits_dir).baseline_model)
     torch.save(trained.state_dict(), tmp_path / "trained.pt")
     cfg = PipelineConfig.model_validate({**FAST, "train": {}, "baseline": {"checkpoint": str(tmp_path / "trained.pt")},
-                                         "prune": {"ratio": 0.5, "round_to": 8},
-                                         "retrain": {"epochs": 1, "distill": {"weight": 0.5}}})
+                                         "prune": {"ratio": 0.5}, "retrain": {"epochs": 1, "distill": {"weight": 0.5}}})
     assert cfg.train.epochs == 0
     assert stages.baseline_key(cfg, "digits-md5") != stages.baseline_key(fast, "digits-md5")
     run = l1_run(cfg, tmp_path, tmp_path / "baseline", digits_dir)
