@@ -390,7 +390,7 @@ def ui(params: Path = PARAMS, port: int = typer.Option(5000, help="port on 127.0
     guard_children(root / STATE_DIR)  # the MLflow server stops with this command, even on SIGKILL
     typer.echo(f"MLflow UI for {uri} at http://{HOST}:{port} (Ctrl-C stops it)")
     command, env = mlflow_command("ui", uri, port)
-    raise typer.Exit(subprocess.call(command, env={**os.environ, **env}))
+    raise typer.Exit(_serve(command, env))
 
 
 @app.command()
@@ -401,7 +401,8 @@ def dashboard(params: Path = PARAMS, port: int = typer.Option(8080, help="port o
     from sqlalchemy.engine import make_url
 
     from pruneflow.concurrency import sqlite_file
-    from pruneflow.flows.servers import HOST, QUIET
+    from pruneflow.flows.servers import HOST, QUIET, STATE_DIR
+    from pruneflow.flows.watchdog import guard_children
     from pruneflow.layout import ProjectLayout
 
     storage = ProjectLayout(root, cfg).study_storage
@@ -411,9 +412,26 @@ def dashboard(params: Path = PARAMS, port: int = typer.Option(8080, help="port o
                    "search.storage at the studies", err=True)
         raise typer.Exit(1)
     shown = make_url(storage).render_as_string(hide_password=True)
+    guard_children(root / STATE_DIR)  # the dashboard stops with this command, even on SIGKILL
     typer.echo(f"Optuna dashboard for {shown} at http://{HOST}:{port} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "optuna_dashboard._cli", storage, "--host", HOST, "--port", str(port)]
-    raise typer.Exit(subprocess.call(command, env={**os.environ, **QUIET}))
+    raise typer.Exit(_serve(command, QUIET))
+
+
+def _serve(command: list[str], env: dict[str, str]) -> int:
+    """Run a server until it exits. Ctrl-C stops it the way it expects, SIGINT, and waits for it: the server's
+    workers have stopped when this command returns. (``subprocess.call`` would SIGKILL the server's master on
+    Ctrl-C, and gunicorn's workers kept answering until they noticed.)"""
+    server = subprocess.Popen(command, env={**os.environ, **env})
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.send_signal(signal.SIGINT)
+        try:
+            return server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            return server.wait()
 
 
 if __name__ == "__main__":
