@@ -1,8 +1,9 @@
 """Where the method chains run: a Dask cluster, reached through prefect-dask's ``DaskTaskRunner``.
 
 ``project.cluster: null`` starts a cluster of worker processes on this machine for the length of the run:
-``project.max_parallel_methods`` of them, by default one per core (per GPU when there are GPUs), at most one per
-method; with room for one chain only, the chains run one after another in the pipeline's process, no cluster.
+``project.max_parallel_methods`` of them, by default one per GPU (without GPUs, one: see ``local_size``), at most
+one per method; with room for one chain only, the chains run one after another in the pipeline's process, no
+cluster.
 ``project.cluster: tcp://host:8786`` sends the chains to the workers of that scheduler, on as many machines as
 it has. Every worker runs one chain at a time (``--nthreads 1``), in its own process: torch's ONNX exporter
 flags its whole process as exporting, which breaks the optimiser steps of chains running beside it as threads,
@@ -334,10 +335,13 @@ def trials_time_latency(cfg: PipelineConfig) -> bool:
 
 def local_size(cfg: PipelineConfig) -> tuple[int, int]:
     """(worker processes, GPUs) of the local cluster: ``project.max_parallel_methods`` workers (at most one per GPU
-    when there are GPUs), by default one per GPU, else per core; at most one per method. One only when search
-    trials time latency: a trial timed while other chains train on the same cores would choose its plan by noise."""
+    when there are GPUs), by default one per GPU, else one (the chains in the pipeline's process: on a 2-core
+    machine a 4-method pipeline took 1.40x as long on two worker processes, whose start-up and bookkeeping cost
+    more CPU than running two chains at once saved; docs/benchmarks/scaling.md); at most one per method. One
+    only when search trials time latency: a trial timed while other chains train on the same cores would choose
+    its plan by noise."""
     gpus = cuda_devices() if cfg.retrain.device != "cpu" else 0  # chains train with the retrain settings
-    wanted = 1 if trials_time_latency(cfg) else cfg.project.max_parallel_methods or gpus or usable_cores()
+    wanted = 1 if trials_time_latency(cfg) else cfg.project.max_parallel_methods or gpus or 1
     return min(wanted, gpus or wanted, len(cfg.methods)), gpus
 
 

@@ -59,7 +59,8 @@ class ProjectConfig(Section):
                           "cluster of worker processes on this machine")
     max_parallel_methods: int | None = Field(
         None, ge=1, description="local cluster: method chains at once, one worker process each (1: one after "
-                                "another in the pipeline's process); null: one per core, or per GPU if there are GPUs")
+                                "another in the pipeline's process); null: one per GPU, or 1 without GPUs (docs/"
+                                "benchmarks/scaling.md)")
 
     @field_validator("cluster")
     @classmethod

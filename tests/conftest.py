@@ -35,9 +35,9 @@ TINY_PARAMS = {
     "retrain": {"epochs": 1, "lr": 0.01},
     "evaluate": {"latency_repeats": 5, "latency_warmup": 2},
 }
-# Overrides for pipelines whose subject is not the default path of the shared ``pipeline_run``: chains one at a
-# time in the pipeline's process (no local Dask cluster: ~60 CPU-s less), and the TorchScript ONNX exporter
-# (opset 17: under a second a net, where the dynamo exporter takes several).
+# Overrides for reruns of the shared ``pipeline_run`` whose subject is not its local cluster or its exporter:
+# chains one at a time in the pipeline's process (the default without GPUs; no Dask cluster: ~60 CPU-s less),
+# and the TorchScript ONNX exporter (opset 17: under a second a net, where the dynamo exporter takes several).
 FAST = ["project.max_parallel_methods=1", "export.opset=17"]
 
 
@@ -69,11 +69,13 @@ class PipelineRun(NamedTuple):
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, prefect_server) -> PipelineRun:
-    """One tiny pipeline run shared by the tests that read its results (a run costs about a minute)."""
+    """One tiny pipeline run shared by the tests that read its results (a run costs about a minute). Its chains
+    run on a local Dask cluster of two worker processes (the other pipelines of the suite run them in process, the
+    default without GPUs), and it exports through the dynamo exporter (the default opset)."""
     from pruneflow.flows.pipeline import prune_pipeline
 
     folder = tmp_path_factory.mktemp("pipeline")
-    write_params(folder, TINY_PARAMS)
+    write_params(folder, {**TINY_PARAMS, "project": {"max_parallel_methods": 2}})
     return PipelineRun(folder, prune_pipeline(params=str(folder / "params.yaml")))
 
 

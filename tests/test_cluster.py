@@ -193,8 +193,9 @@ def test_a_worker_is_told_what_it_lacks(tmp_path):
 
 
 def test_local_cluster_size(tmp_path, monkeypatch):
-    """One worker process per core by default, at most one per method; ``max_parallel_methods`` overrides; one chain
-    at a time (no cluster, the pipeline's own process) when only one fits or when search trials time latency."""
+    """Without GPUs one chain at a time by default (no cluster, the pipeline's own process), one worker process per
+    GPU with them; ``max_parallel_methods`` sets it, at most one per method; one chain at a time when search trials
+    time latency."""
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
@@ -205,13 +206,15 @@ def test_local_cluster_size(tmp_path, monkeypatch):
     def size(**params) -> tuple[int, int]:
         return cluster.local_size(load_config(write_params(tmp_path, {**PARAMS, **params}))[0])
 
-    assert size() == (2, 0) and size(methods=four) == (3, 0)
-    assert size(methods=four, project={"max_parallel_methods": 4}) == (4, 0)
-    assert size(methods=four, search={**PARAMS["search"], "measure_latency": True}) == (1, 0)
-    assert size(methods=four, search={**PARAMS["search"], "measure_latency": True}, prune={"ratio": 0.5}) == (3, 0)
-    cfg, _ = load_config(write_params(tmp_path, {**PARAMS, "project": {"max_parallel_methods": 1}}))
-    assert isinstance(cluster.task_runner(cfg), ThreadPoolTaskRunner)
+    three = {"project": {"max_parallel_methods": 3}}
+    assert size() == (1, 0) and size(methods=four) == (1, 0)
+    assert size(**three) == (2, 0) and size(methods=four, **three) == (3, 0)
+    assert size(methods=four, search={**PARAMS["search"], "measure_latency": True}, **three) == (1, 0)
+    assert size(methods=four, search={**PARAMS["search"], "measure_latency": True}, prune={"ratio": 0.5},
+                **three) == (3, 0)
     cfg, _ = load_config(write_params(tmp_path, PARAMS))
+    assert isinstance(cluster.task_runner(cfg), ThreadPoolTaskRunner)
+    cfg, _ = load_config(write_params(tmp_path, {**PARAMS, **three}))
     assert isinstance(cluster.task_runner(cfg), DaskTaskRunner)
     monkeypatch.setattr(cluster, "cuda_devices", lambda: 2)
     assert size(methods=four) == (2, 2)  # one chain per GPU
