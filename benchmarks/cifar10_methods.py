@@ -48,6 +48,7 @@ from pruneflow import stages  # noqa: E402
 from pruneflow.checkpoint import load_model  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
 from pruneflow.export import check_parity, measure_latency  # noqa: E402
+from pruneflow.latency.table import cpu_model  # noqa: E402
 from pruneflow.layout import ProjectLayout, ProjectRun  # noqa: E402
 from pruneflow.methods import METHODS  # noqa: E402
 from pruneflow.targeting import ratio_for_macs_reduction  # noqa: E402
@@ -193,14 +194,7 @@ def memoize_adversarial_masks() -> None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import onnxruntime
     import torch_pruning
 

@@ -48,6 +48,7 @@ from pruneflow.concurrency import file_lock  # noqa: E402
 from pruneflow.export import export_onnx, measure_latency  # noqa: E402
 from pruneflow.latency import LatencyTable  # noqa: E402
 from pruneflow.latency.rounding import step_rounded  # noqa: E402
+from pruneflow.latency.table import cpu_model  # noqa: E402
 from pruneflow.latency.target import LatencyPredictor  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.metrics import count_macs_params  # noqa: E402
@@ -244,9 +245,7 @@ def run_model(name: str, table: LatencyTable, args: argparse.Namespace, log: Cal
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; Python "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; Python "
             f"{platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}")
 
 

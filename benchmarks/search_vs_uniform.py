@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -48,6 +47,7 @@ from tabulate import tabulate  # noqa: E402
 from pruneflow import stages  # noqa: E402
 from pruneflow.checkpoint import load_model  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
+from pruneflow.latency.table import cpu_model  # noqa: E402
 from pruneflow.layout import ProjectLayout, ProjectRun  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.targeting import ratio_for_macs_reduction  # noqa: E402
@@ -165,10 +165,8 @@ def run_arm(args: argparse.Namespace, name: str, seed: int, baseline: Path, out:
 
 def machine() -> str:
     """Where training ran (the GPU, if any) and the CPU that pruned, exported and timed."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
     gpu = f"training on {torch.cuda.get_device_name()}, " if torch.cuda.is_available() else "training on the CPU, "
-    return f"{gpu}{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return f"{gpu}{cpu_model()} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def mean_std(values: list[float], fmt: str = ".2f") -> str:

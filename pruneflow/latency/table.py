@@ -54,14 +54,19 @@ CHUNK = 192  # entries timed together, interleaved (a predict or sweep usually n
 ANCHORS = 6  # unit graphs of a batch's first chunk, timed again beside every later chunk
 
 
-def fingerprint(threads: int, provider: str = CPU) -> dict[str, str | int]:
-    """What a measurement depends on besides the graph: a table is valid only where all of it is the same."""
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
     cpu = platform.processor() or "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                     if line.startswith("model name")), cpu)
-    return {"cpu": cpu, "cores": os.cpu_count() or 1, "threads": threads, "onnxruntime": ort.__version__,
+    return cpu
+
+
+def fingerprint(threads: int, provider: str = CPU) -> dict[str, str | int]:
+    """What a measurement depends on besides the graph: a table is valid only where all of it is the same."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count() or 1, "threads": threads, "onnxruntime": ort.__version__,
             "provider": provider}
 
 
