@@ -15,8 +15,7 @@ export DVC_NO_ANALYTICS ?= 1
 install: $(STAMP)
 
 # Exact pins come from constraints.txt; pyproject.toml keeps loose ranges for library users. --no-compile: Python
-# compiles what is imported when it is first imported; byte-compiling every installed file up front cost 100 s of
-# a 250 s install here (measured with a warm pip cache).
+# compiles a module when it is first imported, so only what runs is compiled, not every installed file.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
@@ -31,8 +30,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# Four pytest workers on two cores: half the suite's time is waiting on servers and subprocesses (measured: 15 min
-# with four against 20 with two, same machine); tests/conftest.py groups the tests that need a Prefect server.
+# More pytest workers than cores: much of the suite waits on servers and subprocesses, not the CPU;
+# tests/conftest.py groups the tests that need a Prefect server.
 PYTEST_WORKERS ?= 4
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup

@@ -335,9 +335,9 @@ def trials_time_latency(cfg: PipelineConfig) -> bool:
 
 def local_size(cfg: PipelineConfig) -> tuple[int, int]:
     """(worker processes, GPUs) of the local cluster: ``project.max_parallel_methods`` workers (at most one per GPU
-    when there are GPUs), by default one per GPU, else one (the chains in the pipeline's process: on a 2-core
-    machine a 4-method pipeline took 1.40x as long on two worker processes, whose start-up and bookkeeping cost
-    more CPU than running two chains at once saved; docs/benchmarks/scaling.md); at most one per method. One
+    when there are GPUs), by default one per GPU, else one: the chains in the pipeline's process, since worker
+    processes start up at a cost that chains side by side on the same cores do not win back (see
+    docs/benchmarks/scaling.md); at most one per method. One
     only when search trials time latency: a trial timed while other chains train on the same cores would choose
     its plan by noise."""
     gpus = cuda_devices() if cfg.retrain.device != "cpu" else 0  # chains train with the retrain settings
