@@ -9,13 +9,18 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
+# Python writes each module's bytecode (.pyc) when it first imports it; `make install` skips pip's compile step
+# (--no-compile) to leave that to first use. An environment that sets PYTHONDONTWRITEBYTECODE would make every
+# process compile torch, Prefect and MLflow from source again, so make does not pass it on.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install demo lint test system-deps ui repro constraints clean servers servers-stop
 
 install: $(STAMP)
 
 # Exact pins come from constraints.txt; pyproject.toml keeps loose ranges for library users. --no-compile: Python
-# compiles a module when it is first imported, so only what runs is compiled, not every installed file.
+# compiles a module when it is first imported (see PYTHONDONTWRITEBYTECODE above), so only what runs is compiled,
+# not every installed file.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check --no-compile -c constraints.txt -e ".[dev]"
