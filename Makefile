@@ -36,10 +36,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # More pytest workers than cores: much of the suite waits on servers and subprocesses, not the CPU;
-# tests/conftest.py groups the tests that need a Prefect server.
+# tests/conftest.py groups the tests that need a Prefect server and orders the long ones first.
 PYTEST_WORKERS ?= 4
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 # Debian's PostgreSQL and Chromium for the distributed-search and browser tests. Never fails make: where
 # they cannot be installed (no root or sudo, no apt-get) those tests skip and say why.

@@ -69,13 +69,13 @@ class PipelineRun(NamedTuple):
 
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, prefect_server) -> PipelineRun:
-    """One tiny pipeline run shared by the tests that read its results (a run costs about a minute). Its chains
-    run on a local Dask cluster of two worker processes (the other pipelines of the suite run them in process, the
-    default without GPUs), and it exports through the dynamo exporter (the default opset)."""
+    """One tiny pipeline run shared by the tests that read its results (a run costs about a minute), with the
+    defaults: chains one at a time in the pipeline's process (no GPUs), exported through the dynamo exporter (the
+    default opset). Chains on worker processes: tests/test_cluster.py."""
     from pruneflow.flows.pipeline import prune_pipeline
 
     folder = tmp_path_factory.mktemp("pipeline")
-    write_params(folder, {**TINY_PARAMS, "project": {"max_parallel_methods": 2}})
+    write_params(folder, TINY_PARAMS)
     return PipelineRun(folder, prune_pipeline(params=str(folder / "params.yaml")))
 
 
@@ -99,10 +99,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test``: four workers; half of the suite's time is spent waiting on servers and
     subprocesses), two workers hold the tests that need a Prefect server: one the tests of the shared pipeline
     run (it runs once), one the others. Two temporary servers, not one per worker: each takes ~20 s of CPU to
-    start, and four starting at once on two busy cores missed the start-up timeout."""
+    start, and four starting at once on two busy cores missed the start-up timeout.
+
+    The end-to-end tests (a minute or more each) come first, so that no worker starts one when the others are
+    done: the Makefile keeps this order (``--no-loadscope-reorder``; xdist would otherwise send the groups with
+    most tests first, and single tests after them in this order)."""
     for item in items:
         needs = set(getattr(item, "fixturenames", ()))
         if "pipeline_run" in needs:
             item.add_marker(pytest.mark.xdist_group("pipeline_run"))
         elif "prefect_server" in needs:
             item.add_marker(pytest.mark.xdist_group("prefect"))
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)  # stable: files keep their order

@@ -192,6 +192,24 @@ def test_a_worker_is_told_what_it_lacks(tmp_path):
     assert len(problems) == 4 and all("refused" in p for p in problems[1:]), problems
 
 
+def test_local_cluster_gives_each_worker_one_thread_and_its_own_gpu():
+    """The local cluster ``max_parallel_methods`` asks for (the pipeline's chains on it: the scheduler test above,
+    whose flow code is the same): worker processes on 127.0.0.1 with one thread each, worker i seeing GPU i only."""
+    def visible_gpus() -> str | None:
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    with cluster.local_cluster(workers=2, gpus=1) as local, Client(local) as client:
+        client.wait_for_workers(2, timeout=120)
+        workers = client.scheduler_info()["workers"]
+        assert sorted(w["nthreads"] for w in workers.values()) == [1, 1]
+        assert all(w["host"] == "127.0.0.1" for w in workers.values())
+        assert sorted(str(w["resources"]) for w in workers.values()) == ["{'GPU': 1}", "{}"]
+        gpu_worker = next(address for address, w in workers.items() if w["resources"])
+        seen = client.run(visible_gpus)
+        assert seen[gpu_worker] == "0" and {v for a, v in seen.items() if a != gpu_worker} == {None}
+        assert len({pid for pid in client.run(os.getpid).values()}) == 2
+
+
 def test_local_cluster_size(tmp_path, monkeypatch):
     """Without GPUs one chain at a time by default (no cluster, the pipeline's own process), one worker process per
     GPU with them; ``max_parallel_methods`` sets it, at most one per method; one chain at a time when search trials

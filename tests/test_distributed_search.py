@@ -29,6 +29,8 @@ from pruneflow.versioning import DataVersion
 from tests.conftest import write_params
 from tests.system_deps import ROOT, free_port, require
 
+# Both tests use the module's project and PostgreSQL server: one xdist worker builds them once.
+pytestmark = pytest.mark.xdist_group("postgres")
 WORKERS, TRIALS_EACH = 4, 2
 PARAMS = {"train": {"epochs": 1}, "retrain": {"epochs": 1, "lr": 0.01}, "methods": {"l1": {}},
           "search": {"n_trials": TRIALS_EACH, "ratio_low": 0.3, "ratio_high": 0.7, "finetune_epochs": 0,
@@ -88,6 +90,7 @@ def worker_project(tmp_path_factory, digits_dir) -> Path:
     return root
 
 
+@pytest.mark.e2e
 def test_four_workers_share_one_study_and_the_pipeline_chooses_among_their_trials(worker_project, postgres_url,
                                                                                    tmp_path):
     project = worker_project

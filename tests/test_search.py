@@ -108,6 +108,7 @@ def test_latency_targets_are_predicted_per_trial_without_export(tmp_path, baseli
     assert chosen.costs["speedup"] >= 1.05
 
 
+@pytest.mark.e2e
 def test_two_worker_processes_share_one_study(tmp_path, baseline, digits_dir):
     _, chosen, study = run_search(tmp_path, baseline, digits_dir, n_trials=2, n_workers=2, finetune_epochs=0)
     assert len(study.trials) == 2 and chosen.completed_trials == 2
