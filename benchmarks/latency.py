@@ -6,8 +6,10 @@ For each model (untrained weights with trained-looking BatchNorm: speed does not
   with the channel rounding ``round_to: auto`` ( each group's count raised to a step edge of its latency
   curve, as the prune stage does, inside every bisection step) and with ``round_to`` 16, 8 and none;
 * **speed-up targets** (1.5×, 2×, 3× faster, predicted on the latency table): ``halp`` (the knapsack allocator,
-  channels and residual blocks), and ``l1`` with each rounding at the ratio whose *predicted* speed-up meets the
-  target (bisected, as the search fits a trial on predicted latency).
+  channels and residual blocks), ``bound`` (the same knapsack valuing each channel by its MACs: the cuts that
+  save most time per MAC, whatever they cost in accuracy; the ceiling of speed-up ÷ MACs this table knows of),
+  and ``l1`` with each rounding at the ratio whose *predicted* speed-up meets the target (bisected, as the search
+  fits a trial on predicted latency).
 
 Then every pruned net and the baseline are exported to ONNX and timed interleaved in one
 ``pruneflow.export.measure_latency`` call per batch (ONNX Runtime, CPU provider): batch 1 and the large batch,
@@ -47,10 +49,14 @@ sys.path.insert(0, str(ROOT))
 from pruneflow.concurrency import file_lock  # noqa: E402
 from pruneflow.export import export_onnx, measure_latency  # noqa: E402
 from pruneflow.latency import LatencyTable  # noqa: E402
+from pruneflow.latency.allocate import importance_scores  # noqa: E402
+from pruneflow.latency.graph import ModelGraph  # noqa: E402
 from pruneflow.latency.rounding import step_rounded  # noqa: E402
 from pruneflow.latency.table import cpu_model  # noqa: E402
 from pruneflow.latency.target import LatencyPredictor  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
+from pruneflow.methods.blocks import removable_blocks  # noqa: E402
+from pruneflow.methods.halp import allocated_plan  # noqa: E402
 from pruneflow.metrics import count_macs_params  # noqa: E402
 from pruneflow.models import build_model  # noqa: E402
 from pruneflow.plan import PrunePlan  # noqa: E402
@@ -68,7 +74,7 @@ SPEEDUP_GOAL = 0.95  # asked for s x, deliver >= 0.95 s (1.9x of 2x)
 class Row:
     model: str
     target: str  # "macs 2x" or "speedup 2x"
-    setting: str  # "auto", "16", "8" (the default), "none", "halp"
+    setting: str  # "auto", "16", "8" (the default), "none", "halp", "bound" (the most time per MAC)
     ratio: float | None  # the l1 ratio found (None: halp)
     macs_ratio: float  # baseline MACs / pruned MACs
     predicted_speedup: float  # baseline ÷ predicted on the table, batch 1
@@ -88,8 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0], help="speed-up targets, x")
     parser.add_argument("--settings", nargs="+", default=["auto", "16", "8", "none"],
                         help="channel roundings of l1 at the MACs targets (8 is the default)")
-    parser.add_argument("--speedup-settings", nargs="+", default=["halp", "auto", "16", "8", "none"],
-                        help="halp, and the roundings of l1, at the speed-up targets")
+    parser.add_argument("--speedup-settings", nargs="+", default=["halp", "bound", "auto", "16", "8", "none"],
+                        help="halp, the time-per-MAC bound, and the roundings of l1, at the speed-up targets")
     parser.add_argument("--large-batch", type=int, default=32)
     parser.add_argument("--large-batch-224", type=int, default=8, help="the large batch of 224x224 models")
     parser.add_argument("--threads", type=int, default=2)
@@ -184,6 +190,8 @@ class Model:
             gone = allocation.removed_blocks
             return self.row(f"speedup {speedup:g}x", "halp", None, pruned.eval(),
                             f"−{len(gone)} blocks ({', '.join(gone)})" if gone else "")
+        if setting == "bound":
+            return self.time_per_mac(speedup)
 
         def reduction_at(ratio: float) -> float:
             return 1 - self.predictor.predict(self.l1_pruned(ratio, setting)).ms / self.predictor.baseline_ms
@@ -191,6 +199,37 @@ class Model:
         found = bisect_ratio(reduction_at, 1 - 1 / speedup, high=0.9, steps=5,
                              scan=0 if setting == "none" else 4, tolerance=0.01)
         return self.row(f"speedup {speedup:g}x", setting, found.ratio, self.l1_pruned(found.ratio, setting))
+
+
+    def time_per_mac(self, speedup: float) -> tuple[Row, nn.Module]:
+        """The most time per MAC removed that the table knows of: the knapsack of ``halp`` with every channel worth
+        the MACs it accounts for, so it takes the cuts that save most predicted time per MAC (blocks or channels)
+        until the speed-up. Accuracy is not considered: this is the ceiling of speed-up ÷ MACs, not a method."""
+        graph = self.predictor.graph
+        per_channel = macs_per_channel(graph)
+        groups = importance_scores(self.base, self.example, lambda group: torch.ones(len(group[0].idxs)), graph)
+        scores = {g: torch.full((graph.sizes[g],), per_channel[g]) for g in groups}
+        plan, allocation = allocated_plan(self.base, self.example, PrunePlan(speedup=speedup, round_to=None),
+                                          self.predictor, scores, removable_blocks(self.base, self.example))
+        pruned = copy.deepcopy(self.base)
+        self.l1.prune(pruned, self.example, plan)
+        gone = allocation.removed_blocks
+        return self.row(f"speedup {speedup:g}x", "bound", None, pruned.eval(),
+                        f"−{len(gone)} blocks ({', '.join(gone)})" if gone else "")
+
+
+def macs_per_channel(graph: ModelGraph) -> dict[int, float]:
+    """The MACs one channel of each group accounts for: its share of every convolution reading or writing it."""
+    per_channel = dict.fromkeys(graph.sizes, 0.0)
+    for unit in graph.units:
+        c_in, c_out, (height, width) = graph.shapes[unit.x][0], graph.shapes[unit.out][0], graph.shapes[unit.out][1:3]
+        kernel = unit.kernel[0] * unit.kernel[1] * height * width
+        if unit.depthwise:  # one group in and out, one filter per channel
+            per_channel[graph.group_of[unit.out]] += kernel
+        else:
+            per_channel[graph.group_of[unit.x]] += c_out * kernel
+            per_channel[graph.group_of[unit.out]] += c_in * kernel
+    return per_channel
 
 
 def time_nets(model: Model, nets: dict[str, nn.Module], scratch: Path, args: argparse.Namespace) -> dict[str, dict]:
@@ -262,7 +301,9 @@ def render(rows: list[Row], runs: dict[str, dict]) -> str:
         "**MACs targets**: `l1` at the ratio bisection finds for 1.5×, 2×, 3× fewer MACs, with the "
         "rounding `round_to: auto` (every group's count raised to a step edge of its measured latency curve, "
         "inside every bisection step) and with `round_to` 16, 8 and none. **Speed-up targets**: `halp` (the latency "
-        "knapsack: channels and whole residual blocks) and `l1` with a rounding at the ratio whose speed-up "
+        "knapsack: channels and whole residual blocks), `bound` (the same knapsack with every channel valued by "
+        "its MACs: the most time per MAC removed, accuracy ignored, so the ceiling of the efficiency) and `l1` with "
+        "a rounding at the ratio whose speed-up "
         "*predicted* on the latency table meets 1.5×, 2×, 3×. Every net of a model and its baseline are timed "
         "interleaved in one `pruneflow.export.measure_latency` call per batch (ONNX Runtime, CPU provider).",
         "",

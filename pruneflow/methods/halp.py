@@ -59,33 +59,15 @@ class Halp(Taylor):
         """The plan with kept channels per group and the blocks to remove whose predicted latency meets the
         plan's budget (``BudgetError`` if no allocation does). ``model`` is the unpruned net ``predictor`` was
         built on; it keeps its weights (only gradients are added, for the importance)."""
-        from pruneflow.latency.allocate import allocate, importance_scores  # it imports the methods' package
+        from pruneflow.latency.allocate import importance_scores  # it imports the methods' package
 
         if calib_batches is None:
             raise ValueError(f"method {self.name} scores channels by Taylor importance and needs calibration batches")
-        budget = plan.budget_ms(predictor.baseline_ms)
         self.calibrate(model, calib_batches)
-        graph = predictor.graph
-        scores = importance_scores(model, example_inputs, self.importance(), graph)
+        scores = importance_scores(model, example_inputs, self.importance(), predictor.graph)
         model.zero_grad(set_to_none=True)
         blocks = removable_blocks(model, example_inputs) if self.params.blocks else []
-        allocation = allocate(predictor.table, graph, scores, budget, predictor.batch, blocks,
-                              min_keep=1.0 - plan.max_layer_ratio)
-        units = graph.unit_by_name
-        kept = {}  # by the groups' roots once the blocks are gone (a root inside a removed block names no group)
-        for group in channel_groups(remove_blocks(copy.deepcopy(model), allocation.removed_blocks), example_inputs):
-            counts = {allocation.counts[graph.group_of[units[member.name].out]] for member in group.producers
-                      if member.name in units and graph.group_of[units[member.name].out] in allocation.counts}
-            if counts:
-                kept[group.name] = min(counts)
-        note = (f"HALP knapsack: predicted {allocation.predicted_ms:.3f} ms for a budget of {budget:.3f} ms "
-                f"(baseline {predictor.baseline_ms:.3f} ms at batch {predictor.batch}), {len(allocation.log)} steps")
-        if plan.origin.note:
-            note = f"{plan.origin.note}; {note}"
-        allocated = replace(plan, ratio=0.0, layer_ratios={}, kept_channels=kept,
-                            removed_blocks=list(allocation.removed_blocks), round_to=None,
-                            origin=replace(plan.origin, note=note))
-        return allocated, allocation
+        return allocated_plan(model, example_inputs, plan, predictor, scores, blocks)
 
     def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
@@ -95,3 +77,30 @@ class Halp(Taylor):
                              "plan's latency_ms or speedup into kept channels first (Halp.allocate, on the latency "
                              "table); run it through the pipeline")
         return super().prune(model, example_inputs, plan, calib_batches)
+
+
+def allocated_plan(model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, predictor: LatencyPredictor,
+                   scores: dict[int, torch.Tensor], blocks: list[str]) -> tuple[PrunePlan, Allocation]:
+    """``plan`` with the kept channels (by each group's root convolution) and removed blocks of the knapsack on
+    ``scores`` (per-channel values keyed by the latency graph's groups) under the plan's latency budget."""
+    from pruneflow.latency.allocate import allocate  # it imports the methods' package
+
+    budget = plan.budget_ms(predictor.baseline_ms)
+    graph = predictor.graph
+    allocation = allocate(predictor.table, graph, scores, budget, predictor.batch, blocks,
+                          min_keep=1.0 - plan.max_layer_ratio)
+    units = graph.unit_by_name
+    kept = {}  # by the groups' roots once the blocks are gone (a root inside a removed block names no group)
+    for group in channel_groups(remove_blocks(copy.deepcopy(model), allocation.removed_blocks), example_inputs):
+        counts = {allocation.counts[graph.group_of[units[member.name].out]] for member in group.producers
+                  if member.name in units and graph.group_of[units[member.name].out] in allocation.counts}
+        if counts:
+            kept[group.name] = min(counts)
+    note = (f"HALP knapsack: predicted {allocation.predicted_ms:.3f} ms for a budget of {budget:.3f} ms "
+            f"(baseline {predictor.baseline_ms:.3f} ms at batch {predictor.batch}), {len(allocation.log)} steps")
+    if plan.origin.note:
+        note = f"{plan.origin.note}; {note}"
+    allocated = replace(plan, ratio=0.0, layer_ratios={}, kept_channels=kept,
+                        removed_blocks=list(allocation.removed_blocks), round_to=None,
+                        origin=replace(plan.origin, note=note))
+    return allocated, allocation
