@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from pruneflow.concurrency import file_lock  # noqa: E402
 from pruneflow.export import export_onnx, measure_latency  # noqa: E402
 from pruneflow.latency import LatencyTable  # noqa: E402
-from pruneflow.latency.allocate import importance_scores  # noqa: E402
+from pruneflow.latency.allocate import BudgetError, importance_scores  # noqa: E402
 from pruneflow.latency.graph import ModelGraph  # noqa: E402
 from pruneflow.latency.rounding import step_rounded  # noqa: E402
 from pruneflow.latency.table import cpu_model  # noqa: E402
@@ -251,17 +251,24 @@ def time_nets(model: Model, nets: dict[str, nn.Module], scratch: Path, args: arg
     return results
 
 
-def run_model(name: str, table: LatencyTable, args: argparse.Namespace, log: Callable[[str], None]) -> list[Row]:
+def run_model(name: str, table: LatencyTable, args: argparse.Namespace, log: Callable[[str], None]
+              ) -> tuple[list[Row], list[str]]:
+    """The model's rows, timed, and the targets its allocations could not reach."""
     with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as folder:
         scratch = Path(folder)
         started = time.perf_counter()
         model = Model(name, table, scratch)
         log(f"{name}: baseline predicted {model.predictor.baseline_ms:.3f} ms ({time.perf_counter() - started:.0f} s)")
-        rows, nets = [], {}
+        rows, nets, unreachable = [], {}, []
         jobs = [(model.at_macs, factor, setting) for factor in args.factors for setting in args.settings]
         jobs += [(model.at_speedup, speedup, setting) for speedup in args.speedups for setting in args.speedup_settings]
         for make, target, setting in jobs:
-            row, net = make(target, setting)
+            try:
+                row, net = make(target, setting)
+            except BudgetError as error:  # a target the allocation cannot reach on this table: said, not timed
+                unreachable.append(f"{make.__name__.removeprefix('at_')} {target:g}x {setting}: {error}")
+                log(f"{name}: {unreachable[-1]}")
+                continue
             rows.append(row)
             nets[row.name] = net
             log(f"{row.name}: ratio {row.ratio if row.ratio is not None else '-'}, MACs /{row.macs_ratio:.2f}, "
@@ -280,7 +287,7 @@ def run_model(name: str, table: LatencyTable, args: argparse.Namespace, log: Cal
         for row in rows:
             row.measured = measured[row.name]
         log(f"{name}: timed {len(nets)} nets ({time.perf_counter() - started:.0f} s)")
-    return rows
+    return rows, unreachable
 
 
 def machine() -> str:
@@ -320,7 +327,8 @@ def render(rows: list[Row], runs: dict[str, dict]) -> str:
         lines.append(f"- {model}: `{run['command']}`: {run['machine']}; {run['threads']} threads, warm-up "
                      f"{run['warmup']}, {run['repeats']} timed runs per net at batch 1 and {run['repeats_large']} at "
                      f"batch {run['large_batch']}; 1-minute load {run['load_before']:.2f} before, "
-                     f"{run['load_after']:.2f} after; {run['minutes']:.1f} min ({run['cpu_minutes']:.1f} min CPU).")
+                     f"{run['load_after']:.2f} after; {run['minutes']:.1f} min ({run['cpu_minutes']:.1f} min CPU)."
+                     + "".join(f" Out of reach: {line}." for line in run.get("unreachable", [])))
     lines += [
         "",
         "## Results",
@@ -386,14 +394,14 @@ def main(argv: list[str] | None = None) -> None:
 
     for name in args.models:
         load, began, began_cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
-        rows = run_model(name, table, args, log)
+        rows, unreachable = run_model(name, table, args, log)
         with file_lock(ROOT / ".cache" / "latency-report.lock"):  # runs of other models may write it meanwhile
             write_report(args, store, name, rows, {
                 "command": command, "machine": machine(), "threads": args.threads, "warmup": args.warmup,
                 "repeats": args.repeats, "repeats_large": args.repeats_large,
                 "large_batch": args.large_batch_224 if INPUTS[name][-1] >= 224 else args.large_batch,
                 "load_before": load, "load_after": os.getloadavg()[0], "minutes": (time.perf_counter() - began) / 60,
-                "cpu_minutes": (time.process_time() - began_cpu) / 60})
+                "cpu_minutes": (time.process_time() - began_cpu) / 60, "unreachable": unreachable})
         log(f"wrote {args.out} and {store.name}")
 
 
