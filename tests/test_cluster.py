@@ -207,7 +207,7 @@ def test_local_cluster_gives_each_worker_one_thread_and_its_own_gpu():
         gpu_worker = next(address for address, w in workers.items() if w["resources"])
         seen = client.run(visible_gpus)
         assert seen[gpu_worker] == "0" and {v for a, v in seen.items() if a != gpu_worker} == {None}
-        assert len({pid for pid in client.run(os.getpid).values()}) == 2
+        assert len(set(client.run(os.getpid).values())) == 2  # two processes
 
 
 def test_local_cluster_size(tmp_path, monkeypatch):

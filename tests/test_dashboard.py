@@ -22,8 +22,9 @@ from tests.test_operations import cli, subprocess_env, tail, wait_for
 
 
 def default_sigint() -> None:
-    """SIGINT's default action in the command: under pytest-xdist it inherited SIGINT and SIGQUIT ignored from its
-    pytest worker (SigIgn 0x81001006), as a shell's background job does, and Python then keeps ignoring Ctrl-C."""
+    """SIGINT's default action in the command, however the suite was started: a suite started in the background by
+    a non-interactive shell (`make test &`) runs with SIGINT and SIGQUIT ignored, its subprocesses inherit that
+    (SigIgn 0x81001006 was read off the hung command), and Python then keeps ignoring Ctrl-C."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
