@@ -7,7 +7,7 @@ For each model (untrained weights with trained-looking BatchNorm: speed does not
   curve, as the prune stage does, inside every bisection step) and with ``round_to`` 16, 8 and none;
 * **speed-up targets** (1.5×, 2×, 3× faster, predicted on the latency table): ``halp`` (the knapsack allocator,
   channels and residual blocks), ``bound`` (the same knapsack valuing each channel by its MACs: the cuts that
-  save most time per MAC, whatever they cost in accuracy; the ceiling of speed-up ÷ MACs this table knows of),
+  save most time per MAC, whatever they cost in accuracy; a greedy estimate of the ceiling of speed-up ÷ MACs),
   and ``l1`` with each rounding at the ratio whose *predicted* speed-up meets the target (bisected, as the search
   fits a trial on predicted latency).
 
@@ -200,13 +200,14 @@ class Model:
                              scan=0 if setting == "none" else 4, tolerance=0.01)
         return self.row(f"speedup {speedup:g}x", setting, found.ratio, self.l1_pruned(found.ratio, setting))
 
-
     def time_per_mac(self, speedup: float) -> tuple[Row, nn.Module]:
-        """The most time per MAC removed that the table knows of: the knapsack of ``halp`` with every channel worth
-        the MACs it accounts for, so it takes the cuts that save most predicted time per MAC (blocks or channels)
-        until the speed-up. Accuracy is not considered: this is the ceiling of speed-up ÷ MACs, not a method."""
+        """Close to the most time per MAC removed that the table allows: the knapsack of ``halp`` with every channel
+        worth the MACs it accounts for, so it takes the cuts that lose fewest MACs per predicted millisecond saved
+        (blocks or channels) until the speed-up. A greedy, so an estimate of the ceiling of speed-up ÷ MACs, not a
+        proof of it; accuracy is not considered: not a method."""
         graph = self.predictor.graph
         per_channel = macs_per_channel(graph)
+        # the groups halp would score (importance_scores' keys); their values are the MACs, not an importance
         groups = importance_scores(self.base, self.example, lambda group: torch.ones(len(group[0].idxs)), graph)
         scores = {g: torch.full((graph.sizes[g],), per_channel[g]) for g in groups}
         plan, allocation = allocated_plan(self.base, self.example, PrunePlan(speedup=speedup, round_to=None),
@@ -309,7 +310,8 @@ def render(rows: list[Row], runs: dict[str, dict]) -> str:
         "rounding `round_to: auto` (every group's count raised to a step edge of its measured latency curve, "
         "inside every bisection step) and with `round_to` 16, 8 and none. **Speed-up targets**: `halp` (the latency "
         "knapsack: channels and whole residual blocks), `bound` (the same knapsack with every channel valued by "
-        "its MACs: the most time per MAC removed, accuracy ignored, so the ceiling of the efficiency) and `l1` with "
+        "its MACs: the most time per MAC removed, accuracy ignored; a greedy estimate of the efficiency's ceiling) "
+        "and `l1` with "
         "a rounding at the ratio whose speed-up "
         "*predicted* on the latency table meets 1.5×, 2×, 3×. Every net of a model and its baseline are timed "
         "interleaved in one `pruneflow.export.measure_latency` call per batch (ONNX Runtime, CPU provider).",
