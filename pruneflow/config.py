@@ -211,9 +211,10 @@ class SearchConfig(Section):
 class PruneConfig(Section):
     ratio: float | None = Field(None, ge=0, lt=1, description="fixed pruning ratio; set it to skip the search")
     round_to: int | Literal["auto"] | None = Field(
-        8, description="an integer: kept channels a multiple of it in every layer (8 or 16 suit CPU runtimes); auto: "
-                       "each layer's count raised to a step edge of its own latency curve, measured on this machine "
-                       "(pruneflow.latency.rounding; docs/benchmarks/latency.md: slower than 8 so far); null: none")
+        "auto", description="auto: each layer's count raised to a multiple of the target runtime's channel block "
+                            "(16 with AVX-512, 8 with AVX2) at a step edge of its own latency curve, measured on "
+                            "this machine (pruneflow.latency.rounding); an integer: kept channels a multiple of it in "
+                            "every layer; null: none")
 
     @field_validator("round_to")
     @classmethod

@@ -130,8 +130,9 @@ def check_removed(method: str, structured: bool, plan: PrunePlan, result: PruneR
         why = (f"at this ratio every layer keeps its full width once kept channels are rounded to the nearest "
                f"multiple of {step or 1}; raise {ratio_key} or lower {round_key}")
     elif plan.round_to == "auto":
-        why = (f"at this ratio every layer keeps its full width once its kept count is raised to a step edge of its "
-               f"latency curve ({round_key}: auto); raise {ratio_key} or set {round_key} to a multiple such as 8")
+        why = (f"at this ratio every layer keeps its full width once its kept count is raised to a multiple of the "
+               f"runtime's channel block at a step edge of its latency curve ({round_key}: auto); raise {ratio_key} "
+               f"or set {round_key} to a smaller multiple such as 4")
     else:
         why = ("Torch-Pruning found no channel it could remove: the layers feed an operation its dependency graph "
                "cannot follow, or the method scored every channel equally")

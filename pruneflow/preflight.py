@@ -13,6 +13,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -94,6 +95,13 @@ def check_model(cfg: PipelineConfig, splits: DataSplits) -> None:
     example = spec.example_inputs()
     _run(spec, model, example)
     calibration = list(splits.loader("train", 8, max_batches=1))
+    if cfg.prune.round_to == "auto":
+        try:
+            stages.latency_table(cfg)
+        except ProviderUnavailable as err:
+            raise ConfigError(f"prune.round_to auto measures channel counts on the target's runtime: {err}; measure "
+                              "on a machine that has it, or set prune.round_to to a multiple (8 suits GPU tensor "
+                              "cores)") from None
     allocating = [method for method in cfg.methods if create_method(method, cfg.methods[method]).allocates_latency]
     searched = [method for method in cfg.methods if method not in allocating]
     for index, method in enumerate(searched):
@@ -199,8 +207,9 @@ def _prune_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example:
     ratio, ratio_key = ((cfg.prune.ratio, "prune.ratio") if cfg.prune.ratio is not None
                         else (cfg.search.ratio_high, "search.ratio_high"))
     plan = PrunePlan.from_config(cfg.prune, ratio=ratio)
-    if plan.round_to == "auto":
-        plan.round_to = None  # resolved per layer by the prune stage; the check here is that pruning works at all
+    auto = plan.round_to == "auto"
+    if auto:
+        plan.round_to = None  # resolved per layer by the prune stage, from the counts asked unrounded
     pruner = create_method(method, cfg.methods[method])
     pruned = _as_trained(copy.deepcopy(model), pruner)
     try:
@@ -215,6 +224,11 @@ def _prune_copy(cfg: PipelineConfig, spec: ModelSpec, model: nn.Module, example:
         raise unprunable(spec.name, model, err, method) from None
     if export:
         _export(cfg, spec, pruned, example)
+    if auto:  # each count at least raised to a multiple of the runtime's block: does any layer stay thinner?
+        block = stages.latency_table(cfg).channel_block() or 1
+        result = replace(result, layers=[replace(layer, channels_after=min(
+            layer.channels_before, -(-layer.channels_after // block) * block)) for layer in result.layers])
+        plan.round_to = "auto"
     try:
         gates.check_removed(method, pruner.structured, plan, result, keys=(ratio_key, "prune.round_to"))
     except gates.GateError as err:

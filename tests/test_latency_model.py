@@ -166,6 +166,25 @@ def test_step_edges_and_rounding_to_them():
     assert round_to_edge(coarse, 9).kept == 12 and round_to_edge(coarse, 8).kept == 8  # the next swept count
 
 
+def test_rounding_to_a_block_raises_off_block_counts_to_a_multiple_and_says_why():
+    blocked = GroupCurve("conv", 0, [16, 32, 48], [1.0, 1.2, 1.1])  # 48 is faster than 32 (a slow kernel at 32)
+    assert "blocks of 16" in round_to_edge(blocked, 9, block=16).reason
+    assert round_to_edge(blocked, 9, block=16).kept == 16
+    faster = round_to_edge(blocked, 20, block=16)
+    assert faster.kept == 48 and "48 channels cost no more than 32" in faster.reason
+
+
+def test_the_channel_block_is_read_once_and_kept_in_the_table(tmp_path, monkeypatch):
+    block = LatencyTable(tmp_path, threads=1, **FAST).channel_block()
+    assert block in (None, 4, 8, 16)  # None: a runtime without the NCHWc layout
+
+    def probe_again(*args):
+        raise AssertionError("the block was probed again")
+
+    monkeypatch.setattr("pruneflow.latency.table.block_size", probe_again)
+    assert LatencyTable(tmp_path, threads=1, **FAST).channel_block() == block
+
+
 def test_allocator_meets_the_budget_and_rejects_an_unreachable_one(tiny, tmp_path):
     model, graph = tiny
     table = LatencyTable(tmp_path, threads=1, **FAST)
@@ -194,6 +213,8 @@ def test_round_to_auto_keeps_step_edges_in_the_plan_and_says_why(tiny, tmp_path)
     assert plan.round_to is None and plan.kept_channels == {"block.conv1": rounding[0]["kept"]}
     row = rounding[0]
     assert row["name"] == "block.conv1" and row["asked"] == 10 and 10 <= row["kept"] <= 16 and row["reason"]
+    block = table.channel_block() or 1  # only the runtime's block multiples are candidates (and the whole count)
+    assert row["kept"] % block == 0 or row["kept"] == 16
     assert "round_to: auto" in plan.origin.note
     pruned = copy.deepcopy(model)
     method.prune(pruned, x, plan)
@@ -246,6 +267,11 @@ def test_an_unreachable_latency_target_or_a_missing_runtime_stops_before_trainin
     with pytest.raises(ConfigError, match="search.target.metric latency_ms: export.platform jetson: the latency table "
                                           "needs TensorrtExecutionProvider or CUDAExecutionProvider"):
         check_model(jetson, splits)
+    jetson = PipelineConfig.model_validate({"export": {"platform": "jetson"}, "prune": {"round_to": "auto"}})
+    with pytest.raises(ConfigError, match="prune.round_to auto measures channel counts on the target's runtime: "
+                                          "export.platform jetson: the latency table needs"):
+        check_model(jetson, splits)
+    check_model(PipelineConfig.model_validate({"export": {"platform": "jetson"}, "prune": {"round_to": 8}}), splits)
     with pytest.raises(ValueError, match="a speedup target is a factor above 1"):
         PipelineConfig.model_validate({"search": {"target": {"metric": "speedup", "value": 0.5}}})
 

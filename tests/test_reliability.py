@@ -39,7 +39,7 @@ MY_MODELS = '''"""Model factories with one mistake each (docs/reliability.md).""
 import torch
 from torch import nn
 
-WIDTH = 16  # not a factory
+WIDTH = 32  # not a factory; wider than a channel block (16), so round_to auto can thin a layer
 
 
 class Net(nn.Module):
@@ -175,11 +175,12 @@ def data_ready(project: Path, shared: Shared) -> None:
 
 
 def baseline_ready(project: Path, shared: Shared) -> None:
-    """What `pruneflow stage data` and `stage baseline` leave: versioned digits and a baseline (untrained: the
-    search's reachability check only counts MACs)."""
+    """What `pruneflow stage data` and `stage baseline` leave: versioned digits and a baseline with its ONNX export
+    (untrained: the search's reachability check counts MACs, and latency does not depend on the weights)."""
     from pruneflow import stages
     from pruneflow.checkpoint import save_model
     from pruneflow.config import load_config
+    from pruneflow.export import export_onnx
     from pruneflow.metrics import count_macs_params
 
     data_ready(project, shared)
@@ -191,6 +192,7 @@ def baseline_ready(project: Path, shared: Shared) -> None:
     macs, params = count_macs_params(model, spec.example_inputs(1))
     out = project / "runs" / "dvc" / "baseline"
     save_model(out / "model.pt", model, spec)
+    export_onnx(model, spec.example_inputs(), out / "model.onnx", cfg.export.opset)
     stages.write_json(out / "metrics.json", {"macs": macs, "params": params, "accuracy": 10.0, "val_accuracy": 10.0})
 
 

@@ -211,7 +211,7 @@ def test_an_adaptive_bn_search_fine_tunes_its_top_k_and_hands_a_feasible_plan_to
     assert chosen.plan.origin.trial in {t.user_attrs["proxy_trial"] for t in rung.trials}
     assert chosen.metric == max(t.values[0] for t in rung.trials) and chosen.costs["macs_reduction"] >= 0.4
     summary = stages.prune_model(l1_run(cfg, tmp_path, baseline, digits_dir), log=lambda _: None)
-    assert summary.plan.layer_ratios == chosen.plan.layer_ratios
+    assert summary.plan.origin.trial == chosen.plan.origin.trial  # (round_to auto turned its ratios into counts)
     assert 1 - summary.macs_after / summary.macs_before == pytest.approx(chosen.costs["macs_reduction"])
 
 

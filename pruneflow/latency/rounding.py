@@ -1,13 +1,19 @@
 """``prune.round_to: auto``: every channel group keeps a count at a step edge of its own measured latency curve.
 
-A fixed ``round_to`` gives every layer one multiple; on ONNX Runtime's CPU provider what a count costs depends
-on the layer (its kernel, its neighbours' layouts, whether its input falls off the NCHWc path), so a multiple
-of 8 can cost as much as the next 16 and 13 channels as much as 16. Here the method prunes a copy of the model
-unrounded (``round_to`` none) to learn the count it asks of each group; each group's curve is predicted from the
-table (the model at every count of that group, the others at their asked counts), and the count is raised to
-the smallest step edge at or above it (``steps.round_to_edge``): never fewer channels than asked, never slower.
-The counts go into the plan as ``kept_channels`` (so the plan logged is the plan pruned), and each group's
-rounding, with why, goes into the prune report.
+A fixed ``round_to`` gives every layer one multiple, and which multiple is fast depends on the machine: ONNX
+Runtime's CPU provider computes convolutions in NCHWc blocks of 16 channels with AVX-512 and of 8 with AVX2,
+and a layer whose count is off the block leaves that layout (two conversions around a slower kernel). Here
+the method prunes a copy of the model unrounded (``round_to`` none) to learn the count it asks of each group;
+the candidates are the multiples of the runtime's block at or above it (read from the runtime itself,
+``LatencyTable.channel_block``); each group's curve is predicted from the table over those candidates, the
+other groups at their asked counts raised to the block; and the count is raised to the smallest step edge
+(``steps.round_to_edge``): never fewer channels than asked, and never a count that costs as much as a larger
+one. The counts go into the plan as ``kept_channels`` (so the plan logged is the plan pruned), and each
+group's rounding, with why, goes into the prune report.
+
+Why only block multiples: the table is optimistic about counts off the block (docs/benchmarks/latency.md),
+so edges read off every count picked slow ones (odd counts like 9, 21, 35 in ResNet-20, and the nets were
+slower than with ``round_to`` 8). A runtime without the layout (a GPU provider) has block 1: every count.
 """
 
 from __future__ import annotations
@@ -49,8 +55,8 @@ def step_rounded(method: PruningMethod, model: nn.Module, example_inputs: torch.
                  tolerance: float = TOLERANCE) -> tuple[PrunePlan, list[dict[str, Any]]]:
     """The plan with every channel group's kept count at a step edge, and per group what it was rounded to and why.
 
-    A group's curve is swept from its asked count up to ``window`` channels more (two NCHWc blocks of AVX-512):
-    the next step edge lies within, and the table then grows by a few entries per group, not by a full sweep.
+    A group's curve is swept over the block multiples from its asked count up to ``window`` channels more (two
+    NCHWc blocks of AVX-512): the next step edge lies within, and the table grows by a few entries per group.
     The whole count is swept too, so ``tolerance`` (a share of what the group costs between its asked and whole
     count) separates steps from timing noise: a count is kept only if every larger one is slower by more.
 
@@ -69,14 +75,18 @@ def step_rounded(method: PruningMethod, model: nn.Module, example_inputs: torch.
         graph = read_graph(path, conv_call_order(model, example_inputs))
     units = graph.unit_by_name
     timed = {name: graph.group_of[units[name].out] for name in asked if name in units}
+    block = table.channel_block() or 1
     counts = {timed[name]: asked[name][1] for name in timed}
-    sweeps = {group: sorted({*range(count, min(graph.sizes[group], count + window) + 1), graph.sizes[group]})
+    aligned = {group: min(graph.sizes[group], -(-count // block) * block) for group, count in counts.items()}
+    sweeps = {group: sorted({*range(aligned[group], min(graph.sizes[group], count + window) + 1, block),
+                             graph.sizes[group]})
               for group, count in counts.items()}
-    curves = {curve.group: curve for curve in group_curves(table, graph, sorted(counts), batch, counts, sweeps=sweeps)}
+    curves = {curve.group: curve
+              for curve in group_curves(table, graph, sorted(counts), batch, aligned, sweeps=sweeps)}
     kept, rounding = {}, []
     for name, (channels, count) in asked.items():
         if name in timed:
-            step = round_to_edge(curves[timed[name]], count, tolerance)
+            step = round_to_edge(curves[timed[name]], count, tolerance, block)
             kept[name] = min(step.kept, channels)
             rounding.append({**asdict(step), "name": name, "channels": channels})
         else:

@@ -77,19 +77,24 @@ class Rounding:
     reason: str
 
 
-def round_to_edge(curve: GroupCurve, asked: int, tolerance: float = 0.01) -> Rounding:
+def round_to_edge(curve: GroupCurve, asked: int, tolerance: float = 0.01, block: int = 1) -> Rounding:
     """The step edge to keep instead of ``asked`` channels, and why: the smallest edge at or above ``asked``.
 
     It never costs more than ``asked`` (within ``tolerance`` of the curve's span): a count that is not an edge
     is as slow as some larger count, and the fastest larger count is the next edge. So rounding up to it keeps
-    more channels for no time, where a fixed ``round_to`` would round to a multiple that may be slower.
+    more channels for no time, where a fixed ``round_to`` would round to a multiple that may be slower. With a
+    ``block`` (the curve then holds only its multiples), a count off it is first raised to the next multiple.
     """
     up = min((e for e in curve.edges(tolerance) if e >= asked), default=max(curve.counts))
     if up == asked:
         return Rounding(curve.name, asked, asked, f"{asked} is a step edge ({curve.at(asked):.3f} ms)")
-    how = "no more than" if curve.at(up) <= curve.at(asked) else f"within {tolerance:.0%} of the curve's span of"
-    return Rounding(curve.name, asked, up, f"{asked}→{up}: {up} channels cost {how} {asked} "
-                                           f"({curve.at(up):.3f} vs {curve.at(asked):.3f} ms)")
+    aligned = min((c for c in curve.counts if c >= asked), default=up)
+    if block > 1 and up == aligned:
+        return Rounding(curve.name, asked, up, f"{asked}→{up}: the runtime computes channels in blocks of {block}, "
+                                               f"and {up} is the step edge above ({curve.at(up):.3f} ms)")
+    how = "no more than" if curve.at(up) <= curve.at(aligned) else f"within {tolerance:.0%} of the curve's span of"
+    return Rounding(curve.name, asked, up, f"{asked}→{up}: {up} channels cost {how} {aligned} "
+                                           f"({curve.at(up):.3f} vs {curve.at(aligned):.3f} ms)")
 
 
 def plot_curves(curves: list[GroupCurve], path: Path, title: str, tolerance: float = 0.01) -> Path:

@@ -181,11 +181,24 @@ class LatencyTable:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def channel_block(self) -> int | None:
+        """The runtime's NCHWc channel block on this machine (``units.block_size``), or None without that layout;
+        read once from the optimised graph of a probe and kept in the table."""
+        if "block" not in self.data:
+            with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as scratch:
+                block = block_size(Path(scratch), self.threads, self.provider)
+            with file_lock(self.path.with_name(self.path.name + ".lock")):
+                self._load()
+                self.data["block"] = block
+                self._save()
+        return self.data["block"]
+
     def ensure(self, requests: Iterable[Request]) -> None:
         """Measure the requests that are not in the table yet (under the table's lock, with a progress bar)."""
         wanted = {request_key(r): r for r in requests}
         if all(key in self.entries for key in wanted):
             return
+        block = self.channel_block()
         with file_lock(self.path.with_name(self.path.name + ".lock")):
             self._load()  # another process may have measured them while this one waited
             missing = [(key, r) for key, r in wanted.items() if key not in self.entries]
@@ -194,7 +207,6 @@ class LatencyTable:
             with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as scratch, \
                     tqdm(total=len(missing), desc=f"latency table ({self.provider}, {self.threads} threads)",
                          unit="layer", disable=not self.progress) as bar:
-                block = block_size(Path(scratch), self.threads, self.provider)
                 for batch in sorted({r.batch for _, r in missing}):
                     of_batch = [(key, r) for key, r in missing if r.batch == batch]
                     for start in range(0, len(of_batch), CHUNK):
