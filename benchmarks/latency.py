@@ -54,7 +54,7 @@ from pruneflow.latency.graph import ModelGraph  # noqa: E402
 from pruneflow.latency.rounding import step_rounded  # noqa: E402
 from pruneflow.latency.table import cpu_model  # noqa: E402
 from pruneflow.latency.target import LatencyPredictor  # noqa: E402
-from pruneflow.methods import create_method  # noqa: E402
+from pruneflow.methods import PruningMethod, create_method  # noqa: E402
 from pruneflow.methods.blocks import removable_blocks  # noqa: E402
 from pruneflow.methods.halp import allocated_plan  # noqa: E402
 from pruneflow.metrics import count_macs_params  # noqa: E402
@@ -142,8 +142,8 @@ def rounding(setting: str) -> int | str | None:
 class Model:
     """One baseline, its latency predictor, and l1/halp prunes of it."""
 
-    def __init__(self, name: str, table: LatencyTable, scratch: Path) -> None:
-        self.name, self.shape = name, INPUTS[name]
+    def __init__(self, name: str, table: LatencyTable, scratch: Path, args: argparse.Namespace) -> None:
+        self.name, self.shape, self.scratch, self.args = name, INPUTS[name], scratch, args
         torch.manual_seed(0)
         self.base = trained_looking(build_model(name, 3, CLASSES.get(name, 10)), self.shape)
         self.example = torch.randn(2, *self.shape)
@@ -183,13 +183,15 @@ class Model:
             generator = torch.Generator().manual_seed(1)
             calib = [(torch.randn(8, *self.shape, generator=generator), torch.randint(0, 10, (8,), generator=generator))
                      for _ in range(2)]
+            rounds: list[tuple[float, float]] = []  # (asked of the table, measured) per allocation
             plan, allocation = halp.allocate(self.base, self.example, PrunePlan(speedup=speedup, round_to=None),
-                                             self.predictor, calib)
+                                             self.predictor, calib, self.measured(halp, calib, rounds))
             pruned = copy.deepcopy(self.base)
             halp.prune(pruned, self.example, plan, calib)
             gone = allocation.removed_blocks
+            asked = "asked " + " → ".join(f"{a:.2f}x (measured {m:.2f}x)" for a, m in rounds)
             return self.row(f"speedup {speedup:g}x", "halp", None, pruned.eval(),
-                            f"−{len(gone)} blocks ({', '.join(gone)})" if gone else "")
+                            f"−{len(gone)} blocks ({', '.join(gone)}); {asked}" if gone else asked)
         if setting == "bound":
             return self.time_per_mac(speedup)
 
@@ -199,6 +201,23 @@ class Model:
         found = bisect_ratio(reduction_at, 1 - 1 / speedup, high=0.9, steps=5,
                              scan=0 if setting == "none" else 4, tolerance=0.01)
         return self.row(f"speedup {speedup:g}x", setting, found.ratio, self.l1_pruned(found.ratio, setting))
+
+    def measured(self, method: PruningMethod, calib: list, rounds: list[tuple[float, float]]
+                 ) -> Callable[[PrunePlan], tuple[float, float]]:
+        """halp's measurement: an allocated plan → (pruned, baseline) ms at batch 1, the 10th percentiles of one
+        interleaved call (as the report's speed-ups), each call kept in ``rounds``."""
+        inputs = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(2)).numpy()
+
+        def measure(plan: PrunePlan) -> tuple[float, float]:
+            pruned = copy.deepcopy(self.base)
+            method.prune(pruned, self.example, plan, calib)
+            path = export_onnx(pruned.eval(), self.example, self.scratch / "measured.onnx")
+            timing = measure_latency({"baseline": self.onnx, "pruned": path}, inputs, self.args.warmup,
+                                     self.args.repeats, self.args.threads)
+            rounds.append((plan.speedup or 0.0, timing["baseline"].p10_ms / timing["pruned"].p10_ms))
+            return timing["pruned"].p10_ms, timing["baseline"].p10_ms
+
+        return measure
 
     def time_per_mac(self, speedup: float) -> tuple[Row, nn.Module]:
         """Close to the most time per MAC removed that the table allows: the knapsack of ``halp`` with every channel
@@ -258,7 +277,7 @@ def run_model(name: str, table: LatencyTable, args: argparse.Namespace, log: Cal
     with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as folder:
         scratch = Path(folder)
         started = time.perf_counter()
-        model = Model(name, table, scratch)
+        model = Model(name, table, scratch, args)
         log(f"{name}: baseline predicted {model.predictor.baseline_ms:.3f} ms ({time.perf_counter() - started:.0f} s)")
         rows, nets, unreachable = [], {}, []
         jobs = [(model.at_macs, factor, setting) for factor in args.factors for setting in args.settings]

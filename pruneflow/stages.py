@@ -8,6 +8,7 @@ about Prefect or MLflow.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -34,6 +35,7 @@ from pruneflow.deploy import Deployment
 from pruneflow.export import Latency, ProviderUnavailable, check_parity, export_onnx, measure_latency
 from pruneflow.files import replacing
 from pruneflow.latency.allocate import BudgetError
+from pruneflow.latency.measured import Measure
 from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
 from pruneflow.latency.table import LatencyTable
 from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
@@ -336,7 +338,7 @@ def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Modul
              if pruner.needs_calibration else None)
     rounding: list[dict[str, Any]] = []
     if plan.latency_budget:
-        plan = allocated(cfg, pruner, model, spec.example_inputs(), plan, baseline_onnx, calib)
+        plan = allocated(cfg, pruner, model, spec.example_inputs(), plan, baseline_onnx, calib, measured=True)
     if plan.round_to == AUTO:
         table = latency_table(cfg)
         plan, rounding = step_rounded(pruner, model, spec.example_inputs(), plan, table, calib,
@@ -347,21 +349,43 @@ def prune_with(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Modul
 
 
 def allocated(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, example_inputs: torch.Tensor,
-              plan: PrunePlan, exported: Path | None, calib: Batches | None) -> PrunePlan:
+              plan: PrunePlan, exported: Path | None, calib: Batches | None, measured: bool = False) -> PrunePlan:
     """The plan's latency budget turned into kept channels and removed blocks by the method (``halp``), predicted
-    on this machine's table (``exported``: ``model``'s ONNX, else exported here); a budget no allocation reaches
-    raises ``BudgetError`` naming the key that set it."""
+    on this machine's table (``exported``: ``model``'s ONNX, else exported here); ``measured``: met as timed
+    against the baseline (``timed_against``), not only as predicted. A budget no allocation reaches raises
+    ``BudgetError`` naming the key that set it."""
     if not isinstance(pruner, Halp):
         raise ValueError(f"method {pruner.name} does not allocate under a latency budget; the plan sets one "
                          f"({plan.describe()})")
+    table = latency_table(cfg)
     with tempfile.TemporaryDirectory(prefix="pruneflow-allocate-") as scratch:
         exported = exported or export_onnx(model, example_inputs, Path(scratch) / "model.onnx", cfg.export.opset)
-        predictor = LatencyPredictor(model, example_inputs[:1], exported, latency_table(cfg),
-                                     cfg.evaluate.latency_batch)
-    try:
-        return pruner.allocate(model, example_inputs, plan, predictor, calib)[0]
-    except BudgetError as err:
-        raise BudgetError(f"{budget_key(plan)}: method {pruner.name}: {err}") from None
+        predictor = LatencyPredictor(model, example_inputs[:1], exported, table, cfg.evaluate.latency_batch)
+        measure = timed_against(cfg, pruner, model, example_inputs, exported, calib, table.provider) if measured \
+            else None
+        try:
+            return pruner.allocate(model, example_inputs, plan, predictor, calib, measure)[0]
+        except BudgetError as err:
+            raise BudgetError(f"{budget_key(plan)}: method {pruner.name}: {err}") from None
+
+
+def timed_against(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, example_inputs: torch.Tensor,
+                  baseline_onnx: Path, calib: Batches | None, provider: str) -> Measure:
+    """A plan → (pruned ms, baseline ms): ``model`` pruned by it (a copy), exported and timed interleaved with the
+    baseline as the evaluate stage times them (medians at ``evaluate.latency_batch``, its warm-up, repeats and
+    threads), so a budget is met as the run will report it."""
+    inputs = np.resize(example_inputs.numpy(), (cfg.evaluate.latency_batch, *example_inputs.shape[1:]))
+
+    def measure(plan: PrunePlan) -> tuple[float, float]:
+        pruned = copy.deepcopy(model)
+        pruner.prune(pruned, example_inputs, plan, calib)
+        with tempfile.TemporaryDirectory(prefix="pruneflow-allocate-") as scratch:
+            path = export_onnx(pruned.eval(), example_inputs, Path(scratch) / "pruned.onnx", cfg.export.opset)
+            timing = measure_latency({"baseline": baseline_onnx, "pruned": path}, inputs, cfg.evaluate.latency_warmup,
+                                     cfg.evaluate.latency_repeats, cfg.evaluate.threads, provider)
+        return timing["pruned"].median_ms, timing["baseline"].median_ms
+
+    return measure
 
 
 def budget_key(plan: PrunePlan) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -29,7 +30,9 @@ from pruneflow.latency import (
     round_to_edge,
     sliced_model,
 )
+from pruneflow.latency.allocate import Allocation
 from pruneflow.latency.graph import conv_call_order
+from pruneflow.latency.measured import measured_allocation
 from pruneflow.latency.rounding import step_rounded
 from pruneflow.latency.table import fingerprint
 from pruneflow.latency.target import LatencyPredictor
@@ -202,6 +205,42 @@ def test_allocator_meets_the_budget_and_rejects_an_unreachable_one(tiny, tmp_pat
         allocate(table, graph, scores, 1e-6, blocks=["block"])
 
 
+def stepped_allocator(speedups: list[float], baseline_ms: float = 10.0):
+    """A knapsack whose allocations are predicted at ``speedups`` (the least one at or above what is asked), and
+    a target where each measures 0.85 of its prediction (a table over-predicting, as on ResNet-56)."""
+    def allocate(plan: PrunePlan) -> tuple[PrunePlan, Allocation]:
+        asked = baseline_ms / plan.budget_ms(baseline_ms)
+        reachable = [s for s in speedups if s >= asked]
+        if not reachable:
+            raise BudgetError(f"{asked:.2f}x is out of reach")
+        predicted = min(reachable)
+        allocation = Allocation({0: round(10 * predicted)}, [], baseline_ms / predicted, plan.budget_ms(baseline_ms),
+                                {0: "conv"})
+        return replace(plan, kept_channels={"conv": allocation.counts[0]}), allocation
+
+    def measure(plan: PrunePlan) -> tuple[float, float]:
+        predicted = plan.kept_channels["conv"] / 10  # a stand-in count: the predicted speed-up, x10
+        return baseline_ms / (0.85 * predicted), baseline_ms
+
+    return allocate, measure
+
+
+def test_a_latency_budget_is_met_as_measured_by_correcting_what_is_asked_of_the_table():
+    allocate, measure = stepped_allocator([1.2, 1.5, 1.8, 2.1, 2.4, 2.7, 3.0])
+    plan, allocation, attempts = measured_allocation(allocate, PrunePlan(speedup=2.0), 10.0, measure)
+    assert [round(a.measured, 3) for a in attempts] == [1.785, 2.04]  # 2.1 predicted, then 2.4 asked of the table
+    assert plan.speedup == 2.0 and "measured 2.04x for a goal of 2.00x" in plan.origin.note
+    assert allocation.predicted_ms == pytest.approx(10.0 / 2.4)
+    # a corrected ask out of the table's reach stops the rounds: the fastest one measured is kept
+    plan, _, attempts = measured_allocation(allocate, PrunePlan(speedup=2.6), 10.0, measure)
+    assert len(attempts) == 1 and plan.origin.note.startswith("measured 2.29x for a goal of 2.60x")
+    with pytest.raises(BudgetError):  # the budget itself out of reach: said, as without measuring
+        measured_allocation(allocate, PrunePlan(speedup=5.0), 10.0, measure)
+    # a latency ceiling becomes the speed-up it asks of the baseline as measured: 10 ms / 5 ms = 2x
+    plan, _, attempts = measured_allocation(allocate, PrunePlan(latency_ms=5.0), 10.0, measure)
+    assert plan.latency_ms == 5.0 and attempts[-1].measured >= 2.0
+
+
 def test_round_to_auto_keeps_step_edges_in_the_plan_and_says_why(tiny, tmp_path):
     """``round_to: auto`` turns the method's unrounded counts into kept channels per group, never fewer than
     asked, and the plan it returns is what pruning then does."""
@@ -326,6 +365,7 @@ def test_halp_runs_the_pipelines_stages_on_digits_and_meets_its_speedup_target(d
     assert outcome.plan.speedup == 1.1 and outcome.plan.origin.kind == "search.target" and not outcome.searched
     summary = stages.prune_model(run, log=lambda _: None)
     assert summary.plan.kept_channels and summary.plan.speedup == 1.1 and summary.macs_after < summary.macs_before
+    assert "for a goal of 1.10x (round 1: asked 1.10x of the table" in summary.plan.origin.note  # timed, corrected
     assert SearchOutcome.from_dict(json.loads(run.search_json.read_text())).plan.kept_channels == {}
     stages.retrain_model(run, log=lambda _: None)
     metrics = stages.evaluate_model(run, log=lambda _: None)

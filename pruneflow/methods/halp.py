@@ -36,6 +36,7 @@ from pruneflow.plan import PrunePlan
 
 if TYPE_CHECKING:
     from pruneflow.latency.allocate import Allocation
+    from pruneflow.latency.measured import Measure
     from pruneflow.latency.target import LatencyPredictor
 
 
@@ -55,11 +56,15 @@ class Halp(Taylor):
     allocates_latency = True
 
     def allocate(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan, predictor: LatencyPredictor,
-                 calib_batches: Batches | None = None) -> tuple[PrunePlan, Allocation]:
+                 calib_batches: Batches | None = None, measure: Measure | None = None) -> tuple[PrunePlan, Allocation]:
         """The plan with kept channels per group and the blocks to remove whose predicted latency meets the
         plan's budget (``BudgetError`` if no allocation does). ``model`` is the unpruned net ``predictor`` was
-        built on; it keeps its weights (only gradients are added, for the importance)."""
+        built on; it keeps its weights (only gradients are added, for the importance). With ``measure`` (an
+        allocated plan timed against the baseline) the budget is met as measured, not as predicted
+        (``latency.measured``: up to three allocations, each asking the table for the speed-up corrected by the
+        last one's measurement)."""
         from pruneflow.latency.allocate import importance_scores  # it imports the methods' package
+        from pruneflow.latency.measured import measured_allocation
 
         if calib_batches is None:
             raise ValueError(f"method {self.name} scores channels by Taylor importance and needs calibration batches")
@@ -67,7 +72,14 @@ class Halp(Taylor):
         scores = importance_scores(model, example_inputs, self.importance(), predictor.graph)
         model.zero_grad(set_to_none=True)
         blocks = removable_blocks(model, example_inputs) if self.params.blocks else []
-        return allocated_plan(model, example_inputs, plan, predictor, scores, blocks)
+
+        def allocate(budget: PrunePlan) -> tuple[PrunePlan, Allocation]:
+            return allocated_plan(model, example_inputs, budget, predictor, scores, blocks)
+
+        if measure is None:
+            return allocate(plan)
+        kept, allocation, _ = measured_allocation(allocate, plan, predictor.baseline_ms, measure)
+        return kept, allocation
 
     def prune(self, model: nn.Module, example_inputs: torch.Tensor, plan: PrunePlan,
               calib_batches: Batches | None = None) -> PruneResult:
