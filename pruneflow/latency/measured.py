@@ -42,7 +42,8 @@ def measured_allocation(allocate: Allocate, plan: PrunePlan, baseline_ms: float,
     speed-up; the goal is the plan's ``speedup``, or for a ``latency_ms`` ceiling the baseline's measured time
     over it. A round measured at ``goal·(1 − noise)`` or more meets it (two timings of one net differ by about
     that much), and one within ``[goal·(1 − noise), goal·(1 + slack)]`` stops the loop; a corrected ask the
-    table finds out of reach (``BudgetError``) or an allocation already measured stops it too. The first
+    table finds out of reach (``BudgetError``), one of no speed-up at all, or an allocation already measured stops
+    it too. The first
     allocation's ``BudgetError`` is raised: the budget is out of reach on the table."""
     asked = baseline_ms / plan.budget_ms(baseline_ms)
     attempts: list[Attempt] = []
@@ -64,6 +65,8 @@ def measured_allocation(allocate: Allocate, plan: PrunePlan, baseline_ms: float,
         if goal * (1 - noise) <= attempts[-1].measured <= goal * (1 + slack):
             break
         asked = next_ask(attempts, goal)
+        if asked <= 1.0:  # the table would prune nothing: the first allocation already measured far above the goal
+            break
         current = replace(plan, speedup=asked, latency_ms=None)
     met = [a for a in attempts if a.measured >= goal * (1 - noise)]
     best = min(met, key=lambda a: a.measured) if met else max(attempts, key=lambda a: a.measured)
@@ -85,7 +88,7 @@ def next_ask(attempts: list[Attempt], goal: float) -> float:
         low, high = max(below, key=lambda a: a.measured), min(above, key=lambda a: a.measured)
         return low.predicted + (goal - low.measured) * (high.predicted - low.predicted) / (high.measured - low.measured)
     last = attempts[-1]
-    return max(1.0, last.predicted * goal / last.measured)
+    return last.predicted * goal / last.measured
 
 
 def goal_speedup(plan: PrunePlan, measured_baseline_ms: float) -> float:
