@@ -51,6 +51,7 @@ from pruneflow.export import export_onnx, measure_latency  # noqa: E402
 from pruneflow.latency import LatencyTable  # noqa: E402
 from pruneflow.latency.allocate import BudgetError, importance_scores  # noqa: E402
 from pruneflow.latency.graph import ModelGraph  # noqa: E402
+from pruneflow.latency.measured import timed_against  # noqa: E402
 from pruneflow.latency.rounding import step_rounded  # noqa: E402
 from pruneflow.latency.table import cpu_model  # noqa: E402
 from pruneflow.latency.target import LatencyPredictor  # noqa: E402
@@ -204,20 +205,18 @@ class Model:
 
     def measured(self, method: PruningMethod, calib: list, rounds: list[tuple[float, float]]
                  ) -> Callable[[PrunePlan], tuple[float, float]]:
-        """halp's measurement: an allocated plan → (pruned, baseline) ms at batch 1, the 10th percentiles of one
-        interleaved call (as the report's speed-ups), each call kept in ``rounds``."""
+        """halp's measurement at batch 1, by 10th percentiles (as the report's speed-ups), each call kept in
+        ``rounds``."""
         inputs = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(2)).numpy()
+        measure = timed_against(method, self.base, self.example, self.onnx, calib, inputs, self.args.warmup,
+                                self.args.repeats, self.args.threads, statistic="p10_ms")
 
-        def measure(plan: PrunePlan) -> tuple[float, float]:
-            pruned = copy.deepcopy(self.base)
-            method.prune(pruned, self.example, plan, calib)
-            path = export_onnx(pruned.eval(), self.example, self.scratch / "measured.onnx")
-            timing = measure_latency({"baseline": self.onnx, "pruned": path}, inputs, self.args.warmup,
-                                     self.args.repeats, self.args.threads)
-            rounds.append((plan.speedup or 0.0, timing["baseline"].p10_ms / timing["pruned"].p10_ms))
-            return timing["pruned"].p10_ms, timing["baseline"].p10_ms
+        def recorded(plan: PrunePlan) -> tuple[float, float]:
+            pruned_ms, baseline_ms = measure(plan)
+            rounds.append((plan.speedup or 0.0, baseline_ms / pruned_ms))
+            return pruned_ms, baseline_ms
 
-        return measure
+        return recorded
 
     def time_per_mac(self, speedup: float) -> tuple[Row, nn.Module]:
         """Close to the most time per MAC removed that the table allows: the knapsack of ``halp`` with every channel

@@ -8,7 +8,6 @@ about Prefect or MLflow.
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
@@ -34,6 +33,7 @@ from pruneflow.data import DataSplits, load_dataset
 from pruneflow.deploy import Deployment
 from pruneflow.export import Latency, ProviderUnavailable, check_parity, export_onnx, measure_latency
 from pruneflow.files import replacing
+from pruneflow.latency import measured
 from pruneflow.latency.allocate import BudgetError
 from pruneflow.latency.measured import Measure
 from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
@@ -371,21 +371,12 @@ def allocated(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module
 
 def timed_against(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, example_inputs: torch.Tensor,
                   baseline_onnx: Path, calib: Batches | None, provider: str) -> Measure:
-    """A plan → (pruned ms, baseline ms): ``model`` pruned by it (a copy), exported and timed interleaved with the
-    baseline as the evaluate stage times them (medians at ``evaluate.latency_batch``, its warm-up, repeats and
-    threads), so a budget is met as the run will report it."""
+    """``latency.measured.timed_against`` as the evaluate stage times (medians at ``evaluate.latency_batch``, its
+    warm-up, repeats and threads), so a budget is met as the run will report it."""
     inputs = np.resize(example_inputs.numpy(), (cfg.evaluate.latency_batch, *example_inputs.shape[1:]))
-
-    def measure(plan: PrunePlan) -> tuple[float, float]:
-        pruned = copy.deepcopy(model)
-        pruner.prune(pruned, example_inputs, plan, calib)
-        with tempfile.TemporaryDirectory(prefix="pruneflow-allocate-") as scratch:
-            path = export_onnx(pruned.eval(), example_inputs, Path(scratch) / "pruned.onnx", cfg.export.opset)
-            timing = measure_latency({"baseline": baseline_onnx, "pruned": path}, inputs, cfg.evaluate.latency_warmup,
-                                     cfg.evaluate.latency_repeats, cfg.evaluate.threads, provider)
-        return timing["pruned"].median_ms, timing["baseline"].median_ms
-
-    return measure
+    return measured.timed_against(pruner, model, example_inputs, baseline_onnx, calib, inputs,
+                                  cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.threads,
+                                  provider, cfg.export.opset)
 
 
 def budget_key(plan: PrunePlan) -> str:

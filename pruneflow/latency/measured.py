@@ -11,11 +11,24 @@ that measured at the goal (within 2 %, what two timings of one net differ by), e
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
+import numpy as np
+import torch
+from torch import nn
+
+from pruneflow.export import CPU, export_onnx, measure_latency
 from pruneflow.latency.allocate import Allocation, BudgetError
 from pruneflow.plan import PrunePlan
+from pruneflow.task import Batches
+
+if TYPE_CHECKING:
+    from pruneflow.methods.base import PruningMethod
 
 Allocate = Callable[[PrunePlan], tuple[PrunePlan, Allocation]]  # a budget plan → the knapsack's plan
 Measure = Callable[[PrunePlan], tuple[float, float]]  # an allocated plan → (pruned ms, baseline ms), timed now
@@ -43,8 +56,7 @@ def measured_allocation(allocate: Allocate, plan: PrunePlan, baseline_ms: float,
     over it. A round measured at ``goal·(1 − noise)`` or more meets it (two timings of one net differ by about
     that much), and one within ``[goal·(1 − noise), goal·(1 + slack)]`` stops the loop; a corrected ask the
     table finds out of reach (``BudgetError``), one of no speed-up at all, or an allocation already measured stops
-    it too. The first
-    allocation's ``BudgetError`` is raised: the budget is out of reach on the table."""
+    it too. The first allocation's ``BudgetError`` is raised: the budget is out of reach on the table."""
     asked = baseline_ms / plan.budget_ms(baseline_ms)
     attempts: list[Attempt] = []
     current, goal = plan, 0.0
@@ -97,3 +109,23 @@ def goal_speedup(plan: PrunePlan, measured_baseline_ms: float) -> float:
     goals = [g for g in (plan.speedup, None if plan.latency_ms is None else measured_baseline_ms / plan.latency_ms)
              if g is not None]
     return max(goals)
+
+
+def timed_against(pruner: PruningMethod, model: nn.Module, example_inputs: torch.Tensor, baseline_onnx: Path,
+                  calib: Batches | None, inputs: np.ndarray, warmup: int, repeats: int, threads: int,
+                  provider: str = CPU, opset: int = 18,
+                  statistic: Literal["median_ms", "p10_ms"] = "median_ms") -> Measure:
+    """A ``Measure``: ``model`` pruned by the plan (a copy), exported, and timed on ``inputs`` interleaved with
+    ``baseline_onnx`` in one ``measure_latency`` call; ``statistic`` is the time compared (the pipeline's evaluate
+    reports medians, the benchmarks 10th percentiles)."""
+
+    def measure(plan: PrunePlan) -> tuple[float, float]:
+        pruned = copy.deepcopy(model)
+        pruner.prune(pruned, example_inputs, plan, calib)
+        with tempfile.TemporaryDirectory(prefix="pruneflow-measured-") as scratch:
+            path = export_onnx(pruned.eval(), example_inputs, Path(scratch) / "pruned.onnx", opset)
+            timing = measure_latency({"baseline": baseline_onnx, "pruned": path}, inputs, warmup, repeats, threads,
+                                     provider)
+        return getattr(timing["pruned"], statistic), getattr(timing["baseline"], statistic)
+
+    return measure

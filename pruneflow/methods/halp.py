@@ -61,7 +61,7 @@ class Halp(Taylor):
         plan's budget (``BudgetError`` if no allocation does). ``model`` is the unpruned net ``predictor`` was
         built on; it keeps its weights (only gradients are added, for the importance). With ``measure`` (an
         allocated plan timed against the baseline) the budget is met as measured, not as predicted
-        (``latency.measured``: up to three allocations, each asking the table for the speed-up corrected by the
+        (``latency.measured``: up to four allocations, each asking the table for the speed-up corrected by the
         last one's measurement)."""
         from pruneflow.latency.allocate import importance_scores  # it imports the methods' package
         from pruneflow.latency.measured import measured_allocation
