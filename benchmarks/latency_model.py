@@ -7,9 +7,10 @@ to no multiple, 4, 8 or 16 in turn, and every fourth net also loses two random r
 predicted from the table (``pruneflow.latency``) and measured: all nets and the baseline are timed
 interleaved in one call, with the table's anchor graphs beside them to put them on the table's scale.
 
-Predicted = the nets' units and layout conversions + the fixed cost of the rest of the graph, measured on
-the baseline timed in the same call ("same call"); or the fixed cost measured when the table was built, so
-nothing is timed at prediction time ("stored"). Wall times are 10th percentiles of the interleaved runs, as
+Predicted = the table's prediction (the nets' units and layout conversions, times the baseline's measured time
+over its own units: ``LatencyTable.predict_variants``), on the scale of the baseline timed in the same call
+("same call"); or on the scale of the baseline timed when the table was built, so nothing is timed at
+prediction time ("stored"). Wall times are 10th percentiles of the interleaved runs, as
 in the table; CPU is the process's CPU time per run. A check that slicing the baseline's ONNX equals exporting
 a Torch-Pruning-pruned net, and a plot of every group's latency against its channels (the staircase), come
 with it.
@@ -63,8 +64,8 @@ class Check:
     model: str
     batch: int
     measured: list[float]  # wall (p10, table scale), per net
-    same_call: list[float]  # predicted, fixed cost from the baseline timed beside the nets
-    stored: list[float]  # predicted, fixed cost stored when the table was built
+    same_call: list[float]  # predicted, on the scale of the baseline timed beside the nets
+    stored: list[float]  # predicted, on the scale of the baseline timed when the table was built
     measured_cpu: list[float]
     predicted_cpu: list[float]
     labels: list[str]
@@ -165,15 +166,14 @@ def check(name: str, model: nn.Module, graph: ModelGraph, batch: int, args: argp
         onnx.save(sliced_model(graph, variant.counts, variant.removed), str(paths[str(index)]))
     with timing_lock(args):
         timing, scale = table.time_models(paths, batch, repeats)
-    stored = table.data["fixed"][f"{graph.structure_hash()}|b{batch}"]
-    units_ms = [p.ms - stored["ms"] for p in predictions]  # units and conversions alone
-    units_cpu = [p.cpu_ms - stored["cpu_ms"] for p in predictions]
-    fixed_ms = timing["baseline"].p10_ms * scale.wall - units_ms[0]
-    fixed_cpu = timing["baseline"].cpu_ms * scale.cpu - units_cpu[0]
+    # the same-call prediction: the variants' predictions over the baseline's, times the baseline timed beside them
+    wall_ratio = timing["baseline"].p10_ms * scale.wall / predictions[0].ms
+    cpu_ratio = timing["baseline"].cpu_ms * scale.cpu / predictions[0].cpu_ms
     nets = [str(i) for i in range(len(variants))]
-    result = Check(name, batch, [timing[n].p10_ms * scale.wall for n in nets], [u + fixed_ms for u in units_ms[1:]],
-                   [p.ms for p in predictions[1:]], [timing[n].cpu_ms * scale.cpu for n in nets],
-                   [u + fixed_cpu for u in units_cpu[1:]], labels, build_s, build_cpu_s, len(table) - before)
+    result = Check(name, batch, [timing[n].p10_ms * scale.wall for n in nets],
+                   [p.ms * wall_ratio for p in predictions[1:]], [p.ms for p in predictions[1:]],
+                   [timing[n].cpu_ms * scale.cpu for n in nets], [p.cpu_ms * cpu_ratio for p in predictions[1:]],
+                   labels, build_s, build_cpu_s, len(table) - before)
     mae, worst, rho = Check.errors(result.same_call, result.measured)
     log(f"{name} b{batch}: MAE {mae:.1f} % (max {worst:.1f}), Spearman {rho:.3f}; scale {scale.wall:.2f}; "
         f"{result.new_entries} new entries in {build_s:.0f} s")
@@ -252,7 +252,7 @@ def render(outcome: Outcome, args: argparse.Namespace, command: str, loads: tupl
         "## Prediction error",
         "",
         "Wall: 10th percentile of the interleaved runs; CPU: the process's CPU time per run (median). *Same call*:",
-        "the fixed cost of the rest of the graph from the baseline timed beside the nets; *stored*: from the "
+        "the prediction on the scale of the baseline timed beside the nets; *stored*: on the scale of the "
         "baseline timed when the table was built (nothing timed at prediction). MAE: mean absolute error of "
         "predicted against measured, in % of measured; ρ: Spearman rank correlation. Aim: MAE ≤ 10 %, ρ ≥ 0.9.",
         "",

@@ -141,8 +141,8 @@ def test_prediction_adds_the_fixed_cost_and_tracks_a_pruned_net(tiny, tmp_path):
     assert table.predict(graph).fixed_ms is None
     fixed = table.calibrate(graph, repeats=50)
     whole = table.predict(graph)
-    assert whole.fixed_ms == fixed and whole.ms == pytest.approx(table.data["fixed"][f"{graph.structure_hash()}|b1"]
-                                                                ["model_ms"])
+    stored = table.data["fixed"][f"{graph.structure_hash()}|b1"]
+    assert whole.fixed_ms == pytest.approx(fixed) and whole.ms == pytest.approx(stored["model_ms"])
     thin = table.predict(graph, {inner(graph): 2})
     assert thin.ms < whole.ms and set(thin.units_ms) == set(whole.units_ms)
     gone = table.predict(graph, removed=["block.conv1", "block.conv2"])

@@ -9,8 +9,10 @@ processes wait for one another, so a table is measured once per machine and shar
 worker (the lock also keeps two processes from timing at once).
 
 A whole model's latency is predicted as the sum of its units at their channel counts, plus a conversion where
-two neighbouring units use different layouts, plus a fixed cost for the rest of the graph (stem pooling,
-classifier, the session's own cost per run): the measured time of the unpruned model minus its own prediction.
+two neighbouring units use different layouts, times the unpruned model's measured time over that sum for the
+unpruned model (``calibrate``). What the units do not account for (the residual: the rest of the graph, and
+what a unit costs inside the whole model beyond its own graph) is thus taken to shrink with them; as a
+constant it made thinned MobileNetV2 nets look up to twice as slow as they ran (docs/latency-model.md).
 
 Wall times are the 10th percentile of the interleaved runs (on a shared machine others' load only ever adds
 time), beside the median CPU time of the process. What one ``ensure`` needs is timed in one interleaved chunk
@@ -129,7 +131,7 @@ class Prediction:
     cpu_ms: float  # CPU time of the process per run (median), which others' load barely changes
     units_ms: dict[str, float]  # per unit (its convolution's module name), wall
     conversions_ms: float
-    fixed_ms: float | None  # None until the unpruned model was measured (``calibrate``)
+    fixed_ms: float | None  # the residual (what the units do not account for); None until ``calibrate``
 
 
 @dataclass(frozen=True)
@@ -384,15 +386,18 @@ class LatencyTable:
 
     def predict_variants(self, graph: ModelGraph, variants: list[Variant], batch: int = 1) -> list[Prediction]:
         """Latency (ms) of each variant of ``graph``'s model, measuring the entries the table lacks."""
-        fixed = self.data["fixed"].get(f"{graph.structure_hash()}|b{batch}", {})
+        fixed = self.data["fixed"].get(f"{graph.structure_hash()}|b{batch}")
+        wall, cpu_scale = (_residual_scale(fixed, "ms", "model_ms"), _residual_scale(fixed, "cpu_ms", "model_cpu_ms")) \
+            if fixed else (1.0, 1.0)
         predictions = []
         for units, conversions in self.requests(graph, variants, batch):
             units_ms = {r.unit.name: self.entries[request_key(r)]["ms"] for r in units}
             conversions_ms = sum(self.entries[request_key(r)]["ms"] for r in conversions)
             measured: list[UnitRequest | ConversionRequest] = [*units, *conversions]
             cpu = sum(self.entries[request_key(r)]["cpu_ms"] for r in measured)
-            predictions.append(Prediction(sum(units_ms.values()) + conversions_ms + fixed.get("ms", 0.0),
-                                          cpu + fixed.get("cpu_ms", 0.0), units_ms, conversions_ms, fixed.get("ms")))
+            summed = sum(units_ms.values()) + conversions_ms
+            predictions.append(Prediction(summed * wall, cpu * cpu_scale, units_ms, conversions_ms,
+                                          summed * (wall - 1.0) if fixed else None))
         return predictions
 
     def predict_many(self, graph: ModelGraph, configs: list[dict[int, int]], batch: int = 1,
@@ -410,8 +415,9 @@ class LatencyTable:
         key = f"{graph.structure_hash()}|b{batch}"
         if key not in self.data["fixed"] or force:
             whole = self.predict(graph, {}, batch)
-            stored = self.data["fixed"].get(key, {})
-            units_ms, units_cpu = whole.ms - stored.get("ms", 0.0), whole.cpu_ms - stored.get("cpu_ms", 0.0)
+            stored = self.data["fixed"].get(key)
+            units_ms = sum(whole.units_ms.values()) + whole.conversions_ms
+            units_cpu = whole.cpu_ms / _residual_scale(stored, "cpu_ms", "model_cpu_ms") if stored else whole.cpu_ms
             with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as scratch:
                 path = Path(scratch) / "model.onnx"
                 onnx.save(graph.model, str(path))
@@ -424,3 +430,9 @@ class LatencyTable:
                                            "model_cpu_ms": cpu}
                 self._save()
         return self.data["fixed"][key]["ms"]
+
+
+def _residual_scale(fixed: dict[str, float], part: str, whole: str) -> float:
+    """The unpruned model's measured time over what its units account for: the factor every variant's sum of
+    units is multiplied by (see the module docstring: the residual scales with the units)."""
+    return fixed[whole] / (fixed[whole] - fixed[part])
