@@ -3,18 +3,20 @@
 For each model (untrained weights with trained-looking BatchNorm: speed does not depend on the weights):
 
 * **MACs targets** (1.5×, 2×, 3× fewer MACs): ``l1`` at the ratio bisection finds (``targeting.bisect_ratio``),
-  with the channel rounding ``round_to: auto`` ( each group's count raised to a step edge of its latency
-  curve, as the prune stage does, inside every bisection step) and with ``round_to`` 16, 8 and none;
+  with the channel rounding ``round_to: auto`` (the default: each group's count raised to a multiple of the
+  runtime's channel block at a step edge of its latency curve, as the prune stage does, inside every bisection
+  step) and with ``round_to`` 16, 8 and none;
 * **speed-up targets** (1.5×, 2×, 3× faster, predicted on the latency table): ``halp`` (the knapsack allocator,
-  channels and residual blocks), ``bound`` (the same knapsack valuing each channel by its MACs: the cuts that
-  save most time per MAC, whatever they cost in accuracy; a greedy estimate of the ceiling of speed-up ÷ MACs),
+  channels and residual blocks, each allocation timed and the ask corrected as the prune stage does), ``bound``
+  (the same knapsack valuing each channel by its MACs: the cuts that save most time per MAC, whatever they cost
+  in accuracy; a greedy estimate of the ceiling of speed-up ÷ MACs),
   and ``l1`` with each rounding at the ratio whose *predicted* speed-up meets the target (bisected, as the search
   fits a trial on predicted latency).
 
 Then every pruned net and the baseline are exported to ONNX and timed interleaved in one
 ``pruneflow.export.measure_latency`` call per batch (ONNX Runtime, CPU provider): batch 1 and the large batch,
 wall time (median) beside the process's CPU time. Each row sets the measured speed-up beside the MACs ratio and
-beside the speed-up the table predicted, with the prediction's error against the measured 10th percentile.
+beside the speed-up the table predicted, with the prediction's error (measured ÷ predicted speed-up − 1).
 
 Timings are only meaningful on a quiet machine: the load average is recorded before and after, and the run
 refuses to start above ``--max-load`` unless ``--force``. The report is rewritten after every model, so a run
@@ -75,7 +77,7 @@ SPEEDUP_GOAL = 0.95  # asked for s x, deliver >= 0.95 s (1.9x of 2x)
 class Row:
     model: str
     target: str  # "macs 2x" or "speedup 2x"
-    setting: str  # "auto", "16", "8" (the default), "none", "halp", "bound" (the most time per MAC)
+    setting: str  # "auto" (the default), "16", "8", "none", "halp", "bound" (the most time per MAC)
     ratio: float | None  # the l1 ratio found (None: halp)
     macs_ratio: float  # baseline MACs / pruned MACs
     predicted_speedup: float  # baseline ÷ predicted on the table, batch 1
@@ -94,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--factors", nargs="+", type=float, default=[1.5, 2.0, 3.0], help="MACs reduction targets, x")
     parser.add_argument("--speedups", nargs="+", type=float, default=[1.5, 2.0, 3.0], help="speed-up targets, x")
     parser.add_argument("--settings", nargs="+", default=["auto", "16", "8", "none"],
-                        help="channel roundings of l1 at the MACs targets (8 is the default)")
+                        help="channel roundings of l1 at the MACs targets (auto is the default)")
     parser.add_argument("--speedup-settings", nargs="+", default=["halp", "bound", "auto", "16", "8", "none"],
                         help="halp, the time-per-MAC bound, and the roundings of l1, at the speed-up targets")
     parser.add_argument("--large-batch", type=int, default=32)
@@ -363,7 +365,7 @@ def render(rows: list[Row], runs: dict[str, dict]) -> str:
         "the baseline timed in the same call, against the measured 10th percentile (the table's times are 10th "
         "percentiles): measured ÷ predicted speed-up − 1, so a machine faster or slower today than when its table "
         "was measured does not count as error. Goals: at 2× fewer MACs with the rounding "
-        "meant to be the default (auto), "
+        "that is the default (auto), "
         f"efficiency ≥ {GOALS['b1']} at batch 1 and ≥ {GOALS['large']} at the large batch (ResNet-20/56); asked for "
         f"a speed-up s, a measured batch-1 speed-up ≥ {SPEEDUP_GOAL} s.",
         "",

@@ -33,9 +33,8 @@ from pruneflow.data import DataSplits, load_dataset
 from pruneflow.deploy import Deployment
 from pruneflow.export import Latency, ProviderUnavailable, check_parity, export_onnx, measure_latency
 from pruneflow.files import replacing
-from pruneflow.latency import measured
 from pruneflow.latency.allocate import BudgetError
-from pruneflow.latency.measured import Measure
+from pruneflow.latency.measured import Measure, timed_against
 from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
 from pruneflow.latency.table import LatencyTable
 from pruneflow.latency.target import LATENCY_METRICS, LatencyPredictor
@@ -352,7 +351,7 @@ def allocated(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module
               plan: PrunePlan, exported: Path | None, calib: Batches | None, measured: bool = False) -> PrunePlan:
     """The plan's latency budget turned into kept channels and removed blocks by the method (``halp``), predicted
     on this machine's table (``exported``: ``model``'s ONNX, else exported here); ``measured``: met as timed
-    against the baseline (``timed_against``), not only as predicted. A budget no allocation reaches raises
+    against the baseline (``evaluate_timer``), not only as predicted. A budget no allocation reaches raises
     ``BudgetError`` naming the key that set it."""
     if not isinstance(pruner, Halp):
         raise ValueError(f"method {pruner.name} does not allocate under a latency budget; the plan sets one "
@@ -361,7 +360,7 @@ def allocated(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module
     with tempfile.TemporaryDirectory(prefix="pruneflow-allocate-") as scratch:
         exported = exported or export_onnx(model, example_inputs, Path(scratch) / "model.onnx", cfg.export.opset)
         predictor = LatencyPredictor(model, example_inputs[:1], exported, table, cfg.evaluate.latency_batch)
-        measure = timed_against(cfg, pruner, model, example_inputs, exported, calib, table.provider) if measured \
+        measure = evaluate_timer(cfg, pruner, model, example_inputs, exported, calib, table.provider) if measured \
             else None
         try:
             return pruner.allocate(model, example_inputs, plan, predictor, calib, measure)[0]
@@ -369,14 +368,13 @@ def allocated(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module
             raise BudgetError(f"{budget_key(plan)}: method {pruner.name}: {err}") from None
 
 
-def timed_against(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, example_inputs: torch.Tensor,
-                  baseline_onnx: Path, calib: Batches | None, provider: str) -> Measure:
+def evaluate_timer(cfg: PipelineConfig, pruner: PruningMethod, model: torch.nn.Module, example_inputs: torch.Tensor,
+                   baseline_onnx: Path, calib: Batches | None, provider: str) -> Measure:
     """``latency.measured.timed_against`` as the evaluate stage times (medians at ``evaluate.latency_batch``, its
     warm-up, repeats and threads), so a budget is met as the run will report it."""
     inputs = np.resize(example_inputs.numpy(), (cfg.evaluate.latency_batch, *example_inputs.shape[1:]))
-    return measured.timed_against(pruner, model, example_inputs, baseline_onnx, calib, inputs,
-                                  cfg.evaluate.latency_warmup, cfg.evaluate.latency_repeats, cfg.evaluate.threads,
-                                  provider, cfg.export.opset)
+    return timed_against(pruner, model, example_inputs, baseline_onnx, calib, inputs, cfg.evaluate.latency_warmup,
+                         cfg.evaluate.latency_repeats, cfg.evaluate.threads, provider, cfg.export.opset)
 
 
 def budget_key(plan: PrunePlan) -> str:

@@ -411,7 +411,7 @@ class LatencyTable:
         return self.predict_many(graph, [counts or {}], batch, removed)[0]
 
     def calibrate(self, graph: ModelGraph, batch: int = 1, repeats: int = 100, force: bool = False) -> float:
-        """Measure the unpruned model and keep its fixed cost (what its units do not account for); returns it."""
+        """Measure the unpruned model and keep its residual (what its units do not account for); returns it."""
         key = f"{graph.structure_hash()}|b{batch}"
         if key not in self.data["fixed"] or force:
             whole = self.predict(graph, {}, batch)

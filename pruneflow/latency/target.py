@@ -24,7 +24,7 @@ LATENCY_METRICS = ("latency_ms", "speedup")
 class LatencyPredictor:
     """Predicted latency of pruned versions of one baseline on one table, at one batch.
 
-    The baseline is measured once (``LatencyTable.calibrate``: the table keeps its fixed cost), so its
+    The baseline is measured once (``LatencyTable.calibrate``: the table keeps what its units miss), so its
     prediction is its measured latency and ``speedup`` is the baseline's latency over the prediction."""
 
     def __init__(self, baseline: nn.Module, example_inputs: torch.Tensor, exported: Path | onnx.ModelProto,
