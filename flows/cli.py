@@ -299,7 +299,9 @@ def prune(
                                               help="prune trained weights: a model file pruneflow wrote, or a "
                                                    "state_dict for --model"),
     calib_batches: int = typer.Option(4, min=1, help="training batches given to data-driven methods"),
-    round_to: int = typer.Option(8, min=1, help="round kept channels to a multiple (1: no rounding)"),
+    round_to: str = typer.Option(
+        "auto", help="auto: each layer's count at a latency step edge measured on this machine (as the pipeline's "
+                     "prune.round_to default); or a multiple (8, 16; 1: no rounding)"),
     input_size: int | None = typer.Option(
         None, min=1, help="side of the square input; default: the data's or checkpoint's"),
     channels: int | None = typer.Option(None, min=1, help="input channels; default: the data's"),
@@ -318,6 +320,7 @@ def prune(
     from pruneflow.config import DataConfig
     from pruneflow.data import DATASETS
     from pruneflow.inspection import format_report, prune_once
+    from pruneflow.latency.rounding import AUTO
     from pruneflow.methods import create_method
     from pruneflow.models import resolve_model
     from pruneflow.plan import PrunePlan
@@ -331,6 +334,8 @@ def prune(
             raise ValueError("give --model or --checkpoint")
         if not 0 <= ratio < 1:
             raise ValueError(f"--ratio must be in [0, 1), got {ratio}")
+        if round_to != AUTO and not (round_to.isdigit() and int(round_to) >= 1):
+            raise ValueError(f"--round-to must be auto or a whole number >= 1, got {round_to!r}")
         pruner = create_method(method, {})
         if pruner.recorder() is not None:
             raise ValueError(f"method {method} scores filters by statistics recorded while training the baseline; "
@@ -341,7 +346,8 @@ def prune(
     except ValueError as err:
         fail(err, 2)
     try:
-        report = prune_once(pruner, PrunePlan(ratio=ratio, round_to=round_to), model, checkpoint,
+        plan = PrunePlan(ratio=ratio, round_to=round_to if round_to == AUTO else int(round_to))
+        report = prune_once(pruner, plan, model, checkpoint,
                             DataConfig(dataset=dataset, path=str(data_path) if data_path else None), data_dir,
                             calib_batches, input_size, log=lambda line: typer.echo(line, err=True),  # stdout: report
                             in_channels=channels, num_classes=classes, out=out)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tabulate import tabulate
 from torch import nn
 
 from pruneflow import gates
@@ -27,6 +28,8 @@ from pruneflow.checkpoint import (
 )
 from pruneflow.config import DataConfig
 from pruneflow.data import DATASETS, DataSplits, load_dataset, prepare_dataset
+from pruneflow.latency.rounding import AUTO, cache_folder, rounding_table, step_rounded
+from pruneflow.latency.table import LatencyTable
 from pruneflow.methods import MethodUnsuitable, PruneResult, PruningMethod
 from pruneflow.metrics import count_macs_params, zero_weight_share
 from pruneflow.models import MODELS
@@ -61,10 +64,16 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
                     plan: PrunePlan, calib: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                     ) -> tuple[dict[str, Any], PruneResult]:
     """Prune ``model`` in place; return cost before/after and the per-layer report, as plain JSON-able types,
-    and the pruning's result (its history rebuilds the pruned net)."""
+    and the pruning's result (its history rebuilds the pruned net). ``round_to: auto`` rounds as the pipeline
+    does: every group's count at a step edge of this machine's latency table (ONNX Runtime CPU, 2 threads; built
+    on first use, then cached), each group's rounding and why in the report."""
     example = torch.zeros(2, *input_shape)
     macs_before, params_before = count_macs_params(model, example[:1])
+    asked = plan
+    rounding: list[dict[str, Any]] = []
     try:
+        if plan.round_to == AUTO:
+            plan, rounding = step_rounded(pruner, model, example, plan, LatencyTable(cache_folder()), calib)
         result = pruner.prune(model, example, plan, calib)
     except MethodUnsuitable:  # the method's own rule (cascade's declared blocks): its message says what to do
         raise
@@ -77,8 +86,8 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
     return {
         "model": model_name,
         "method": pruner.name,
-        "ratio": plan.ratio,
-        "round_to": plan.round_to,
+        "ratio": asked.ratio,
+        "round_to": asked.round_to,
         "input_shape": list(input_shape),
         "macs_before": macs_before,
         "macs_after": macs_after,
@@ -89,6 +98,7 @@ def inspect_pruning(model_name: str, model: nn.Module, input_shape: tuple[int, .
         "weight_sparsity": zero_weight_share(model),  # what mask-based methods remove instead of channels
         "removed_blocks": result.removed_blocks,
         "notes": result.notes,
+        "rounding": rounding,
         "layers": [layer.as_dict() for layer in result.layers],
     }, result
 
@@ -193,6 +203,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(report["notes"])
     if "out" in report:
         lines.append(f"pruned model written to {report['out']}")
+    if report["rounding"]:
+        lines += ["", "channels kept at latency step edges (round_to auto):",
+                  tabulate(rounding_table(report["rounding"]), ["group", "channels", "asked", "kept", "why"],
+                           disable_numparse=True)]
     width = max(len("layer"), *(len(layer["name"]) for layer in report["layers"]))
     lines += ["", f"{'layer':<{width}}  {'channels':^14}  {'MACs':^24}"]
     lines += [f"{layer['name']:<{width}}  {layer['channels_before']:>5} -> {layer['channels_after']:<5}  "

@@ -39,6 +39,24 @@ def test_json_report(data_dir) -> None:
     assert {"name", "channels_before", "channels_after"} <= report["layers"][0].keys()
     table = format_report(report)
     assert "MACs" in table and "layer3.2.conv1" in table
+    # the default rounds as the pipeline does: counts at step edges of this machine's latency table, with why
+    assert report["round_to"] == "auto" and report["rounding"]
+    kept = {row["name"]: row["kept"] for row in report["rounding"]}
+    block = 16 if max(kept.values()) % 16 == 0 else 8  # the runtime's NCHWc block: 16 with AVX-512, 8 with AVX2
+    assert all(count % block == 0 or count == row["channels"] for row in report["rounding"]
+               for count in [row["kept"]])
+    after = {layer["name"]: layer["channels_after"] for layer in report["layers"]}
+    assert all(after[name] == count for name, count in kept.items() if name in after)
+    assert "latency step edges" in table
+
+
+def test_a_fixed_round_to_keeps_its_multiple(data_dir) -> None:
+    result = invoke("--model", "resnet20", "--method", "l1", "--ratio", "0.5", "--round-to", "8",
+                    "--data-dir", str(data_dir), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["round_to"] == 8 and report["rounding"] == []
+    assert all(layer["channels_after"] % 8 == 0 for layer in report["layers"] if "conv" in layer["name"])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -47,6 +65,7 @@ def test_json_report(data_dir) -> None:
     (["--model", "resnet20", "--method", "l1", "--dataset", "mnist"], "unknown dataset 'mnist'"),
     (["--model", "resnet20", "--method", "l1", "--ratio", "1"], "--ratio must be in [0, 1)"),
     (["--method", "l1"], "give --model or --checkpoint"),
+    (["--model", "resnet20", "--method", "l1", "--round-to", "eight"], "--round-to must be auto or a whole number"),
 ])
 def test_bad_names_exit_2_with_one_line(args: list[str], message: str) -> None:
     result = invoke(*args)
