@@ -7,8 +7,9 @@ to no multiple, 4, 8 or 16 in turn, and every fourth net also loses two random r
 predicted from the table (``pruneflow.latency``) and measured: all nets and the baseline are timed
 interleaved in one call, with the table's anchor graphs beside them to put them on the table's scale.
 
-Predicted = the table's prediction (the nets' units and layout conversions, times the baseline's measured time
-over its own units: ``LatencyTable.predict_variants``), on the scale of the baseline timed in the same call
+Predicted = the table's prediction (the nets' units and layout conversions, placed on the line through the
+measured unpruned and half-width models: ``LatencyTable.predict_variants``; "one point": in proportion to the
+unpruned model alone, as before the half-width point), on the scale of the baseline timed in the same call
 ("same call"); or on the scale of the baseline timed when the table was built, so nothing is timed at
 prediction time ("stored"). Wall times are 10th percentiles of the interleaved runs, as
 in the table; CPU is the process's CPU time per run. A check that slicing the baseline's ONNX equals exporting
@@ -47,10 +48,10 @@ from pruneflow.export import CPU, export_onnx  # noqa: E402
 from pruneflow.latency import LatencyTable, ModelGraph, Variant, group_curves, plot_curves, read_graph  # noqa: E402
 from pruneflow.latency.graph import sliced_model  # noqa: E402
 from pruneflow.latency.table import graph_hash  # noqa: E402
+from pruneflow.latency.target import prunable_groups  # noqa: E402
 from pruneflow.latency.units import optimized  # noqa: E402
 from pruneflow.methods import create_method  # noqa: E402
 from pruneflow.methods.blocks import find_residual_blocks  # noqa: E402
-from pruneflow.methods.groups import channel_groups  # noqa: E402
 from pruneflow.models import build_model  # noqa: E402
 from pruneflow.plan import PrunePlan  # noqa: E402
 
@@ -65,6 +66,7 @@ class Check:
     batch: int
     measured: list[float]  # wall (p10, table scale), per net
     same_call: list[float]  # predicted, on the scale of the baseline timed beside the nets
+    one_point: list[float]  # same call, placed in proportion to the unpruned model only (no half-width point)
     stored: list[float]  # predicted, on the scale of the baseline timed when the table was built
     measured_cpu: list[float]
     predicted_cpu: list[float]
@@ -116,14 +118,6 @@ def trained_looking(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def prunable_groups(model: nn.Module, graph: ModelGraph) -> list[int]:
-    """The latency graph's groups that Torch-Pruning would prune (written by a convolution of a TP group)."""
-    units = graph.unit_by_name
-    found = {graph.group_of[units[p.name].out] for group in channel_groups(model, torch.zeros(2, *SHAPE))
-             for p in group.producers if p.name in units}
-    return sorted(found)
-
-
 def random_nets(graph: ModelGraph, groups: list[int], blocks: list[str], count: int,
                 rng: np.random.Generator) -> tuple[list[Variant], list[str]]:
     variants, labels = [], []
@@ -152,11 +146,12 @@ def check(name: str, model: nn.Module, graph: ModelGraph, batch: int, args: argp
     table = LatencyTable(args.table_dir, threads=args.threads, repeats=30 if batch == 1 else 10)
     rng = np.random.default_rng(args.seed + batch)
     blocks = find_residual_blocks(model, torch.zeros(1, *SHAPE))
-    variants, labels = random_nets(graph, prunable_groups(model, graph), blocks, args.nets, rng)
+    groups = prunable_groups(model, torch.zeros(2, *SHAPE), graph)
+    variants, labels = random_nets(graph, groups, blocks, args.nets, rng)
     repeats = args.repeats if batch == 1 else args.repeats_large
     started, started_cpu, before = time.perf_counter(), time.process_time(), len(table)
     with timing_lock(args):
-        table.calibrate(graph, batch, repeats)
+        table.calibrate(graph, batch, repeats, prunable=groups)
         predictions = table.predict_variants(graph, [Variant({}), *variants], batch)
     build_s, build_cpu_s = time.perf_counter() - started, time.process_time() - started_cpu
     paths = {"baseline": scratch / f"{name}-baseline.onnx"}
@@ -170,8 +165,12 @@ def check(name: str, model: nn.Module, graph: ModelGraph, batch: int, args: argp
     wall_ratio = timing["baseline"].p10_ms * scale.wall / predictions[0].ms
     cpu_ratio = timing["baseline"].cpu_ms * scale.cpu / predictions[0].cpu_ms
     nets = [str(i) for i in range(len(variants))]
+    fixed = table.data["fixed"][f"{graph.structure_hash()}|b{batch}"]
+    proportion = fixed["model_ms"] / fixed["units_ms"]  # the model before the half-width point (b5073e5)
     result = Check(name, batch, [timing[n].p10_ms * scale.wall for n in nets],
-                   [p.ms * wall_ratio for p in predictions[1:]], [p.ms for p in predictions[1:]],
+                   [p.ms * wall_ratio for p in predictions[1:]],
+                   [(p.ms - (p.fixed_ms or 0.0)) * proportion * wall_ratio for p in predictions[1:]],
+                   [p.ms for p in predictions[1:]],
                    [timing[n].cpu_ms * scale.cpu for n in nets], [p.cpu_ms * cpu_ratio for p in predictions[1:]],
                    labels, build_s, build_cpu_s, len(table) - before)
     mae, worst, rho = Check.errors(result.same_call, result.measured)
@@ -217,7 +216,7 @@ def run(args: argparse.Namespace, log) -> Outcome:
             table = LatencyTable(args.table_dir, threads=args.threads)
             started, started_cpu, before = time.perf_counter(), time.process_time(), len(table)
             with timing_lock(args):
-                curves = group_curves(table, graph, prunable_groups(model, graph), 1)
+                curves = group_curves(table, graph, prunable_groups(model, torch.zeros(2, *SHAPE), graph), 1)
             outcome.sweeps[name] = (len(table) - before, time.perf_counter() - started,
                                     time.process_time() - started_cpu)
             plot = args.out.parent / f"latency-model-{name}.png"
@@ -252,21 +251,34 @@ def render(outcome: Outcome, args: argparse.Namespace, command: str, loads: tupl
         "## Prediction error",
         "",
         "Wall: 10th percentile of the interleaved runs; CPU: the process's CPU time per run (median). *Same call*:",
-        "the prediction on the scale of the baseline timed beside the nets; *stored*: on the scale of the "
+        "the prediction on the scale of the baseline timed beside the nets; *one point*: the same, placed in "
+        "proportion to the unpruned model's units alone (the model before the half-width calibration point); "
+        "*stored*: on the scale of the "
         "baseline timed when the table was built (nothing timed at prediction). MAE: mean absolute error of "
         "predicted against measured, in % of measured; ρ: Spearman rank correlation. Aim: MAE ≤ 10 %, ρ ≥ 0.9.",
         "",
-        "| model | batch | nets | wall MAE % (max) | wall ρ | stored: wall MAE % | CPU MAE % | CPU ρ | "
-        "entries measured | build time (CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | batch | nets | wall MAE % (max) | wall ρ | one point: wall MAE % | stored: wall MAE % | "
+        "CPU MAE % | CPU ρ | entries measured | build time (CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in outcome.checks:
         mae, worst, rho = Check.errors(c.same_call, c.measured)
+        one_mae = Check.errors(c.one_point, c.measured)[0]  # ρ is the same: both rise with the units' sum
         stored_mae = Check.errors(c.stored, c.measured)[0]
         cpu_mae, _, cpu_rho = Check.errors(c.predicted_cpu, c.measured_cpu)
         lines.append(f"| {c.model} | {c.batch} | {len(c.measured)} | {mae:.1f} ({worst:.1f}) | {rho:.3f} | "
-                     f"{stored_mae:.1f} | {cpu_mae:.1f} | {cpu_rho:.3f} | {c.new_entries} | "
-                     f"{c.build_s:.0f} s ({c.build_cpu_s:.0f} s) |")
+                     f"{one_mae:.1f} | {stored_mae:.1f} | {cpu_mae:.1f} | {cpu_rho:.3f} | "
+                     f"{c.new_entries} | {c.build_s:.0f} s ({c.build_cpu_s:.0f} s) |")
+    lines += ["", "Wall MAE % (same call) by the nets' rounding: the nets `round_to: auto` and `halp` make are "
+              "multiples of the runtime's channel block (16 here).", "",
+              "| model | batch | " + " | ".join(f"round_to {r or 'none'}" for r in ROUNDINGS) + " |",
+              "|---|---|" + "---|" * len(ROUNDINGS)]
+    for c in outcome.checks:
+        by = {r: [i for i, label in enumerate(c.labels) if label.split(",")[0] == f"round_to {r or 'none'}"]
+              for r in ROUNDINGS}
+        lines.append(f"| {c.model} | {c.batch} | " + " | ".join(
+            f"{Check.errors([c.same_call[i] for i in by[r]], [c.measured[i] for i in by[r]])[0]:.1f}"
+            if len(by[r]) > 1 else "—" for r in ROUNDINGS) + " |")
     size = table.path.stat().st_size / 2**20 if table.path.is_file() else 0.0
     lines += [
         "",

@@ -34,8 +34,8 @@ from pruneflow.latency.allocate import Allocation
 from pruneflow.latency.graph import conv_call_order
 from pruneflow.latency.measured import measured_allocation
 from pruneflow.latency.rounding import step_rounded
-from pruneflow.latency.table import fingerprint
-from pruneflow.latency.target import LatencyPredictor
+from pruneflow.latency.table import _on_calibration, fingerprint
+from pruneflow.latency.target import LatencyPredictor, prunable_groups
 from pruneflow.methods import create_method
 from pruneflow.plan import PrunePlan
 from pruneflow.stages import PruneSummary, method_report
@@ -59,22 +59,32 @@ class Block(nn.Module):
 class Tiny(nn.Module):
     """A stem, one residual block (its inner width is the prunable group) and a classifier."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 16) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.block = Block(16)
-        self.head = nn.Linear(16, 10)
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = Block(width)
+        self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block(self.stem(x)).mean((2, 3)))
 
 
+def exported(model: nn.Module, folder) -> tuple[nn.Module, object]:
+    path = export_onnx(model, torch.zeros(2, *SHAPE), folder / "model.onnx", opset=17)
+    return model, read_graph(path, conv_call_order(model, torch.zeros(1, *SHAPE)))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[nn.Module, object]:
     torch.manual_seed(0)
-    model = Tiny().eval()
-    path = export_onnx(model, torch.zeros(2, *SHAPE), tmp_path_factory.mktemp("tiny") / "tiny.onnx", opset=17)
-    return model, read_graph(path, conv_call_order(model, torch.zeros(1, *SHAPE)))
+    return exported(Tiny().eval(), tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> tuple[nn.Module, object]:
+    """Tiny at 64 channels: half of every group is a whole number of the runtime's blocks (8 or 16)."""
+    torch.manual_seed(0)
+    return exported(Tiny(64).eval(), tmp_path_factory.mktemp("wide"))
 
 
 def inner(graph) -> int:
@@ -147,6 +157,36 @@ def test_prediction_adds_the_fixed_cost_and_tracks_a_pruned_net(tiny, tmp_path):
     assert thin.ms < whole.ms and set(thin.units_ms) == set(whole.units_ms)
     gone = table.predict(graph, removed=["block.conv1", "block.conv2"])
     assert set(gone.units_ms) == {"stem.0"} and gone.ms < whole.ms
+
+
+def test_calibration_places_predictions_on_the_unpruned_and_the_half_width_model(wide, tmp_path):
+    model, graph = wide
+    table = LatencyTable(tmp_path, threads=1, warmup=2, repeats=20, progress=False)
+    prunable = prunable_groups(model, torch.zeros(2, *SHAPE), graph)
+    assert prunable == [inner(graph)]  # the stem (and so the residual stream it writes) is left alone
+    table.calibrate(graph, repeats=50, prunable=prunable)
+    stored = table.data["fixed"][f"{graph.structure_hash()}|b1"]
+    assert stored["half"]["model_ms"] < stored["model_ms"]  # a quarter of the block's work: far beyond the noise
+    block = table.channel_block() or 1
+    half = {group: 32 // block * block for group in prunable}
+    assert table.predict(graph).ms == pytest.approx(stored["model_ms"])
+    assert table.predict(graph, half).ms == pytest.approx(stored["half"]["model_ms"])
+    thinner = table.predict(graph, {group: block for group in prunable}).ms
+    assert 0 < thinner < stored["half"]["model_ms"]
+    measured = table.measured
+    table.calibrate(graph, repeats=50, prunable=prunable)  # calibrated: nothing is timed again
+    assert table.measured == measured and table.data["fixed"][f"{graph.structure_hash()}|b1"] == stored
+
+
+def test_a_prediction_sits_on_the_line_through_the_two_calibrated_models():
+    whole = {"model_ms": 10.0, "units_ms": 8.0}
+    fixed = {**whole, "half": {"model_ms": 4.0, "units_ms": 5.0}}
+    assert _on_calibration(fixed, 8.0, "units_ms", "model_ms") == pytest.approx(10.0)
+    assert _on_calibration(fixed, 6.5, "units_ms", "model_ms") == pytest.approx(7.0)  # between: the line
+    assert _on_calibration(fixed, 2.5, "units_ms", "model_ms") == pytest.approx(2.0)  # below: through the half's
+    assert _on_calibration(whole, 4.0, "units_ms", "model_ms") == pytest.approx(5.0)  # one point: proportional
+    slower = {**whole, "half": {"model_ms": 10.5, "units_ms": 5.0}}  # a noisy half point is not used
+    assert _on_calibration(slower, 4.0, "units_ms", "model_ms") == pytest.approx(5.0)
 
 
 def staircase() -> GroupCurve:

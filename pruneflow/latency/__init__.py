@@ -7,7 +7,8 @@
     allocate.py  channels and residual blocks allocated under a latency budget (HALP's knapsack)
 
 Typical use: ``graph = read_graph(exported_onnx)``; ``table = LatencyTable(cache_folder, threads=2)``;
-``table.calibrate(graph, batch)`` once (measures the unpruned model: the residual its units miss);
+``table.calibrate(graph, batch, prunable=groups)`` once (measures the unpruned model and a half-width one:
+what their units miss);
 ``table.predict(graph, counts, batch).ms`` for any channel counts, ``group_curves`` / ``round_to_edge`` for
 counts worth keeping, ``allocate`` for a budget. benchmarks/latency_model.py checks the predictions.
 """

@@ -8,11 +8,12 @@ machine and runtime (CPU model, cores, threads, onnxruntime version, provider). 
 processes wait for one another, so a table is measured once per machine and shared by every run, trial and
 worker (the lock also keeps two processes from timing at once).
 
-A whole model's latency is predicted as the sum of its units at their channel counts, plus a conversion where
-two neighbouring units use different layouts, times the unpruned model's measured time over that sum for the
-unpruned model (``calibrate``). What the units do not account for (the residual: the rest of the graph, and
-what a unit costs inside the whole model beyond its own graph) is thus taken to shrink with them; as a
-constant it made thinned MobileNetV2 nets look up to twice as slow as they ran (docs/latency-model.md).
+A whole model's latency is predicted from the sum of its units at their channel counts, plus a conversion where
+two neighbouring units use different layouts, placed on two measured forms of the model (``calibrate``): the
+unpruned net and a half-width one, through whose points the prediction runs (``_on_calibration``). What the
+units do not account for (the residual: the rest of the graph, and what a unit costs inside the whole model
+beyond its own graph) is thus fitted: as a constant it made thinned MobileNetV2 nets look up to twice as slow as
+they ran, and in proportion to the units it missed MobileNetV2 at batch 32 by 25 % (docs/latency-model.md).
 
 Wall times are the 10th percentile of the interleaved runs (on a shared machine others' load only ever adds
 time), beside the median CPU time of the process. What one ``ensure`` needs is timed in one interleaved chunk
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from pruneflow.concurrency import file_lock
 from pruneflow.export import CPU, Latency, ProviderUnavailable, measure_latency
-from pruneflow.latency.graph import ModelGraph, Unit, sources
+from pruneflow.latency.graph import ModelGraph, Unit, sliced_model, sources
 from pruneflow.latency.units import (
     TimedGraph,
     block_size,
@@ -387,18 +388,27 @@ class LatencyTable:
     def predict_variants(self, graph: ModelGraph, variants: list[Variant], batch: int = 1) -> list[Prediction]:
         """Latency (ms) of each variant of ``graph``'s model, measuring the entries the table lacks."""
         fixed = self.data["fixed"].get(f"{graph.structure_hash()}|b{batch}")
-        wall, cpu_scale = (_residual_scale(fixed, "ms", "model_ms"), _residual_scale(fixed, "cpu_ms", "model_cpu_ms")) \
-            if fixed else (1.0, 1.0)
+        if fixed is not None and "units_ms" not in fixed:
+            fixed = None  # calibrated by an older version (one point, no units kept): as if not calibrated
         predictions = []
+        for summed in self._sums(graph, variants, batch):
+            wall = _on_calibration(fixed, summed.ms, "units_ms", "model_ms") if fixed else summed.ms
+            cpu = _on_calibration(fixed, summed.cpu_ms, "units_cpu_ms", "model_cpu_ms") if fixed else summed.cpu_ms
+            predictions.append(Prediction(wall, cpu, summed.units_ms, summed.conversions_ms,
+                                          wall - summed.ms if fixed else None))
+        return predictions
+
+    def _sums(self, graph: ModelGraph, variants: list[Variant], batch: int) -> list[Prediction]:
+        """Each variant's units and conversions summed from the entries (wall and CPU, on the table's scale),
+        before they are placed on the calibrated models."""
+        sums = []
         for units, conversions in self.requests(graph, variants, batch):
             units_ms = {r.unit.name: self.entries[request_key(r)]["ms"] for r in units}
             conversions_ms = sum(self.entries[request_key(r)]["ms"] for r in conversions)
-            measured: list[UnitRequest | ConversionRequest] = [*units, *conversions]
+            measured: list[Request] = [*units, *conversions]
             cpu = sum(self.entries[request_key(r)]["cpu_ms"] for r in measured)
-            summed = sum(units_ms.values()) + conversions_ms
-            predictions.append(Prediction(summed * wall, cpu * cpu_scale, units_ms, conversions_ms,
-                                          summed * (wall - 1.0) if fixed else None))
-        return predictions
+            sums.append(Prediction(sum(units_ms.values()) + conversions_ms, cpu, units_ms, conversions_ms, None))
+        return sums
 
     def predict_many(self, graph: ModelGraph, configs: list[dict[int, int]], batch: int = 1,
                      removed: Iterable[str] = ()) -> list[Prediction]:
@@ -410,29 +420,52 @@ class LatencyTable:
                 removed: Iterable[str] = ()) -> Prediction:
         return self.predict_many(graph, [counts or {}], batch, removed)[0]
 
-    def calibrate(self, graph: ModelGraph, batch: int = 1, repeats: int = 100, force: bool = False) -> float:
-        """Measure the unpruned model and keep its residual (what its units do not account for); returns it."""
+    def calibrate(self, graph: ModelGraph, batch: int = 1, repeats: int = 100, force: bool = False,
+                  prunable: Iterable[int] = ()) -> float:
+        """Measure the unpruned model, and with ``prunable`` groups a half-width form of it (each group at half
+        its channels, raised to the runtime's channel block) timed interleaved with it; keep both beside their
+        units' sums, on which every prediction of the model is placed (``_on_calibration``). Returns the unpruned
+        model's residual: what its units do not account for."""
         key = f"{graph.structure_hash()}|b{batch}"
-        if key not in self.data["fixed"] or force:
-            whole = self.predict(graph, {}, batch)
-            stored = self.data["fixed"].get(key)
-            units_ms = sum(whole.units_ms.values()) + whole.conversions_ms
-            units_cpu = whole.cpu_ms / _residual_scale(stored, "cpu_ms", "model_cpu_ms") if stored else whole.cpu_ms
-            with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as scratch:
-                path = Path(scratch) / "model.onnx"
-                onnx.save(graph.model, str(path))
-                timing, scale = self.time_models({"model": path}, batch, repeats)
-            model = timing["model"]
-            with file_lock(self.path.with_name(self.path.name + ".lock")):
-                self._load()
-                wall, cpu = model.p10_ms * scale.wall, model.cpu_ms * scale.cpu
-                self.data["fixed"][key] = {"ms": wall - units_ms, "cpu_ms": cpu - units_cpu, "model_ms": wall,
-                                           "model_cpu_ms": cpu}
-                self._save()
+        block = self.channel_block() or 1
+        half = {group: -(-(graph.sizes[group] // 2) // block) * block for group in prunable}
+        half = {group: count for group, count in half.items() if 0 < count < graph.sizes[group]}
+        stored = self.data["fixed"].get(key, {})
+        if "units_ms" in stored and ("half" in stored or not half) and not force:
+            return stored["ms"]
+        variants = {"model": Variant({}), **({"half": Variant(half)} if half else {})}
+        sums = dict(zip(variants, self._sums(graph, list(variants.values()), batch), strict=True))
+        with tempfile.TemporaryDirectory(prefix="pruneflow-latency-") as scratch:
+            paths = {}
+            for name, variant in variants.items():
+                paths[name] = Path(scratch) / f"{name}.onnx"
+                onnx.save(sliced_model(graph, variant.counts) if variant.counts else graph.model, str(paths[name]))
+            timing, scale = self.time_models(paths, batch, repeats)
+        points = {name: {"model_ms": timing[name].p10_ms * scale.wall, "model_cpu_ms": timing[name].cpu_ms * scale.cpu,
+                         "units_ms": sums[name].ms, "units_cpu_ms": sums[name].cpu_ms} for name in variants}
+        whole = points["model"]
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            self._load()
+            self.data["fixed"][key] = {**whole, "ms": whole["model_ms"] - whole["units_ms"],
+                                       "cpu_ms": whole["model_cpu_ms"] - whole["units_cpu_ms"],
+                                       **({"half": points["half"]} if "half" in points else {})}
+            self._save()
         return self.data["fixed"][key]["ms"]
 
 
-def _residual_scale(fixed: dict[str, float], part: str, whole: str) -> float:
-    """The unpruned model's measured time over what its units account for: the factor every variant's sum of
-    units is multiplied by (see the module docstring: the residual scales with the units)."""
-    return fixed[whole] / (fixed[whole] - fixed[part])
+def _on_calibration(fixed: dict, summed: float, units: str, model: str) -> float:
+    """The time of a variant whose units and conversions sum to ``summed``, placed on the calibrated models.
+
+    Between the half-width model and the unpruned one, on the line through their two measured points: what the
+    units do not account for (layout and elementwise work between them, the session's cost) neither stays
+    constant nor shrinks in proportion, and two points fit both the share that shrinks and the share that does
+    not (MobileNetV2 at batch 32, where the units miss half the time: random nets' error 22 % → 10 %). Below the
+    half-width model, in proportion through its point, so time falls to zero with the units; with one point (no
+    prunable group, or a half-width model not faster), in proportion through the unpruned model's."""
+    whole = fixed[model], fixed[units]
+    half = fixed.get("half")
+    if half is None or not (half[model] < whole[0] and half[units] < whole[1]):
+        return summed * whole[0] / whole[1]
+    if summed < half[units]:
+        return summed * half[model] / half[units]
+    return half[model] + (summed - half[units]) * (whole[0] - half[model]) / (whole[1] - half[units])
