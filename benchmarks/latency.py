@@ -395,8 +395,8 @@ def render(rows: list[Row], runs: dict[str, dict]) -> str:
     lines += ["", "Baselines (10th percentile ms, batch 1 / large batch): "
               + "; ".join(f"{m} {a:.3f} / {b:.2f}" for m, (a, b) in baselines.items()) + "."]
     lines += ["", "Accuracy at equal measured latency (halp against uniform `l1` with `round_to` 16 after the same "
-              "CIFAR-10 fine-tune) is not part of this script: it needs hours of training per net on this 2-core "
-              "CPU (ResNet-20 ≈ 150 s per CIFAR-10 epoch) and was not run."]
+              "CIFAR-10 fine-tune, from a trained baseline) is `benchmarks/latency_accuracy.py`'s: "
+              "[latency-accuracy.md](latency-accuracy.md)."]
     return "\n".join(lines) + "\n"
 
 
