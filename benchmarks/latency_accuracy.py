@@ -16,9 +16,14 @@ right after pruning and after the fine-tune (mean ± std over the seeds), the di
 params removed, and the speed-ups of every fine-tuned net measured together at the end in one interleaved
 ``measure_latency`` call (batch 1 and ``--large-batch``; 10th percentile and median).
 
-    .venv/bin/python benchmarks/latency_accuracy.py          # ResNet-56 from ../shared/models, ~40 min on 2 cores
-    .venv/bin/python benchmarks/latency_accuracy.py --model resnet20 --checkpoint <trained resnet20> \\
-        --mean 0.4914 0.4822 0.4465 --std 0.2470 0.2435 0.2616 --subset 0 --finetune-epochs 20   # on a GPU
+    .venv/bin/python benchmarks/latency_accuracy.py          # ResNet-56 from ../shared/models, ~35 min on 2 cores
+    .venv/bin/python benchmarks/train_baseline.py --model resnet20 --epochs 15                  # ~40 min
+    .venv/bin/python benchmarks/latency_accuracy.py --model resnet20 \\
+        --checkpoint .cache/baselines/resnet20-cifar10jpg/model.pt
+
+Each model's settings, rows and timings are kept in ``docs/benchmarks/latency-accuracy.json``; a run with the
+same settings resumes (and only re-renders when everything is there), one with other settings starts that
+model over. The report has a section per model.
 
 ``--quick`` runs both arms end to end in a few minutes (a few images per class, one seed): it checks the
 script, its numbers mean nothing.
@@ -47,7 +52,7 @@ from tabulate import tabulate  # noqa: E402
 
 from benchmarks.search_vs_uniform import machine, mean_std, tiny_folder  # noqa: E402
 from pruneflow import stages  # noqa: E402
-from pruneflow.checkpoint import load_model  # noqa: E402
+from pruneflow.checkpoint import is_model_file, load_model, read_checkpoint  # noqa: E402
 from pruneflow.config import PipelineConfig  # noqa: E402
 from pruneflow.export import CPU, measure_latency  # noqa: E402
 from pruneflow.layout import ProjectLayout, ProjectRun  # noqa: E402
@@ -74,10 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="resnet56")
     parser.add_argument("--checkpoint", default="../shared/models/resnet56-cifar10jpg.pt",
                         help="the trained baseline (state_dict or pruneflow model file)")
-    parser.add_argument("--mean", type=float, nargs=3, default=CIFAR_MEAN, help="the checkpoint's normalisation")
-    parser.add_argument("--std", type=float, nargs=3, default=CIFAR_STD)
-    parser.add_argument("--out", help="default: .cache/bench-latency-accuracy (--quick: …-quick)")
-    parser.add_argument("--doc", help="default: docs/benchmarks/latency-accuracy.md (--quick: <out>/report.md)")
+    parser.add_argument("--mean", type=float, nargs=3, help="the checkpoint's input normalisation; default: a "
+                                                               "model file's own, a state_dict's CIFAR-10's")
+    parser.add_argument("--std", type=float, nargs=3)
+    parser.add_argument("--out", help="work folder; default: .cache/bench-latency-accuracy[-quick]/<model>")
+    parser.add_argument("--doc", help="default: docs/benchmarks/latency-accuracy.md (--quick: <out>/report.md); "
+                                      "every model's results are kept in the .json beside it")
     parser.add_argument("--speedup", type=float, default=1.5, help="batch-1 speed-up the l1 net is matched to")
     parser.add_argument("--subset", type=int, default=20000, help="training images the fine-tune uses (0: all)")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="the same fine-tune for every net")
@@ -88,13 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime and PyTorch threads")
     parser.add_argument("--quick", action="store_true", help="both arms end to end on a tiny image folder")
     args = parser.parse_args(argv)
-    args.out = Path(args.out or ".cache/bench-latency-accuracy" + ("-quick" if args.quick else ""))
+    args.out = Path(args.out or f".cache/bench-latency-accuracy{'-quick' if args.quick else ''}/{args.model}")
     args.doc = Path(args.doc or (args.out / "report.md" if args.quick else "docs/benchmarks/latency-accuracy.md"))
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
         args.data = str(tiny_folder(Path(args.data), args.out / "data"))
     args.subset = args.subset or None
+    if args.mean is None or args.std is None:
+        own = read_checkpoint(Path(args.checkpoint))
+        spec = load_model(Path(args.checkpoint))[1] if is_model_file(own) else None
+        args.mean, args.std = (list(spec.mean), list(spec.std)) if spec and spec.mean else (CIFAR_MEAN, CIFAR_STD)
     return args
 
 
@@ -158,14 +169,13 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, baseline: Path, match
     retrain = stages.retrain_model(run, log=log)
     metrics = stages.evaluate_model(run, log=log)
     return {"arm": arm, "seed": seed, "accuracy_pruned": accuracy_pruned, **retrain, **metrics,
-            "removed_blocks": summary.plan.removed_blocks,
-            "note": summary.plan.origin.note, "onnx": str(run.latency_onnx),
-            "seconds": time.perf_counter() - started}
+            "structure": structure(summary), "note": summary.plan.origin.note,
+            "onnx": str(run.latency_onnx.relative_to(args.out)), "seconds": time.perf_counter() - started}
 
 
 def joint_speedups(args: argparse.Namespace, rows: list[dict[str, Any]], baseline: Path) -> dict[str, Any]:
     """Every fine-tuned net's speed-up over the baseline, all timed in one interleaved call per batch."""
-    paths = {"baseline": baseline / "model.onnx"} | {f"{row['arm']} / {row['seed']}": Path(row["onnx"])
+    paths = {"baseline": baseline / "model.onnx"} | {f"{row['arm']} / {row['seed']}": args.out / row["onnx"]
                                                       for row in rows}
     example = load_model(baseline / "model.pt")[1].example_inputs(1).numpy()
     joint = {}
@@ -179,22 +189,31 @@ def joint_speedups(args: argparse.Namespace, rows: list[dict[str, Any]], baselin
     return joint
 
 
-def structure(row: dict[str, Any]) -> str:
+def structure(summary: stages.PruneSummary) -> str:
     """What a pruned net lost: its removed blocks, and how many convolutions went from how many channels to how
-    many (from the prune stage's per-layer report)."""
-    layers = stages.read_json(Path(row["onnx"]).parent.parent / "layers.json")["layers"]
-    changed = Counter((layer["channels_before"], layer["channels_after"]) for layer in layers
+    many (the prune stage's per-layer report)."""
+    changed = Counter((layer["channels_before"], layer["channels_after"]) for layer in summary.layers
                       if layer["channels_before"] != layer["channels_after"] > 0)  # 0: gone with its block
-    parts = [f"removed blocks {', '.join(row['removed_blocks'])}"] if row["removed_blocks"] else []
+    blocks = summary.plan.removed_blocks
+    parts = [f"removed blocks {', '.join(blocks)}"] if blocks else []
     parts += [f"{count} conv(s) {before}→{after} channels" for (before, after), count in sorted(changed.items())]
     return "; ".join(parts)
 
 
-def render(args: argparse.Namespace, argv: list[str], baseline: dict[str, Any], match: dict[str, Any],
-           rows: list[dict[str, Any]], joint: dict[str, Any], seconds: float) -> str:
-    command = shlex.join([".venv/bin/python", "benchmarks/latency_accuracy.py", *argv])
+def render(store: dict[str, dict[str, Any]]) -> str:
+    """The report: one section per model in the store (``main`` keeps every model's settings and rows there)."""
+    lines = ["# Accuracy at equal measured latency: halp against uniform l1 (CIFAR-10 JPEG)", "",
+             "Generated by `benchmarks/latency_accuracy.py` from `latency-accuracy.json` beside it (a run replaces "
+             "its model's section; everything above *What this shows* is rewritten).", ""]
+    for model, state in store.items():
+        lines += [f"## {model}", "", *model_section(state), ""]
+    return "\n".join(lines)
+
+
+def model_section(state: dict[str, Any]) -> list[str]:
+    settings, match, joint, rows = state["settings"], state["match"], state["joint"], state["rows"]
     l1 = {row["seed"]: row["accuracy"] for row in rows if row["arm"] == L1}
-    large = str(args.large_batch)
+    large = str(settings["large_batch"])
     table = []
     for arm in (L1, HALP):
         mine = [row for row in rows if row["arm"] == arm]
@@ -211,27 +230,29 @@ def render(args: argparse.Namespace, argv: list[str], baseline: dict[str, Any], 
         ])
     headers = ["arm", "test acc. % pruned", "test acc. % fine-tuned", "Δ vs l1 (paired)", "MACs −%", "params −%",
                "speed-up b1 p10 (CPU)", "speed-up b1 median", f"speed-up b{large} p10"]
-    plans = [f"- {row['arm']}, seed {row['seed']}: {structure(row)}"
-             + (f". {row['note']}" if row["arm"] == HALP else "") for row in rows]
-    images = "all training images" if args.subset is None else f"{args.subset} training images"
-    lines = [
-        f"# Accuracy at equal measured latency: halp against uniform l1 ({args.model}, CIFAR-10 JPEG)", "",
-        "Generated by `benchmarks/latency_accuracy.py` (a rerun rewrites everything above *What this shows*).", "",
-        f"Regenerate: `{command}` (total {seconds / 60:.1f} min over the runs that made these rows; "
-        f"{machine()}).", "",
-        f"Baseline: `{args.checkpoint}`, test accuracy {baseline['accuracy']:.2f} % (full 10k test split). "
-        f"The uniform l1 net (round_to 16) at ratio {match['ratio']:.3f} measured x{match['speedup']:.2f} at batch 1 "
-        f"(closest to the x{args.speedup:g} asked; every candidate: "
+    images = "all training images" if settings["subset"] is None else f"{settings['subset']} training images"
+    return [
+        f"Regenerate: `{state['command']}` (total {state['seconds'] / 60:.1f} min over the runs that made these "
+        f"rows; {state['machine']}).", "",
+        f"Baseline: `{settings['checkpoint']}`, test accuracy {state['baseline_accuracy']:.2f} % (full 10k test "
+        f"split). The uniform l1 net (round_to 16) at ratio {match['ratio']:.3f} measured x{match['speedup']:.2f} "
+        f"at batch 1 (closest to the x{settings['speedup']:g} asked; every candidate: "
         + ", ".join(f"{r:.3f} → x{1 / (1 - share):.2f}" for r, share in match["trials"])
-        + f"); halp was asked for that speed-up. Same fine-tune for every net: {args.finetune_epochs} epoch(s), "
-        f"SGD lr {args.lr:g} cosine, crop + flip, on {images} (10 % held out for validation). Seeds "
-        f"{', '.join(map(str, args.seeds))}: mean ± std. Speed-ups: every fine-tuned net and the baseline timed "
-        f"together at the end (ONNX Runtime CPU, {args.threads} threads, {args.repeats} interleaved runs at batch 1); "
-        f"baseline {joint['1']['baseline_ms']['p10']:.3f} ms (p10) at batch 1.", "",
+        + f"); halp was asked for that speed-up. Same fine-tune for every net: {settings['finetune_epochs']} "
+        f"epoch(s), SGD lr {settings['lr']:g} cosine, crop + flip, on {images} (10 % held out for validation). "
+        f"Seeds {', '.join(map(str, settings['seeds']))}: mean ± std. Speed-ups: every fine-tuned net and the "
+        f"baseline timed together at the end (ONNX Runtime CPU, {settings['threads']} threads, "
+        f"{settings['repeats']} interleaved runs at batch 1); baseline {joint['1']['baseline_ms']['p10']:.3f} ms "
+        "(p10) at batch 1.", "",
         tabulate(table, headers, tablefmt="github", disable_numparse=True), "",
-        "What each net kept:", "", *plans,
+        "What each net kept:", "",
+        *[f"- {row['arm']}, seed {row['seed']}: {row['structure']}" + (f". {row['note']}" if row["arm"] == HALP
+                                                                         else "") for row in rows],
     ]
-    return "\n".join(lines) + "\n"
+
+
+SETTINGS = ("checkpoint", "mean", "std", "speedup", "subset", "finetune_epochs", "lr", "seeds", "repeats",
+            "large_batch", "threads")  # what a model's rows depend on: a run with other values starts them over
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,14 +265,31 @@ def main(argv: list[str] | None = None) -> int:
         log(f"baseline: {args.checkpoint}")
         cfg = config(args, "l1", args.seeds[0])
         stages.train_baseline(project(args, cfg, baseline, args.out), log=log)
-    base_metrics = stages.read_json(baseline / "metrics.json")
-    results = args.out / "results.json"
-    state = json.loads(results.read_text()) if results.is_file() else {"rows": []}
+    store_path = args.doc.with_suffix(".json")
+    store = json.loads(store_path.read_text()) if store_path.is_file() else {}
+    settings = {key: getattr(args, key) for key in SETTINGS}
+    state = store.get(args.model, {})
+    if state.get("settings") != settings:
+        if state:
+            log(f"{args.model}: settings differ from the stored run's: its rows are started over")
+        state = {"settings": settings, "rows": [], "seconds": 0.0}
+    store[args.model] = state
+    since = START
+
+    def save() -> None:  # after every measurement: a run that stops resumes from here
+        nonlocal since
+        state.update(command=shlex.join([".venv/bin/python", "benchmarks/latency_accuracy.py", *argv]),
+                     machine=machine(), baseline_accuracy=stages.read_json(baseline / "metrics.json")["accuracy"],
+                     seconds=state["seconds"] + time.perf_counter() - since)
+        since = time.perf_counter()
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        store_path.write_text(json.dumps(store, indent=1, default=str) + "\n")
+
     if "match" not in state:  # timed once: the same l1 net serves every seed
         found = matched_l1_ratio(args, baseline)
         state["match"] = {"ratio": found.ratio, "speedup": round(1.0 / (1.0 - found.reduction), 2),
                           "trials": sorted(found.trials)}
-        results.write_text(json.dumps(state, indent=1))
+        save()
         log(f"l1 round_to 16: ratio {found.ratio:.3f} measured x{state['match']['speedup']:.2f}; halp is asked for it")
     for seed in args.seeds:
         for arm in (L1, HALP):
@@ -259,19 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # a rerun resumes
             log(f"seed {seed}, arm {arm}")
             state["rows"].append(run_arm(args, arm, seed, baseline, state["match"]))
-            results.write_text(json.dumps(state, indent=1, default=str))
-    rows = [row for row in state["rows"] if row["seed"] in args.seeds]
-    nets = sorted(f"{row['arm']} / {row['seed']}" for row in rows)
+            save()
+    nets = sorted(f"{row['arm']} / {row['seed']}" for row in state["rows"])
     if state.get("joint", {}).get("nets") != nets:  # timed once for a set of nets: a rerun only re-renders
-        state["joint"] = {"nets": nets, **joint_speedups(args, rows, baseline)}
-        results.write_text(json.dumps(state, indent=1, default=str))
-    joint = state["joint"]
-    state["seconds"] = state.get("seconds", 0.0) + time.perf_counter() - START  # over every resumed run
-    results.write_text(json.dumps(state, indent=1, default=str))
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
+        state["joint"] = {"nets": nets, **joint_speedups(args, state["rows"], baseline)}
+        save()
     analysis = args.doc.read_text().partition(ANALYSIS)[2] if args.doc.is_file() else ""  # hand-written: kept
-    args.doc.write_text(render(args, argv, base_metrics, state["match"], rows, joint, state["seconds"])
-                        + (f"\n{ANALYSIS}{analysis}" if analysis else ""))
+    args.doc.write_text(render(store) + (f"\n{ANALYSIS}{analysis}" if analysis else ""))
     log(f"wrote {args.doc}")
     return 0
 
