@@ -87,14 +87,14 @@ def round_to_edge(curve: GroupCurve, asked: int, tolerance: float = 0.01, block:
     """
     up = min((e for e in curve.edges(tolerance) if e >= asked), default=max(curve.counts))
     if up == asked:
-        return Rounding(curve.name, asked, asked, f"{asked} is a step edge ({curve.at(asked):.3f} ms)")
+        return Rounding(curve.name, asked, asked, f"{asked} is a step edge (model {curve.at(asked):.3f} ms)")
     aligned = min((c for c in curve.counts if c >= asked), default=up)
     if block > 1 and up == aligned:
         return Rounding(curve.name, asked, up, f"{asked}→{up}: the runtime computes channels in blocks of {block}, "
-                                               f"and {up} is the step edge above ({curve.at(up):.3f} ms)")
+                                               f"and {up} is the step edge above (model {curve.at(up):.3f} ms)")
     how = "no more than" if curve.at(up) <= curve.at(aligned) else f"within {tolerance:.0%} of the curve's span of"
     return Rounding(curve.name, asked, up, f"{asked}→{up}: {up} channels cost {how} {aligned} "
-                                           f"({curve.at(up):.3f} vs {curve.at(aligned):.3f} ms)")
+                                           f"(model {curve.at(up):.3f} vs {curve.at(aligned):.3f} ms)")
 
 
 def plot_curves(curves: list[GroupCurve], path: Path, title: str, tolerance: float = 0.01) -> Path:
