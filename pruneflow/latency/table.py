@@ -454,18 +454,20 @@ class LatencyTable:
 
 
 def _on_calibration(fixed: dict, summed: float, units: str, model: str) -> float:
-    """The time of a variant whose units and conversions sum to ``summed``, placed on the calibrated models.
+    """The time of a variant whose units and conversions sum to ``summed``, placed on the calibrated models
+    (``fixed``: the unpruned model's measured time under ``model`` beside its sum under ``units``, and its
+    half-width form's under ``half``).
 
     Between the half-width model and the unpruned one, on the line through their two measured points: what the
     units do not account for (layout and elementwise work between them, the session's cost) neither stays
     constant nor shrinks in proportion, and two points fit both the share that shrinks and the share that does
-    not (MobileNetV2 at batch 32, where the units miss half the time: random nets' error 22 % → 10 %). Below the
-    half-width model, in proportion through its point, so time falls to zero with the units; with one point (no
-    prunable group, or a half-width model not faster), in proportion through the unpruned model's."""
-    whole = fixed[model], fixed[units]
+    not (MobileNetV2 at batch 32, where the units miss half the time: random nets' error 25 % → 13–14 %). Below
+    the half-width model, in proportion through its point, so time falls to zero with the units; with one point
+    (no prunable group, or a half-width model not faster), in proportion through the unpruned model's."""
+    whole_ms, whole_units = fixed[model], fixed[units]
     half = fixed.get("half")
-    if half is None or not (half[model] < whole[0] and half[units] < whole[1]):
-        return summed * whole[0] / whole[1]
+    if half is None or not (half[model] < whole_ms and half[units] < whole_units):
+        return summed * whole_ms / whole_units
     if summed < half[units]:
         return summed * half[model] / half[units]
-    return half[model] + (summed - half[units]) * (whole[0] - half[model]) / (whole[1] - half[units])
+    return half[model] + (summed - half[units]) * (whole_ms - half[model]) / (whole_units - half[units])
