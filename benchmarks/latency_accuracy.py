@@ -17,7 +17,7 @@ params removed, and the speed-ups of every fine-tuned net measured together at t
 ``measure_latency`` call (batch 1 and ``--large-batch``; 10th percentile and median).
 
     .venv/bin/python benchmarks/latency_accuracy.py          # ResNet-56 from ../shared/models, ~35 min on 2 cores
-    .venv/bin/python benchmarks/train_baseline.py --model resnet20 --epochs 15                  # ~40 min
+    .venv/bin/python benchmarks/train_baseline.py --model resnet20 --epochs 15                  # 33 min
     .venv/bin/python benchmarks/latency_accuracy.py --model resnet20 \\
         --checkpoint .cache/baselines/resnet20-cifar10jpg/model.pt
 
