@@ -12,6 +12,8 @@ from pruneflow.checkpoint import ModelSpec, save_model
 from pruneflow.config import DataConfig
 from pruneflow.flows.cli import app
 from pruneflow.inspection import fit_inputs, format_report, prune_once
+from pruneflow.latency.rounding import cache_folder
+from pruneflow.latency.table import LatencyTable
 from pruneflow.methods.magnitude import L1
 from pruneflow.plan import PrunePlan
 
@@ -42,9 +44,8 @@ def test_json_report(data_dir) -> None:
     # the default rounds as the pipeline does: counts at step edges of this machine's latency table, with why
     assert report["round_to"] == "auto" and report["rounding"]
     kept = {row["name"]: row["kept"] for row in report["rounding"]}
-    block = 16 if max(kept.values()) % 16 == 0 else 8  # the runtime's NCHWc block: 16 with AVX-512, 8 with AVX2
-    assert all(count % block == 0 or count == row["channels"] for row in report["rounding"]
-               for count in [row["kept"]])
+    block = LatencyTable(cache_folder()).channel_block() or 1  # the runtime's own: 16 with AVX-512, 8 with AVX2
+    assert all(row["kept"] % block == 0 or row["kept"] == row["channels"] for row in report["rounding"])
     after = {layer["name"]: layer["channels_after"] for layer in report["layers"]}
     assert all(after[name] == count for name, count in kept.items() if name in after)
     assert "latency step edges" in table
