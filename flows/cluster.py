@@ -279,10 +279,9 @@ class TrainingHeap(WorkerPlugin):
 
     Dask's nanny starts every worker with ``MALLOC_TRIM_THRESHOLD_=65536`` (``distributed.nanny.pre-spawn-environ``)
     to hand memory back to the OS soon. Setting it also freezes glibc's mmap threshold at 128 KiB, so every tensor
-    above that is mapped, faulted in and unmapped again at each step: such a worker trained a small CNN with 3-4
-    CPU-s of page faults per 6-8 s of work, 1.4-1.8x the wall time of the same loop in a plain process. The
-    thresholds go to the top of glibc's own dynamic range (mmap 32 MiB, trim twice that); the heap then holds at
-    most 64 MiB more than it uses. Other C libraries are left as they are.
+    above that is mapped, faulted in and unmapped again at each step, which slows training (measured in
+    docs/benchmarks/scaling.md). The thresholds go to the top of glibc's own dynamic range (mmap 32 MiB, trim
+    twice that); the heap then holds at most 64 MiB more than it uses. Other C libraries are left as they are.
     """
 
     name = "pruneflow-training-heap"

@@ -125,6 +125,11 @@ def test_chains_run_in_two_worker_processes_and_survive_one_killed(scheduler, pr
     [parent] = [r for r in runs if r.info.run_name.startswith("pipeline-")]
     assert parent.info.status == "FINISHED" and parent.data.tags["pruneflow.cluster"] == scheduler
 
+    with Client(scheduler, timeout=10) as dask:  # the workers up now, the killed one's successor once it joined
+        plugins = dask.run(lambda dask_worker: sorted(dask_worker.plugins))
+    assert all({"pruneflow-torch-threads", "pruneflow-training-heap"} <= set(names) for names in plugins.values()), \
+        plugins
+
     cfg, _ = load_config(tmp_path / "params.yaml")
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
     for name in optuna.get_all_study_names(storage):
