@@ -1,6 +1,7 @@
 """Why chains on worker processes train slower than in the pipeline's process, and what ``TrainingHeap`` wins back.
 
-Two interleaved comparisons of one training loop (``small_cnn``, batch 64 of 8×8 inputs, SGD):
+Two interleaved comparisons of one epoch of the pipeline's training loop (``pruneflow.training.train``: ``small_cnn``,
+``--steps`` batches of 64 8×8 inputs):
 
 - in this process, torch with 2 threads against 1: how much of the machine one chain already uses;
 - in one worker of the pipeline's local cluster (a Dask nanny's process, 1 torch thread), glibc's heap thresholds
@@ -26,6 +27,8 @@ import distributed
 import torch
 from tabulate import tabulate
 
+from pruneflow import training
+from pruneflow.config import TrainConfig
 from pruneflow.flows.cluster import TorchThreads, TrainingHeap, local_cluster
 from pruneflow.models import build_model
 
@@ -33,7 +36,7 @@ NANNY = (128 << 10, 65536)  # glibc's thresholds in a nanny's worker: mmap fixed
 
 
 def train(steps: int, threads: int, heap: str = "as is") -> tuple[float, float, float]:
-    """Wall, CPU and kernel CPU seconds of ``steps`` SGD steps on ``threads`` torch threads, the process's heap
+    """Wall, CPU and kernel CPU seconds of ``steps`` training steps on ``threads`` torch threads, the process's heap
     thresholds left ``as is``, set as a ``nanny`` leaves them or by ``TrainingHeap`` first."""
     torch.set_num_threads(threads)
     if heap == "nanny":
@@ -42,13 +45,9 @@ def train(steps: int, threads: int, heap: str = "as is") -> tuple[float, float, 
         TrainingHeap().setup(None)
     torch.manual_seed(0)
     model = build_model("small_cnn", in_channels=1, num_classes=10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    inputs, labels = torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    batch = (torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
     start, times = time.perf_counter(), os.times()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(inputs), labels).backward()
-        optimizer.step()
+    training.train(model, [batch] * steps, TrainConfig(epochs=1, device="cpu"))
     end = os.times()
     return time.perf_counter() - start, end.user - times.user + end.system - times.system, end.system - times.system
 
