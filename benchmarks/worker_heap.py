@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import dask
 import distributed
 import torch
 from tabulate import tabulate
@@ -32,7 +33,8 @@ from pruneflow.config import TrainConfig
 from pruneflow.flows.cluster import TorchThreads, TrainingHeap, local_cluster
 from pruneflow.models import build_model
 
-NANNY = (128 << 10, 65536)  # glibc's thresholds in a nanny's worker: mmap fixed at its default, trim as set
+# glibc's thresholds in a nanny's worker: mmap frozen at glibc's default, trim as Dask's config sets it
+NANNY = (128 << 10, int(dask.config.get("distributed.nanny.pre-spawn-environ")["MALLOC_TRIM_THRESHOLD_"]))
 
 
 def train(steps: int, threads: int, heap: str = "as is") -> tuple[float, float, float]:

@@ -127,7 +127,7 @@ def test_chains_run_in_two_worker_processes_and_survive_one_killed(scheduler, pr
 
     with Client(scheduler, timeout=10) as dask:  # the workers up now, the killed one's successor once it joined
         plugins = dask.run(lambda dask_worker: sorted(dask_worker.plugins))
-    assert all({"pruneflow-torch-threads", "pruneflow-training-heap"} <= set(names) for names in plugins.values()), \
+    assert all({cluster.TorchThreads.name, cluster.TrainingHeap.name} <= set(names) for names in plugins.values()), \
         plugins
 
     cfg, _ = load_config(tmp_path / "params.yaml")
